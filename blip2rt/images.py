@@ -1,0 +1,96 @@
+"""Image loading and preprocessing: any PIL mode to RGB, bicubic resize, CLIP mean/std.
+
+Conversions, chosen so that nothing is silently wrong:
+- grayscale ("L", "1") and CMYK/YCbCr go through PIL's own RGB conversion;
+- alpha ("RGBA", "LA", palette with transparency) is composited onto white, so transparent
+  pixels do not show whatever colour the file stored under them;
+- 16-bit and 32-bit integer images ("I;16", "I") are scaled by their bit depth to 8 bits
+  (PIL's own conversion would clip everything above 255 to white); float images ("F") are read
+  as 0..1 when they lie in that range, else as 0..255.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_IMAGE_SIDE = 8  # smaller images carry no usable content once resized to 224 px
+
+ImageInput = Union[str, Path, Image.Image]
+
+
+def open_image(source: ImageInput) -> Image.Image:
+    """Opens and fully decodes an image; a clear ImageError for missing, corrupt or truncated files."""
+    name = getattr(source, "filename", None) or "<in-memory image>"
+    if isinstance(source, (str, Path)):
+        name = str(source)
+        path = Path(source)
+        if not path.exists():
+            raise ImageError(f"image {name} does not exist")
+        if path.is_dir():
+            raise ImageError(f"image {name} is a directory, expected an image file")
+        try:
+            img = Image.open(path)
+            img.load()  # decode now: truncation only shows here
+        except UnidentifiedImageError:
+            raise ImageError(f"image {name} is not an image format PIL can read") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"image {name} is corrupt or truncated ({e})") from None
+    elif isinstance(source, Image.Image):
+        img = source
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"image {name} is corrupt or truncated ({e})") from None
+    else:
+        raise ImageError(f"expected an image path or a PIL image, got {type(source).__name__}")
+    w, h = img.size
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise ImageError(f"image {name} is {w}x{h} pixels; at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB (see the module docstring for the rules)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.float64)
+        full_scale = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if mode == "I" and arr.max(initial=0) > 65535:
+            full_scale = float(2**32 - 1) if arr.min(initial=0) >= 0 else float(2**31 - 1)
+        gray = np.clip(np.rint(arr / full_scale * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img).astype(np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def pixel_values(images: Sequence[ImageInput], image_size: int) -> torch.Tensor:
+    """A batch of images -> (B, 3, image_size, image_size) float32, CLIP-normalised."""
+    mean = np.asarray(CLIP_MEAN, dtype=np.float32)
+    std = np.asarray(CLIP_STD, dtype=np.float32)
+    batch = []
+    for src in images:
+        img = to_rgb(open_image(src)).resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
+        arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
+        batch.append(torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy()))
+    return torch.stack(batch)

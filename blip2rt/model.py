@@ -1,0 +1,357 @@
+"""BLIP-2: frozen ViT -> Q-Former (learned queries) -> projection -> frozen LLM.
+
+One module holds every part a checkpoint may carry: the generative path (LLM + projection) and
+the retrieval/stage-1 heads (Q-Former text embeddings, ITC projections + temp, ITM head, ITG head).
+Parameter names follow transformers' Blip2ForConditionalGeneration / Blip2ForImageTextRetrieval.
+References: Li et al. 2023 (BLIP-2), LAVIS `blip2_qformer.py` / `blip2_opt.py` / `blip2_t5.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blip2rt.kernels import AttentionMode
+
+from .config import Blip2Config
+from .errors import InputError
+from .images import ImageInput, pixel_values as images_to_pixels
+from .llm import attention_implementation, build_language_model
+from .qformer import QFormer, QFormerLMHead, QFormerTextEmbeddings
+from .vision import VisionTransformer
+
+CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
+VQA_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
+VQA_PROMPT = "Question: {} Answer:"
+QFORMER_MAX_TEXT_TOKENS = 32  # BLIP-2 pre-training text length
+
+
+@dataclass
+class Blip2Output:
+    loss: torch.Tensor | None  # mean LM cross-entropy over labelled tokens
+    logits: torch.Tensor  # (B, L, V)
+
+
+class Blip2(nn.Module):
+    def __init__(self, config: Blip2Config, frozen_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        qcfg = config.qformer_config
+        d = qcfg.hidden_size
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.vision_model = VisionTransformer(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, d))
+        self.qformer = QFormer(qcfg)
+        if config.with_llm:
+            self.language_model = build_language_model(config.text_config, device, frozen_dtype)
+            width = self.language_model.get_input_embeddings().embedding_dim
+            self.language_projection = nn.Linear(d, width)
+        if config.with_text_heads:
+            self.embeddings = QFormerTextEmbeddings(qcfg)
+            self.vision_projection = nn.Linear(d, config.image_text_hidden_size)
+            self.text_projection = nn.Linear(d, config.image_text_hidden_size)
+            self.itm_head = nn.Linear(d, 2)
+            self.temp = nn.Parameter(torch.tensor(0.07))  # ITC temperature (learnable, paper init)
+            self.itg_head = QFormerLMHead(qcfg)
+        self.tokenizer = None  # the LLM's
+        self.qformer_tokenizer = None  # BERT WordPiece + [DEC]
+        self.kernel_backend = "torch"
+        self._init_trainable(config.initializer_range)
+        if config.with_text_heads:
+            self.itg_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in BERT
+        for p in self.frozen_parameters():
+            p.requires_grad_(False)
+        self.vision_model.embeddings.to(frozen_dtype)
+        self.vision_model.encoder.to(frozen_dtype)
+
+    # ---- structure ----------------------------------------------------------------------
+
+    def _init_trainable(self, std: float) -> None:
+        """BERT-style init: N(0, std) weights, zero biases, unit LayerNorms (LLM keeps its own)."""
+        for name, module in self.named_modules():
+            if name.startswith("language_model"):
+                continue
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.query_tokens, std=std)
+        nn.init.normal_(self.vision_model.embeddings.class_embedding, std=std)
+        nn.init.normal_(self.vision_model.embeddings.position_embedding, std=std)
+
+    def frozen_parameters(self):
+        """The frozen image encoder (all but ln_vision) and the frozen LLM."""
+        yield from self.vision_model.embeddings.parameters()
+        yield from self.vision_model.encoder.parameters()
+        if self.config.with_llm:
+            yield from self.language_model.parameters()
+
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        prefixes = ("vision_model.embeddings.", "vision_model.encoder.")
+        return prefixes + (("language_model.",) if self.config.with_llm else ())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen parts never train: no dropout in the ViT or the LLM.
+        self.vision_model.embeddings.eval()
+        self.vision_model.encoder.eval()
+        if self.config.with_llm:
+            self.language_model.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    @property
+    def attn_implementation(self) -> str:
+        """The LLM's attention: "flash_attention_2", "sdpa" or "eager"."""
+        return attention_implementation(self.language_model) if self.config.with_llm else "none"
+
+    def set_kernel_backend(self, backend: str) -> None:
+        self.kernel_backend = backend
+        self.qformer.backend = backend
+
+    # ---- image side -----------------------------------------------------------------------
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, Dv) image tokens after ln_vision, in the Q-Former's dtype."""
+        frozen = not self.vision_model.encoder.layers[0].mlp.fc1.weight.requires_grad
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            x = self.vision_model.encode(pixel_values.to(self.device))
+        ln = self.vision_model.post_layernorm
+        return ln(x.to(ln.weight.dtype))
+
+    def query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, N, Dv) -> (B, Q, D): the queries after the Q-Former (no text)."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        out, _ = self.qformer(queries, num_queries=queries.shape[1], image_embeds=image_embeds)
+        return out
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, Q, LLM width): the soft visual prompt (HF get_image_features().pooler_output)."""
+        self._need_llm("image_features")
+        return self.language_projection(self.query_output(self.image_embeds(pixel_values)))
+
+    def soft_prompt(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The soft prompt in the LLM's dtype, ready to prepend to its input embeddings."""
+        return self.image_features(pixel_values).to(self.language_model.dtype)
+
+    # ---- LLM side -------------------------------------------------------------------------
+
+    def _llm_inputs(self, pixel_values, input_ids, attention_mask):
+        """[soft prompt ; prompt embeddings] (B, Q + T, W) and its mask (B, Q + T)."""
+        prompt = self.soft_prompt(pixel_values)
+        b, q = prompt.shape[:2]
+        if input_ids is None:
+            input_ids = self._default_prompt_ids(b)
+        input_ids = input_ids.to(self.device)
+        if input_ids.shape[0] != b:
+            raise InputError(f"{b} images but {input_ids.shape[0]} prompts; give one prompt per image")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        embeds = torch.cat([prompt, embeds.to(prompt.dtype)], dim=1)
+        mask = torch.cat([torch.ones(b, q, dtype=attention_mask.dtype, device=self.device), attention_mask], dim=1)
+        return embeds, mask, input_ids
+
+    def _default_prompt_ids(self, batch: int) -> torch.Tensor:
+        """No prompt: the LLM's BOS alone (as LAVIS's empty prompt and HF's default), or nothing."""
+        bos = self.language_model.config.bos_token_id
+        if bos is None:
+            return torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        return torch.full((batch, 1), bos, dtype=torch.long, device=self.device)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,  # (B, 3, H, W)
+        input_ids: torch.Tensor,  # (B, T) LLM ids of the text, no image placeholders
+        attention_mask: torch.Tensor | None = None,  # (B, T)
+        labels: torch.Tensor | None = None,  # decoder-only: (B, T) aligned with input_ids; T5: target ids
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+    ) -> Blip2Output:
+        """LM loss of the text behind the soft prompt (query positions never count)."""
+        self._need_llm("forward")
+        embeds, mask, _ = self._llm_inputs(pixel_values, input_ids, attention_mask)
+        if self.config.is_encoder_decoder:
+            out = self.language_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
+                                      decoder_attention_mask=decoder_attention_mask, labels=labels)
+            return Blip2Output(loss=out.loss, logits=out.logits)
+        logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q + T, V)
+        loss = None
+        if labels is not None:
+            q = embeds.shape[1] - labels.shape[1]
+            full = F.pad(labels.to(self.device), (q, 0), value=-100)  # (B, Q + T): queries are never targets
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), full[:, 1:].flatten(), ignore_index=-100)
+        return Blip2Output(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **gen) -> torch.Tensor:
+        """Token ids of the new text only (B, T). `gen` takes transformers' generate arguments.
+
+        input_ids: the prompt as the LLM's tokenizer gives it (BOS included where it adds one),
+        left-padded for decoder-only LLMs; the soft prompt is prepended here.
+        """
+        self._need_llm("generate")
+        if "max_new_tokens" not in gen and "max_length" not in gen:
+            gen["max_new_tokens"] = 30
+        embeds, mask, input_ids = self._llm_inputs(pixel_values, input_ids, attention_mask)
+        lm = self.language_model
+        if self.config.is_encoder_decoder:
+            out = lm.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
+            return out[:, 1:]  # drop the decoder start token
+        # The ids beside the embeddings let repetition penalties see the prompt; the soft prompt's
+        # positions hold the pad id there.
+        pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+        ids = torch.cat([torch.full((embeds.shape[0], embeds.shape[1] - input_ids.shape[1]), pad,
+                                    dtype=torch.long, device=self.device), input_ids], dim=1)
+        if gen.get("pad_token_id") is None and lm.generation_config.pad_token_id is None:
+            gen["pad_token_id"] = pad
+        out = lm.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **gen)
+        return out[:, ids.shape[1]:]
+
+    # ---- text in, text out ----------------------------------------------------------------
+
+    def caption(self, images, prompt: str | Sequence[str] | None = None, **gen) -> list[str]:
+        """Captions; `prompt` (e.g. "a photo of") is continued, one for all or one per image."""
+        px = self._pixels(images)
+        prompts = None if prompt is None else ([prompt] * px.shape[0] if isinstance(prompt, str) else list(prompt))
+        return self._generate_text(px, prompts, {**CAPTION_DEFAULTS, **gen})
+
+    def answer(self, images, questions: str | Sequence[str], prompt_template: str = VQA_PROMPT, **gen) -> list[str]:
+        """Zero-shot VQA: one question per image (or one for all), "Question: {q} Answer:" by default."""
+        px = self._pixels(images)
+        questions = [questions] * px.shape[0] if isinstance(questions, str) else list(questions)
+        return self._generate_text(px, [prompt_template.format(q) for q in questions], {**VQA_DEFAULTS, **gen})
+
+    def _generate_text(self, px: torch.Tensor, prompts: list[str] | None, gen: dict) -> list[str]:
+        tok = self._need_tokenizer()
+        if prompts is not None and len(prompts) != px.shape[0]:
+            raise InputError(f"{px.shape[0]} images but {len(prompts)} prompts; give one prompt per image or one for all")
+        input_ids = mask = None
+        if prompts is not None:
+            side = "right" if self.config.is_encoder_decoder else "left"
+            enc = tok(prompts, padding="longest", return_tensors="pt", padding_side=side)
+            input_ids, mask = enc["input_ids"], enc["attention_mask"]
+        ids = self.generate(px, input_ids, mask, **gen)
+        return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+
+    # ---- retrieval: ITM and ITC -----------------------------------------------------------
+
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, N, Dv), (B, T) -> (B, 2): ITM head averaged over the queries, bidirectional mask."""
+        self._need_text_heads("itm")
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        text = self.embeddings(input_ids).to(queries.dtype)
+        x = torch.cat([queries, text], dim=1)
+        out, _ = self.qformer(x, num_queries=queries.shape[1], text_mask=attention_mask,
+                              mode=AttentionMode.BIDIRECTIONAL, image_embeds=image_embeds)
+        return self.itm_head(out[:, : queries.shape[1]]).mean(dim=1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, E): normalised text_projection of the [CLS] state of a text-only pass."""
+        self._need_text_heads("itc")
+        out, _ = self.qformer(self.embeddings(input_ids), num_queries=0, text_mask=attention_mask)
+        return F.normalize(self.text_projection(out[:, 0]), dim=-1)
+
+    def image_query_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, N, Dv) -> (B, Q, E): normalised vision_projection of every query output."""
+        self._need_text_heads("itc")
+        return F.normalize(self.vision_projection(self.query_output(image_embeds)), dim=-1)
+
+    @torch.no_grad()
+    def itm(self, images, texts) -> torch.Tensor:
+        """(B,) probability that text i matches image i (softmax of the ITM head, class 1)."""
+        self._need_text_heads("itm")
+        px = self._pixels(images)
+        ids, mask = self._qformer_text(texts)
+        if px.shape[0] != ids.shape[0]:
+            if px.shape[0] == 1:
+                px = px.expand(ids.shape[0], -1, -1, -1)
+            elif ids.shape[0] == 1:
+                ids, mask = ids.expand(px.shape[0], -1), mask.expand(px.shape[0], -1)
+            else:
+                raise InputError(f"itm pairs image i with text i: got {px.shape[0]} images and {ids.shape[0]} texts")
+        return self.itm_logits(self.image_embeds(px), ids, mask).softmax(dim=-1)[:, 1]
+
+    @torch.no_grad()
+    def itc(self, images, texts) -> torch.Tensor:
+        """(B_img, B_txt) cosine similarity, max over queries, without the temperature."""
+        self._need_text_heads("itc")
+        img = self.image_query_features(self.image_embeds(self._pixels(images)))  # (Bi, Q, E)
+        txt = self.text_features(*self._qformer_text(texts))  # (Bt, E)
+        return torch.einsum("iqe,te->itq", img, txt).amax(dim=-1)
+
+    @torch.no_grad()
+    def rank_texts(self, images, texts, k: int = 128) -> torch.Tensor:
+        """(B_img, B_txt) retrieval scores: ITC similarity ranks all texts; the top k of each image
+        are re-scored by ITM positive logit + ITC (BLIP-2's protocol); the rest score -inf."""
+        self._need_text_heads("retrieval")
+        embeds = self.image_embeds(self._pixels(images))  # (Bi, N, Dv)
+        ids, mask = self._qformer_text(texts)
+        txt = self.text_features(ids, mask)
+        sims = torch.einsum("iqe,te->itq", self.image_query_features(embeds), txt).amax(dim=-1)  # (Bi, Bt)
+        scores = torch.full_like(sims, float("-inf"))
+        top = sims.topk(min(k, sims.shape[1]), dim=1).indices  # (Bi, k)
+        for i in range(sims.shape[0]):
+            cand = top[i]
+            img = embeds[i: i + 1].expand(cand.numel(), -1, -1)
+            itm = self.itm_logits(img, ids[cand], mask[cand])[:, 1]
+            scores[i, cand] = itm.to(sims.dtype) + sims[i, cand]
+        return scores
+
+    # ---- input handling -------------------------------------------------------------------
+
+    def _pixels(self, images) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            if images.ndim != 4 or images.shape[1] != 3:
+                raise InputError(f"pixel_values must be (B, 3, H, W), got {tuple(images.shape)}")
+            return images.to(self.device)
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise InputError("no images given")
+        return images_to_pixels(images, self.config.vision_config.image_size).to(self.device)
+
+    def _qformer_text(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, Mapping):
+            ids = torch.as_tensor(texts["input_ids"])
+            mask = torch.as_tensor(texts["attention_mask"]) if "attention_mask" in texts else torch.ones_like(ids)
+            return ids.to(self.device), mask.to(self.device)
+        if isinstance(texts, str):
+            texts = [texts]
+        if self.qformer_tokenizer is None:
+            raise InputError("this model has no Q-Former tokenizer; pass texts as a tokenized mapping "
+                             "(input_ids, attention_mask) or load a checkpoint folder with tokenizer files")
+        enc = self.qformer_tokenizer(list(texts), padding="longest", truncation=True,
+                                     max_length=QFORMER_MAX_TEXT_TOKENS, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _need_llm(self, what: str) -> None:
+        if not self.config.with_llm:
+            raise InputError(f"{what} needs an LLM, and this checkpoint has none (it is a retrieval model)")
+
+    def _need_text_heads(self, what: str) -> None:
+        if not self.config.with_text_heads:
+            raise InputError(f"{what} needs the retrieval heads (ITC/ITM), and this checkpoint has none; load a "
+                             "Blip2ForImageTextRetrieval folder or a LAVIS stage-1 checkpoint")
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError("this model has no LLM tokenizer; load a checkpoint folder with tokenizer files, "
+                             "or call generate() with token ids")
+        return self.tokenizer

@@ -1,0 +1,165 @@
+"""`blip2rt.from_pretrained`: a preset name, a Hugging Face Blip2 folder, or a LAVIS `.pth`.
+
+- Preset (`blip2-opt-2.7b`, ..., `tiny`): the published shapes, randomly initialised.
+- Folder: `config.json` plus `model.safetensors` (or shards, or pytorch_model.bin), or a LAVIS
+  `*.pth` beside the config; tokenizer files at its root are loaded too.
+- A weights file (`.pth`, `.pt`, `.bin`, `.safetensors`): LAVIS or blip2rt names; `config=`
+  says which model it fits (a preset or a folder). When that folder has weights, they load
+  first and the file overlays them: LAVIS saves only the trainable parts.
+
+dtype applies to the frozen parts (ViT, LLM); the trainable parts (ln_vision, Q-Former,
+queries, projections, heads) stay in `trainable_dtype`, fp32 by default, as LAVIS and
+transformers keep the Q-Former.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from blip2rt.kernels import resolve_backend
+
+from .checkpoint import is_lavis_state_dict, lavis_to_blip2rt, load_weights, read_hf_folder, read_tensor_file
+from .config import Blip2Config
+from .errors import CheckpointError, InputError
+from .model import Blip2
+from .presets import PRESET_NAMES, preset_config
+from .tokenization import QFORMER_TOKENIZER_DIR, has_tokenizer_files, load_tokenizer, tiny_llm_tokenizer, \
+    tiny_qformer_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"device {device!r} is not a torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device} was asked for, but CUDA is not available on this machine")
+    return device
+
+
+def from_pretrained(
+    path_or_preset: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    kernels: str = "auto",
+    *,
+    config: str | Path | Blip2Config | None = None,
+    trainable_dtype: str | torch.dtype = torch.float32,
+) -> Blip2:
+    """Builds a BLIP-2 model in eval mode; see the module docstring for what `path_or_preset` may be."""
+    device = parse_device(device)
+    frozen_dtype = parse_dtype(dtype, device)
+    trainable_dtype = parse_dtype(trainable_dtype, device)
+    backend = resolve_backend(kernels, device)
+    path = Path(path_or_preset)
+
+    tokenizer_dir = None
+    if not path.exists() and str(path_or_preset) in PRESET_NAMES:
+        model = Blip2(preset_config(str(path_or_preset)), frozen_dtype)
+        if str(path_or_preset) == "tiny":
+            model.tokenizer, model.qformer_tokenizer = tiny_llm_tokenizer(), tiny_qformer_tokenizer()
+    elif path.is_dir():
+        model = Blip2(Blip2Config.from_json_file(path / "config.json"), frozen_dtype)
+        lavis_files = sorted(path.glob("*.pth"))
+        has_hf_weights = any((path / n).exists() for n in ("model.safetensors", "model.safetensors.index.json",
+                                                            "pytorch_model.bin", "pytorch_model.bin.index.json"))
+        if has_hf_weights:
+            _load_state(model, read_hf_folder(path), str(path))
+        if lavis_files:
+            if len(lavis_files) > 1:
+                raise CheckpointError(f"{path} holds several .pth files ({', '.join(f.name for f in lavis_files)}); "
+                                      "pass the one to load as path_or_preset, with config=<this folder>")
+            _load_state(model, read_tensor_file(lavis_files[0]), str(lavis_files[0]), over_base=has_hf_weights)
+        elif not has_hf_weights:
+            raise CheckpointError(f"{path} has a config.json but no weights (model.safetensors, shards, "
+                                  "pytorch_model.bin or a LAVIS .pth)")
+        tokenizer_dir = path
+    elif path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+        if config is None:
+            raise CheckpointError(f"{path} is a bare weights file; pass config= (a preset name, or a folder with "
+                                  "config.json) to say which model it fits")
+        model, base_loaded, tokenizer_dir = _base_for(config, frozen_dtype)
+        _load_state(model, read_tensor_file(path), str(path), over_base=base_loaded)
+    elif path.exists():
+        raise CheckpointError(f"{path} is neither a checkpoint folder nor a weights file ({', '.join(WEIGHT_SUFFIXES)})")
+    else:
+        raise CheckpointError(f"{path_or_preset!r} is not a path that exists nor a preset; presets: "
+                              f"{', '.join(PRESET_NAMES)}")
+
+    if tokenizer_dir is not None:
+        _attach_tokenizers(model, Path(tokenizer_dir))
+    _cast_trainable(model, trainable_dtype)
+    model.to(device)
+    model.set_kernel_backend(backend)
+    return model.eval()
+
+
+def _base_for(config, frozen_dtype: torch.dtype) -> tuple[Blip2, bool, Path | None]:
+    """The model a bare weights file loads into, and whether base weights were loaded."""
+    if isinstance(config, Blip2Config):
+        return Blip2(config, frozen_dtype), False, None
+    cpath = Path(config)
+    if not cpath.exists() and str(config) in PRESET_NAMES:
+        return Blip2(preset_config(str(config)), frozen_dtype), False, None
+    if cpath.is_file() and cpath.name.endswith(".json"):
+        return Blip2(Blip2Config.from_json_file(cpath), frozen_dtype), False, cpath.parent
+    if cpath.is_dir():
+        model = Blip2(Blip2Config.from_json_file(cpath / "config.json"), frozen_dtype)
+        try:
+            state = read_hf_folder(cpath)
+        except CheckpointError:
+            return model, False, cpath  # a config-only folder
+        _load_state(model, state, str(cpath))
+        return model, True, cpath
+    raise CheckpointError(f"config={config!r} is neither a preset, a config.json, nor a folder")
+
+
+def _load_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_base: bool = False) -> None:
+    lavis = is_lavis_state_dict(state)
+    if lavis:
+        state = lavis_to_blip2rt(state)
+    # LAVIS saves only what trains; the frozen ViT and LLM may come from a base folder.
+    allow = model.frozen_prefixes() if over_base else ()
+    load_weights(model, state, source, allow_missing_prefixes=allow,
+                 drop_text_only=lavis and not model.config.with_text_heads)
+
+
+def _attach_tokenizers(model: Blip2, folder: Path) -> None:
+    if has_tokenizer_files(folder):
+        tok = load_tokenizer(folder)
+        if model.config.with_llm:
+            model.tokenizer = tok
+        else:
+            model.qformer_tokenizer = tok
+    if has_tokenizer_files(folder / QFORMER_TOKENIZER_DIR):
+        model.qformer_tokenizer = load_tokenizer(folder / QFORMER_TOKENIZER_DIR)
+
+
+def _cast_trainable(model: Blip2, dtype: torch.dtype) -> None:
+    if dtype == torch.float32:
+        return
+    frozen = {id(p) for p in model.frozen_parameters()}
+    for p in model.parameters():
+        if id(p) not in frozen:
+            p.data = p.data.to(dtype)

@@ -1,0 +1,80 @@
+"""Q-Former attention: masked self-attention over [queries ; text] and query cross-attention.
+
+The torch functions here are the reference: the fallback path and the oracle for the fused
+kernels. Masks follow BLIP-2 (DESIGN.md §2), with absolute positions: the first `num_queries`
+keys are query positions, the rest are text positions 0..T-1.
+
+- bidirectional (ITM): every position sees every non-padded position;
+- multimodal_causal (ITG): queries see queries only; text token t sees all queries and text <= t;
+- unimodal (ITC): queries see queries, text sees text.
+Padded text keys are never seen. Masked scores get the dtype's minimum (not -inf), as BERT
+does, so a row with nothing to see stays finite.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionMode(str, Enum):
+    BIDIRECTIONAL = "bidirectional"
+    MULTIMODAL_CAUSAL = "multimodal_causal"
+    UNIMODAL = "unimodal"
+
+
+def qformer_attention_bias(
+    num_queries: int,
+    text_mask: torch.Tensor | None,  # (B, T) 1 = real token, 0 = padding; None: no text
+    mode: AttentionMode,
+    q_len: int,
+    dtype: torch.dtype,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Additive bias (B, 1, q_len, K) for the last q_len of K = num_queries + T positions; None if all visible."""
+    num_text = 0 if text_mask is None else text_mask.shape[1]
+    k_len = num_queries + num_text
+    if num_text == 0:
+        return None  # queries only: every mode lets queries see all queries
+    rows = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (q_len, 1) absolute positions
+    cols = torch.arange(k_len, device=device)[None, :]  # (1, K)
+    row_is_query, col_is_query = rows < num_queries, cols < num_queries
+    if mode == AttentionMode.BIDIRECTIONAL:
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    elif mode == AttentionMode.UNIMODAL:
+        allowed = row_is_query == col_is_query
+    elif mode == AttentionMode.MULTIMODAL_CAUSAL:
+        allowed = torch.where(row_is_query, col_is_query, col_is_query | (cols <= rows))
+    else:
+        raise ValueError(f"unknown attention mode {mode!r}")
+    key_visible = torch.cat(
+        [torch.ones(batch_size, num_queries, dtype=torch.bool, device=device), text_mask.to(device).bool()], dim=1
+    )  # (B, K)
+    allowed = allowed[None] & key_visible[:, None, :]  # (B, q_len, K)
+    bias = torch.zeros(batch_size, 1, q_len, k_len, dtype=dtype, device=device)
+    return bias.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def self_attention_reference(
+    q: torch.Tensor,  # (B, H, Lq, d)
+    k: torch.Tensor,  # (B, H, K, d): [past ; current]
+    v: torch.Tensor,  # (B, H, K, d)
+    num_queries: int,
+    text_mask: torch.Tensor | None,
+    mode: AttentionMode,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:  # (B, H, Lq, d)
+    bias = qformer_attention_bias(num_queries, text_mask, mode, q.shape[2], q.dtype, q.shape[0], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+
+def cross_attention_reference(
+    q: torch.Tensor,  # (B, H, Q, d) query positions
+    k: torch.Tensor,  # (B, H, N, d) image tokens
+    v: torch.Tensor,  # (B, H, N, d)
+    dropout_p: float = 0.0,
+) -> torch.Tensor:  # (B, H, Q, d)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
