@@ -69,11 +69,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if mode == "I" and arr.max(initial=0) > 65535:
             full_scale = float(2**32 - 1) if arr.min(initial=0) >= 0 else float(2**31 - 1)
         gray = np.clip(np.rint(arr / full_scale * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if mode == "F":
         arr = np.asarray(img).astype(np.float64)
         scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
-        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)).convert("RGB")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode

@@ -213,13 +213,21 @@ class Blip2(nn.Module):
         if self.config.is_encoder_decoder:
             out = lm.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
             return out[:, 1:]  # drop the decoder start token
-        # The ids beside the embeddings let repetition penalties see the prompt; the soft prompt's
-        # positions hold the pad id there.
+        # The ids beside the embeddings let a repetition penalty see the prompt. The soft prompt's
+        # positions hold the pad id there, and the penalty skips them: they are not text.
         pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
-        ids = torch.cat([torch.full((embeds.shape[0], embeds.shape[1] - input_ids.shape[1]), pad,
-                                    dtype=torch.long, device=self.device), input_ids], dim=1)
+        num_soft = embeds.shape[1] - input_ids.shape[1]
+        ids = torch.cat([torch.full((embeds.shape[0], num_soft), pad, dtype=torch.long, device=self.device),
+                         input_ids], dim=1)
         if gen.get("pad_token_id") is None and lm.generation_config.pad_token_id is None:
             gen["pad_token_id"] = pad
+        penalty = gen.pop("repetition_penalty", None)
+        if penalty is not None and penalty != 1.0:
+            from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+            processors = LogitsProcessorList(gen.pop("logits_processor", None) or [])
+            processors.append(RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=num_soft))
+            gen["logits_processor"] = processors
         out = lm.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **gen)
         return out[:, ids.shape[1]:]
 
@@ -239,6 +247,8 @@ class Blip2(nn.Module):
 
     def _generate_text(self, px: torch.Tensor, prompts: list[str] | None, gen: dict) -> list[str]:
         tok = self._need_tokenizer()
+        if "max_new_tokens" in gen and "min_new_tokens" in gen:  # a user's short maximum wins over our default minimum
+            gen["min_new_tokens"] = min(gen["min_new_tokens"], gen["max_new_tokens"])
         if prompts is not None and len(prompts) != px.shape[0]:
             raise InputError(f"{px.shape[0]} images but {len(prompts)} prompts; give one prompt per image or one for all")
         input_ids = mask = None

@@ -21,7 +21,7 @@ import torch
 
 from blip2rt.kernels import resolve_backend
 
-from .checkpoint import is_lavis_state_dict, lavis_to_blip2rt, load_weights, read_hf_folder, read_tensor_file
+from .checkpoint import TEXT_ONLY, is_lavis_state_dict, lavis_to_blip2rt, load_weights, read_hf_folder, read_tensor_file
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
 from .model import Blip2
@@ -141,6 +141,9 @@ def _load_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_
         state = lavis_to_blip2rt(state)
     # LAVIS saves only what trains; the frozen ViT and LLM may come from a base folder.
     allow = model.frozen_prefixes() if over_base else ()
+    stage1 = lavis and any(TEXT_ONLY.match(k) for k in state) and not any(k.startswith("language_projection.") for k in state)
+    if over_base and stage1 and model.config.with_llm:
+        allow += ("language_projection.",)  # a stage-1 checkpoint has none; the base's stays
     load_weights(model, state, source, allow_missing_prefixes=allow,
                  drop_text_only=lavis and not model.config.with_text_heads)
 

@@ -1,0 +1,82 @@
+"""The `blip2rt` command line: outputs, --help, and exit code 2 with one line on bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blip2rt.cli import main
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = []
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255), (0, 160, 0)]):
+        p = tmp_path / f"img{i}.png"
+        Image.new("RGB", (40, 40), colour).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_caption_json(images, capsys):
+    assert main(["caption", "--model", "tiny", "--json", "--num-beams", "1", "--max-new-tokens", "4",
+                 "--batch-size", "2", *images]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in out] == images
+    assert all(isinstance(r["caption"], str) for r in out)
+
+
+def test_vqa_text_lines(images, capsys):
+    assert main(["vqa", "--model", "tiny", "--question", "what colour?", "--num-beams", "1", images[0]]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(images[0] + "\t")
+
+
+def test_retrieve_ranks_every_text(images, capsys):
+    assert main(["retrieve", "--model", "tiny", "--json", "--text", "red", "--text", "blue", "--text", "green",
+                 images[0]]) == 0
+    ranking = json.loads(capsys.readouterr().out)[0]["ranking"]
+    assert sorted(r["text"] for r in ranking) == ["blue", "green", "red"]
+    assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
+
+
+@pytest.mark.parametrize("argv, reason", [
+    (["caption", "--model", "tiny", "missing.png"], "image missing.png does not exist"),
+    (["caption", "--model", "no-such-model", "IMG"], "is not a path that exists nor a preset"),
+    (["caption", "--model", "tiny", "--device", "cuda:7", "IMG"], "CUDA is not available"),
+    (["caption", "--model", "tiny", "--batch-size", "0", "IMG"], "--batch-size must be at least 1"),
+])
+def test_bad_input_exits_2_with_one_line(argv, reason, images, capsys):
+    argv = [images[0] if a == "IMG" else a for a in argv]
+    if "cuda:7" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and reason in err
+
+
+def test_corrupt_image_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    assert main(["caption", "--model", "tiny", str(bad)]) == 2
+    assert "bad.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["caption", "vqa", "retrieve", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: blip2rt " + command in capsys.readouterr().out
+
+
+def test_installed_entry_point_runs_the_demo():
+    exe = shutil.which("blip2rt") or str(__import__("pathlib").Path(sys.executable).with_name("blip2rt"))
+    done = subprocess.run([exe, "demo"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "RANDOM weights" in done.stdout and "red circle" in done.stdout

@@ -1,0 +1,36 @@
+"""The kernel-backend switch: argument, environment variable, and clear refusals."""
+
+import pytest
+
+import blip2rt
+from blip2rt.kernels import ENV_VAR, resolve_backend
+
+
+def test_auto_is_torch_on_cpu(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend(None, "cpu") == "torch"
+
+
+def test_environment_variable_is_read_and_checked(monkeypatch):
+    monkeypatch.setenv(ENV_VAR, "torch")
+    assert resolve_backend(None, "cpu") == "torch"
+    monkeypatch.setenv(ENV_VAR, "cuda-magic")
+    with pytest.raises(blip2rt.InputError, match=r"\$BLIP2RT_KERNELS='cuda-magic' is not a kernel backend"):
+        resolve_backend(None, "cpu")
+
+
+def test_unknown_backend_argument_is_refused():
+    with pytest.raises(blip2rt.InputError, match="kernels='fast' is not a kernel backend"):
+        blip2rt.from_pretrained("tiny", device="cpu", kernels="fast")
+
+
+def test_triton_without_kernels_says_why():
+    with pytest.raises(blip2rt.InputError, match="no Triton kernels yet"):
+        blip2rt.from_pretrained("tiny", device="cpu", kernels="triton")
+
+
+def test_model_reports_backend_and_attention():
+    m = blip2rt.from_pretrained("tiny", device="cpu", kernels="torch")
+    assert m.kernel_backend == "torch" and m.qformer.backend == "torch"
+    assert m.attn_implementation == "sdpa"  # no flash_attn on CPU
