@@ -74,6 +74,15 @@ def from_pretrained(
     backend = resolve_backend(kernels, device)
     path = Path(path_or_preset)
 
+    with device:  # parameters are created (and randomly initialised) where they will run
+        model, tokenizer_dir = _build(path, path_or_preset, config, frozen_dtype)
+    _cast_trainable(model, trainable_dtype)
+    model.to(device)
+    model.set_kernel_backend(backend)
+    return model.eval()
+
+
+def _build(path: Path, path_or_preset, config, frozen_dtype: torch.dtype) -> tuple[Blip2, Path | None]:
     tokenizer_dir = None
     if not path.exists() and str(path_or_preset) in PRESET_NAMES:
         model = Blip2(preset_config(str(path_or_preset)), frozen_dtype)
@@ -109,10 +118,7 @@ def from_pretrained(
 
     if tokenizer_dir is not None:
         _attach_tokenizers(model, Path(tokenizer_dir))
-    _cast_trainable(model, trainable_dtype)
-    model.to(device)
-    model.set_kernel_backend(backend)
-    return model.eval()
+    return model, tokenizer_dir
 
 
 def _base_for(config, frozen_dtype: torch.dtype) -> tuple[Blip2, bool, Path | None]:

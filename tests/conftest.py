@@ -37,22 +37,17 @@ def _seeded():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def hf_opt(tmp_path_factory):
-    return build_hf_folder(tmp_path_factory.mktemp("hf_opt"), "opt")
+def _hf_reference(kind: str):
+    """A session fixture: a tiny transformers Blip2 of this kind, saved to a folder."""
+
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory):
+        return build_hf_folder(tmp_path_factory.mktemp(f"hf_{kind}"), kind)
+
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def hf_llama(tmp_path_factory):
-    return build_hf_folder(tmp_path_factory.mktemp("hf_llama"), "llama")
-
-
-@pytest.fixture(scope="session")
-def hf_t5(tmp_path_factory):
-    return build_hf_folder(tmp_path_factory.mktemp("hf_t5"), "t5")
-
-
-@pytest.fixture(scope="session")
-def hf_retrieval(tmp_path_factory):
-    return build_hf_folder(tmp_path_factory.mktemp("hf_retrieval"), "retrieval")
-
+hf_opt = _hf_reference("opt")
+hf_llama = _hf_reference("llama")
+hf_t5 = _hf_reference("t5")
+hf_retrieval = _hf_reference("retrieval")
