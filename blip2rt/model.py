@@ -43,7 +43,8 @@ class Blip2(nn.Module):
         self.config = config
         qcfg = config.qformer_config
         d = qcfg.hidden_size
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        # The device decides the LLM's attention implementation; default: the active device context.
+        device = torch.device(device) if device is not None else torch.get_default_device()
         self.vision_model = VisionTransformer(config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, d))
         self.qformer = QFormer(qcfg)

@@ -34,3 +34,17 @@ def test_model_reports_backend_and_attention():
     m = blip2rt.from_pretrained("tiny", device="cpu", kernels="torch")
     assert m.kernel_backend == "torch" and m.qformer.backend == "torch"
     assert m.attn_implementation == "sdpa"  # no flash_attn on CPU
+
+
+def test_llm_attention_choice(monkeypatch):
+    """flash_attention_2 only where it can run: flash_attn installed, CUDA, fp16/bf16."""
+    import torch
+
+    from blip2rt import llm
+
+    monkeypatch.setattr(llm, "flash_attn_installed", lambda: True)
+    assert llm.preferred_attention(torch.device("cuda"), torch.bfloat16) == "flash_attention_2"
+    assert llm.preferred_attention(torch.device("cuda"), torch.float32) == "sdpa"
+    assert llm.preferred_attention(torch.device("cpu"), torch.bfloat16) == "sdpa"
+    monkeypatch.setattr(llm, "flash_attn_installed", lambda: False)
+    assert llm.preferred_attention(torch.device("cuda"), torch.float16) == "sdpa"
