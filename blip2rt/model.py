@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blip2rt import kernels
 from blip2rt.kernels import AttentionMode
 
 from .config import Blip2Config
@@ -28,12 +29,15 @@ CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
 VQA_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
 VQA_PROMPT = "Question: {} Answer:"
 QFORMER_MAX_TEXT_TOKENS = 32  # BLIP-2 pre-training text length
+# Causal LMs whose logits are exactly lm_head(base_model(...)): no logit scaling or soft-capping,
+# so the fused head may take their hidden states.
+PLAIN_LM_HEAD = frozenset({"opt", "llama", "mistral", "qwen2", "qwen3"})
 
 
 @dataclass
 class Blip2Output:
     loss: torch.Tensor | None  # mean LM cross-entropy over labelled tokens
-    logits: torch.Tensor  # (B, L, V)
+    logits: torch.Tensor | None  # (B, L, V); None when the fused head computed the loss
 
 
 class Blip2(nn.Module):
@@ -120,8 +124,10 @@ class Blip2(nn.Module):
         return attention_implementation(self.language_model) if self.config.with_llm else "none"
 
     def set_kernel_backend(self, backend: str) -> None:
-        self.kernel_backend = backend
-        self.qformer.backend = backend
+        """"torch" or "triton" (see blip2rt.kernels.backend) for every module that dispatches ops."""
+        for module in self.modules():
+            if hasattr(module, "kernel_backend"):
+                module.kernel_backend = backend
 
     # ---- image side -----------------------------------------------------------------------
 
@@ -190,12 +196,18 @@ class Blip2(nn.Module):
             out = self.language_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
                                       decoder_attention_mask=decoder_attention_mask, labels=labels)
             return Blip2Output(loss=out.loss, logits=out.logits)
+        if labels is None:
+            return Blip2Output(loss=None, logits=self.language_model(inputs_embeds=embeds, attention_mask=mask).logits)
+        q = embeds.shape[1] - labels.shape[1]
+        full = F.pad(labels.to(self.device), (q, 0), value=-100)  # (B, Q + T): queries are never targets
+        if self.kernel_backend == "triton" and self.config.text_config["model_type"] in PLAIN_LM_HEAD:
+            # The head in chunks from the hidden states: the (B, Q + T, V) logits are never stored.
+            hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            head = self.language_model.get_output_embeddings()
+            loss = kernels.linear_cross_entropy(hidden[:, :-1], head.weight, full[:, 1:], head.bias, backend="triton")
+            return Blip2Output(loss=loss, logits=None)
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q + T, V)
-        loss = None
-        if labels is not None:
-            q = embeds.shape[1] - labels.shape[1]
-            full = F.pad(labels.to(self.device), (q, 0), value=-100)  # (B, Q + T): queries are never targets
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), full[:, 1:].flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), full[:, 1:].flatten(), ignore_index=-100)
         return Blip2Output(loss=loss, logits=logits)
 
     @torch.no_grad()

@@ -48,9 +48,13 @@ class QFormerResidualOutput(nn.Module):
         self.dense = nn.Linear(in_width, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.kernel_backend = "torch"
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(residual + self.dropout(self.dense(h)))
+        ln = self.LayerNorm
+        p = self.dropout.p if self.training else 0.0
+        return kernels.residual_layer_norm(self.dense(h), residual, ln.weight, ln.bias, ln.eps, p,
+                                           backend=self.kernel_backend)
 
 
 class QFormerAttention(nn.Module):
@@ -146,7 +150,7 @@ class QFormer(nn.Module):
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # BERT's embedding LayerNorm
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.encoder = QFormerEncoder(cfg)
-        self.backend = "torch"  # set by the model from the kernel switch
+        self.kernel_backend = "torch"  # set by the model from the kernel switch
 
     def forward(
         self,
@@ -170,7 +174,7 @@ class QFormer(nn.Module):
         present: PastKV = []
         for i, layer in enumerate(self.encoder.layer):
             x, kv = layer(x, num_queries, text_mask, mode, image_embeds, None if past is None else past[i],
-                          self.backend)
+                          self.kernel_backend)
             present.append(kv)
         return x, present
 

@@ -1,12 +1,17 @@
 """The one kernel-backend switch: `kernels="auto" | "triton" | "torch"`, or $BLIP2RT_KERNELS.
 
-"auto" picks Triton on CUDA when Triton kernels exist for the ops, and the torch reference
-everywhere else. No Triton kernels have landed yet, so "auto" resolves to "torch" and an
-explicit "triton" is refused with the reason.
+- "torch": the plain-PyTorch reference of every op.
+- "triton": the fused Triton kernels where an op has one (`FUSED_OPS`), the reference elsewhere.
+  On a machine without a GPU this needs Triton's interpreter (TRITON_INTERPRET=1, what the
+  tests use); it is refused otherwise, with the reason.
+- "auto": Triton on CUDA once the kernels have been verified on a GPU (`VERIFIED_ON_GPU`),
+  torch everywhere else. The interpreter accepts tile shapes and out-of-bounds reads that a
+  GPU rejects, so kernels tested only on CPU are not turned on by default.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -15,8 +20,12 @@ from blip2rt.errors import InputError
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "BLIP2RT_KERNELS"
-# Set to True by the Triton attention kernels once they are registered.
-TRITON_KERNELS_AVAILABLE = False
+FUSED_OPS = ("residual_layer_norm", "query_max_similarity (ITC)", "linear_cross_entropy")
+VERIFIED_ON_GPU = False  # flip once the GPU tests in tests/ and the benchmarks have passed on a GPU
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def resolve_backend(requested: str | None, device: torch.device | str | None) -> str:
@@ -26,11 +35,14 @@ def resolve_backend(requested: str | None, device: torch.device | str | None) ->
         source = "kernels=" if requested is not None else f"${ENV_VAR}="
         raise InputError(f"{source}{choice!r} is not a kernel backend; expected one of {', '.join(BACKENDS)}")
     device = torch.device(device) if device is not None else torch.device("cpu")
+    triton_installed = importlib.util.find_spec("triton") is not None
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        return "triton" if (device.type == "cuda" and TRITON_KERNELS_AVAILABLE) else "torch"
-    if not TRITON_KERNELS_AVAILABLE:
-        raise InputError("kernels='triton' was asked for, but this build of blip2rt has no Triton kernels yet; "
-                         "use kernels='torch' or 'auto'")
+        return "triton" if (device.type == "cuda" and triton_installed and VERIFIED_ON_GPU) else "torch"
+    if not triton_installed:
+        raise InputError("kernels='triton' needs the triton package, which is not installed")
+    if device.type != "cuda" and not interpreter_active():
+        raise InputError(f"kernels='triton' on {device.type}: Triton kernels run on CUDA GPUs, or on the CPU only "
+                         "in Triton's (slow) interpreter; set TRITON_INTERPRET=1 for that, or use kernels='torch'")
     return "triton"

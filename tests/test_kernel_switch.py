@@ -25,14 +25,27 @@ def test_unknown_backend_argument_is_refused():
         blip2rt.from_pretrained("tiny", device="cpu", kernels="fast")
 
 
-def test_triton_without_kernels_says_why():
-    with pytest.raises(blip2rt.InputError, match="no Triton kernels yet"):
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(blip2rt.InputError, match="set TRITON_INTERPRET=1"):
         blip2rt.from_pretrained("tiny", device="cpu", kernels="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", "cpu") == "triton"
+
+
+def test_auto_stays_on_torch_until_gpu_verified(monkeypatch):
+    from blip2rt.kernels import backend
+
+    monkeypatch.setattr(backend, "VERIFIED_ON_GPU", False)
+    assert resolve_backend("auto", "cuda") == "torch"
+    monkeypatch.setattr(backend, "VERIFIED_ON_GPU", True)
+    assert resolve_backend("auto", "cuda") == "triton"
+    assert resolve_backend("auto", "cpu") == "torch"
 
 
 def test_model_reports_backend_and_attention():
     m = blip2rt.from_pretrained("tiny", device="cpu", kernels="torch")
-    assert m.kernel_backend == "torch" and m.qformer.backend == "torch"
+    assert m.kernel_backend == "torch" and m.qformer.kernel_backend == "torch"
     assert m.attn_implementation == "sdpa"  # no flash_attn on CPU
 
 

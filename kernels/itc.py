@@ -1,0 +1,207 @@
+"""BLIP-2's image-text contrastive loss, with the query-max similarity fused.
+
+    s[i, t] = max_q img[i, q] . txt[t] / temp                    (BLIP-2 §3.2, ITC)
+    loss    = (CE(s_i2t, targets) + CE(s_t2i, targets)) / 2,    label smoothing 0.1
+
+The fused op is the query max: a Triton kernel computes the (B_i, B_t) maxima and the winning
+query index directly, so the (B_i, B_t, Q) similarity tensor is never stored. Its backward sends
+each gradient to the argmax query only, which is what autograd does through `max`. The
+cross-entropy runs in torch on the small (B, B_all) matrix.
+
+Distributed (DESIGN.md §2): each rank scores its B images against all gathered texts and its B
+texts against all gathered images; the gathered copies carry no gradient, and the targets are
+`rank * B + arange(B)`. Single process: the same features on both sides, with gradient.
+
+NaN contract: a NaN in the features makes the similarities it touches NaN (the running max keeps
+a NaN once seen) and so the loss NaN; it is never skipped by the max.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .launch import dot_blocks
+
+
+@triton.jit
+def _qmax_fwd_kernel(IMG, TXT, S, ARG, BI, BT, Q, D, s_ib, s_iq, s_tb,
+                     BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    pid_i = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mi = offs_i < BI
+    mt = offs_t < BT
+    best = tl.full([BLOCK_I, BLOCK_T], float("-inf"), dtype=tl.float32)
+    arg = tl.zeros([BLOCK_I, BLOCK_T], dtype=tl.int32)
+    for q in range(Q):
+        acc = tl.zeros([BLOCK_I, BLOCK_T], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            md = offs_d < D
+            img = tl.load(IMG + offs_i[:, None].to(tl.int64) * s_ib + q * s_iq + offs_d[None, :],
+                          mask=mi[:, None] & md[None, :], other=0.0)
+            txt = tl.load(TXT + offs_t[:, None].to(tl.int64) * s_tb + offs_d[None, :],
+                          mask=mt[:, None] & md[None, :], other=0.0)
+            if IEEE:
+                acc += tl.dot(img, tl.trans(txt), input_precision="ieee")
+            else:
+                acc += tl.dot(img, tl.trans(txt))
+        # strict > keeps the first maximum (torch's choice); a NaN wins once and then stays
+        better = ((acc > best) | (acc != acc)) & (best == best)
+        best = tl.where(better, acc, best)
+        arg = tl.where(better, q, arg)
+    out = offs_i[:, None].to(tl.int64) * BT + offs_t[None, :]
+    m = mi[:, None] & mt[None, :]
+    tl.store(S + out, best, mask=m)
+    tl.store(ARG + out, arg, mask=m)
+
+
+@triton.jit
+def _qmax_bwd_img_kernel(G, ARG, TXT, DIMG, BI, BT, D, s_tb, s_db, s_dq,
+                         BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """dimg[i, q, :] = sum_t G[i, t] [arg[i, t] == q] txt[t, :]; one program per (i block, q, d block)."""
+    pid_i = tl.program_id(0)
+    q = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mi = offs_i < BI
+    md = offs_d < D
+    acc = tl.zeros([BLOCK_I, BLOCK_D], dtype=tl.float32)
+    for t0 in range(0, BT, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mt = offs_t < BT
+        gm = mi[:, None] & mt[None, :]
+        idx = offs_i[:, None].to(tl.int64) * BT + offs_t[None, :]
+        g = tl.load(G + idx, mask=gm, other=0.0)
+        a = tl.load(ARG + idx, mask=gm, other=-1)
+        txt = tl.load(TXT + offs_t[:, None].to(tl.int64) * s_tb + offs_d[None, :], mask=mt[:, None] & md[None, :],
+                      other=0.0)
+        w = tl.where(a == q, g, 0.0).to(txt.dtype)
+        if IEEE:
+            acc += tl.dot(w, txt, input_precision="ieee")
+        else:
+            acc += tl.dot(w, txt)
+    tl.store(DIMG + offs_i[:, None].to(tl.int64) * s_db + q * s_dq + offs_d[None, :],
+             acc.to(DIMG.dtype.element_ty), mask=mi[:, None] & md[None, :])
+
+
+@triton.jit
+def _qmax_bwd_txt_kernel(G, ARG, IMG, DTXT, BI, BT, Q, D, s_ib, s_iq,
+                         BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    """dtxt[t, :] = sum_i G[i, t] img[i, arg[i, t], :]; one program per (t block, d block)."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mt = offs_t < BT
+    md = offs_d < D
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for i0 in range(0, BI, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        mi = offs_i < BI
+        gm = mi[:, None] & mt[None, :]
+        idx = offs_i[:, None].to(tl.int64) * BT + offs_t[None, :]
+        g = tl.load(G + idx, mask=gm, other=0.0)
+        a = tl.load(ARG + idx, mask=gm, other=-1)
+        for q in range(Q):
+            img = tl.load(IMG + offs_i[:, None].to(tl.int64) * s_ib + q * s_iq + offs_d[None, :],
+                          mask=mi[:, None] & md[None, :], other=0.0)
+            w = tl.trans(tl.where(a == q, g, 0.0).to(img.dtype))  # (BLOCK_T, BLOCK_I)
+            if IEEE:
+                acc += tl.dot(w, img, input_precision="ieee")
+            else:
+                acc += tl.dot(w, img)
+    tl.store(DTXT + offs_t[:, None].to(tl.int64) * D + offs_d[None, :], acc.to(DTXT.dtype.element_ty),
+             mask=mt[:, None] & md[None, :])
+
+
+class _QueryMaxSimilarity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, img, txt):
+        img = img.contiguous()
+        txt = txt.contiguous()
+        bi, q, d = img.shape
+        bt = txt.shape[0]
+        s = torch.empty(bi, bt, dtype=torch.float32, device=img.device)
+        arg = torch.empty(bi, bt, dtype=torch.int32, device=img.device)
+        bs, bd = dot_blocks(d, img.device)
+        ieee = img.dtype == torch.float32
+        grid = (triton.cdiv(bi, bs), triton.cdiv(bt, bs))
+        _qmax_fwd_kernel[grid](img, txt, s, arg, bi, bt, q, d, img.stride(0), img.stride(1), txt.stride(0),
+                               BLOCK_I=bs, BLOCK_T=bs, BLOCK_D=bd, IEEE=ieee)
+        ctx.save_for_backward(img, txt, arg)
+        ctx.mark_non_differentiable(arg)
+        return s, arg
+
+    @staticmethod
+    def backward(ctx, g, _):
+        img, txt, arg = ctx.saved_tensors
+        bi, q, d = img.shape
+        bt = txt.shape[0]
+        g = g.contiguous().float()
+        bs, bd = dot_blocks(d, img.device)
+        ieee = img.dtype == torch.float32
+        dimg = dtxt = None
+        if ctx.needs_input_grad[0]:
+            dimg = torch.empty_like(img)
+            _qmax_bwd_img_kernel[(triton.cdiv(bi, bs), q, triton.cdiv(d, bd))](
+                g, arg, txt, dimg, bi, bt, d, txt.stride(0), dimg.stride(0), dimg.stride(1),
+                BLOCK_I=bs, BLOCK_T=bs, BLOCK_D=bd, IEEE=ieee)
+        if ctx.needs_input_grad[1]:
+            dtxt = torch.empty_like(txt)
+            _qmax_bwd_txt_kernel[(triton.cdiv(bt, bs), triton.cdiv(d, bd))](
+                g, arg, img, dtxt, bi, bt, q, d, img.stride(0), img.stride(1),
+                BLOCK_I=bs, BLOCK_T=bs, BLOCK_D=bd, IEEE=ieee)
+        return dimg, dtxt
+
+
+def query_max_similarity_triton(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """(B_i, Q, D), (B_t, D) -> (B_i, B_t) fp32: max over queries of the dot product."""
+    return _QueryMaxSimilarity.apply(img, txt)[0]
+
+
+def query_max_similarity_reference(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: materialises (B_i, B_t, Q); grads flow through the argmax query."""
+    return torch.einsum("iqd,td->itq", img, txt).max(dim=-1).values.float()
+
+
+def itc_loss(
+    img: torch.Tensor,  # (B, Q, D) this rank's image query features, normalised
+    txt: torch.Tensor,  # (B, D) this rank's text features, normalised
+    temp: torch.Tensor,  # scalar, learnable
+    *,
+    img_all: torch.Tensor | None = None,  # (B * world, Q, D) gathered; None: single process
+    txt_all: torch.Tensor | None = None,  # (B * world, D) gathered
+    rank: int = 0,
+    image_ids: torch.Tensor | None = None,  # (B,) for soft targets on multi-caption data
+    image_ids_all: torch.Tensor | None = None,  # (B * world,)
+    label_smoothing: float = 0.1,
+    fused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, sim_i2t, sim_t2i); the sims are (B, B * world), temperature applied."""
+    qmax = query_max_similarity_triton if fused else query_max_similarity_reference
+    b = img.shape[0]
+    if img_all is None and txt_all is None:
+        raw = qmax(img, txt)  # (B, B)
+        sim_i2t, sim_t2i = raw / temp, raw.t() / temp
+    else:
+        if img_all is None or txt_all is None:
+            raise ValueError("itc_loss: pass both img_all and txt_all (the gathered features), or neither")
+        sim_i2t = qmax(img, txt_all.detach()) / temp  # (B, B_all)
+        sim_t2i = qmax(img_all.detach(), txt).t() / temp  # (B, B_all)
+    if image_ids is None:
+        targets = torch.arange(rank * b, rank * b + b, device=img.device)
+        loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
+                + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)) / 2
+    else:
+        ids_all = image_ids if image_ids_all is None else image_ids_all
+        positives = (image_ids[:, None] == ids_all[None, :]).float()  # (B, B_all)
+        soft = (1 - label_smoothing) * positives / positives.sum(1, keepdim=True) + label_smoothing / ids_all.numel()
+        loss = (-(soft * F.log_softmax(sim_i2t, dim=1)).sum(1).mean()
+                - (soft * F.log_softmax(sim_t2i, dim=1)).sum(1).mean()) / 2
+    return loss, sim_i2t, sim_t2i

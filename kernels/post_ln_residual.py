@@ -1,0 +1,153 @@
+"""Post-LN residual of the Q-Former (BERT): y = LayerNorm(residual + dropout(h)), fused.
+
+Forward: one program per row; statistics in fp32 whatever the input dtype. Only the row's mean
+and 1/std are kept: the backward recomputes the sum and regenerates the dropout mask from the
+seed (Philox, `tl.rand(seed, row * D + col)`), so neither the sum nor the mask is stored.
+Backward: each program walks a block of rows and keeps partial dW/dB in registers; the
+partials are summed in torch (Liger-Kernel's layout).
+
+NaN contract: a non-finite input makes its row of y non-finite, and every grad it touches;
+nothing is clipped or dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .launch import backward_programs, row_block
+
+
+@triton.jit
+def _fwd_kernel(H, R, W, B, Y, MEAN, RSTD, D, eps, p, seed,
+                HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    h = tl.load(H + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    r = tl.load(R + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_DROPOUT:
+        keep = tl.rand(seed, (row * D + cols).to(tl.int32)) >= p
+        h = tl.where(keep, h / (1.0 - p), 0.0)
+    s = h + r
+    mean = tl.sum(s, axis=0) / D
+    xc = tl.where(m, s - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(Y + row * D + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=m)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _bwd_kernel(DY, H, R, W, MEAN, RSTD, DRES, DH, DW_PART, DB_PART, M, D, rows_per_program, p, seed,
+                HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    m = cols < D
+    w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_D], dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for row32 in range(row_start, row_end):
+        row = tl.cast(row32, tl.int64)
+        h = tl.load(H + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        r = tl.load(R + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            keep = tl.rand(seed, (row * D + cols).to(tl.int32)) >= p
+            h = tl.where(keep, h / (1.0 - p), 0.0)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(m, (h + r - mean) * rstd, 0.0)
+        dy = tl.load(DY + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        dw += dy * xhat
+        db += dy
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / D
+        c2 = tl.sum(wdy, axis=0) / D
+        ds = (wdy - (xhat * c1 + c2)) * rstd  # d(loss)/d(residual + dropout(h))
+        tl.store(DRES + row * D + cols, ds.to(DRES.dtype.element_ty), mask=m)
+        if HAS_DROPOUT:
+            ds = tl.where(keep, ds / (1.0 - p), 0.0)
+        tl.store(DH + row * D + cols, ds.to(DH.dtype.element_ty), mask=m)
+    tl.store(DW_PART + pid * D + cols, dw, mask=m)
+    tl.store(DB_PART + pid * D + cols, db, mask=m)
+
+
+@triton.jit
+def _keep_mask_kernel(OUT, D, p, seed, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    keep = tl.rand(seed, (row * D + cols).to(tl.int32)) >= p
+    tl.store(OUT + row * D + cols, keep.to(tl.int8), mask=cols < D)
+
+
+def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int, device) -> torch.Tensor:
+    """The keep mask the fused kernel draws for (p, seed): bool, `shape`. For tests and debugging."""
+    d = shape[-1]
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    out = torch.empty(rows, d, dtype=torch.int8, device=device)
+    _keep_mask_kernel[(rows,)](out, d, p, seed, BLOCK_D=triton.next_power_of_2(d))
+    return out.bool().view(shape)
+
+
+class _ResidualLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, residual, weight, bias, eps: float, p: float, seed: int):
+        shape = h.shape
+        d = shape[-1]
+        h2 = h.reshape(-1, d).contiguous()
+        r2 = residual.reshape(-1, d).contiguous()
+        rows = h2.shape[0]
+        y = torch.empty_like(h2)
+        mean = torch.empty(rows, dtype=torch.float32, device=h.device)
+        rstd = torch.empty(rows, dtype=torch.float32, device=h.device)
+        block, warps = row_block(d)
+        _fwd_kernel[(rows,)](h2, r2, weight, bias, y, mean, rstd, d, eps, p, seed,
+                             HAS_DROPOUT=p > 0, BLOCK_D=block, num_warps=warps)
+        ctx.save_for_backward(h2, r2, weight, mean, rstd)
+        ctx.p, ctx.seed, ctx.shape = p, seed, shape
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h2, r2, weight, mean, rstd = ctx.saved_tensors
+        rows, d = h2.shape
+        dy = dy.reshape(rows, d).contiguous()
+        dres = torch.empty_like(r2)
+        dh = torch.empty_like(h2)
+        programs = backward_programs(rows, h2.device)
+        rows_per_program = triton.cdiv(rows, programs)
+        dw_part = torch.empty(programs, d, dtype=torch.float32, device=h2.device)
+        db_part = torch.empty(programs, d, dtype=torch.float32, device=h2.device)
+        block, warps = row_block(d)
+        _bwd_kernel[(programs,)](dy, h2, r2, weight, mean, rstd, dres, dh, dw_part, db_part, rows, d,
+                                 rows_per_program, ctx.p, ctx.seed, HAS_DROPOUT=ctx.p > 0, BLOCK_D=block,
+                                 num_warps=warps)
+        dw = dw_part.sum(0).to(weight.dtype)
+        db = db_part.sum(0).to(weight.dtype)
+        return dh.view(ctx.shape), dres.view(ctx.shape), dw, db, None, None, None
+
+
+def residual_layer_norm_triton(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               eps: float, p: float = 0.0, seed: int | None = None) -> torch.Tensor:
+    """Fused LayerNorm(residual + dropout(h, p)); h, residual (..., D). `seed` fixes the dropout mask."""
+    if p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the CPU generator: no device sync
+    return _ResidualLayerNorm.apply(h, residual, weight, bias, float(eps), float(p), int(seed or 0))
+
+
+def residual_layer_norm_reference(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                  eps: float, p: float = 0.0, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch, as BERT writes it. With `keep_mask`, that mask replaces torch's dropout draw."""
+    if keep_mask is not None:
+        h = h * keep_mask / (1.0 - p)
+    elif p > 0:
+        h = F.dropout(h, p, training=True)
+    return F.layer_norm(residual + h, (h.shape[-1],), weight, bias, eps)
