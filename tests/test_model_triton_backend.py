@@ -52,3 +52,23 @@ def test_qformer_grads_match_torch_backend(hf_opt):
     for name, g in grads["torch"].items():
         # fp32 through the whole LLM backward, with the head and LayerNorms reduced in another order
         torch.testing.assert_close(grads["triton"][name], g, atol=2e-5, rtol=1e-4, msg=lambda s: f"{name}: {s}")
+
+
+def test_chunked_ce_serves_the_itg_head():
+    """ITG: BERT's prediction head with its decoder tied to the word embeddings, smoothing 0.1."""
+    import torch.nn.functional as F
+
+    from blip2rt import kernels
+
+    m = blip2rt.from_pretrained("tiny", device="cpu")
+    head, emb = m.itg_head, m.embeddings.word_embeddings.weight
+    x = torch.randn(3, 6, 32, requires_grad=True)
+    labels = torch.randint(0, emb.shape[0], (3, 6))
+    labels[1, 3:] = -100
+    eager = F.cross_entropy(head(x).flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=0.1)
+    want = torch.autograd.grad(eager, (x, emb, head.bias))
+    fused = kernels.linear_cross_entropy(head.hidden(x), head.decoder.weight, labels, head.bias, 0.1, backend="triton")
+    got = torch.autograd.grad(fused, (x, emb, head.bias))
+    torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

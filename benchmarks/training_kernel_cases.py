@@ -1,0 +1,78 @@
+"""The fused training ops and their eager baselines as runnable cases: inputs + one fwd+bwd step.
+
+Shared by the GPU benchmarks (paper shapes) and a CPU smoke test (tiny shapes), so the harness
+itself is exercised on every CI run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from blip2rt import kernels
+
+# Paper shapes (issue: fused training kernels)
+ITC_PAPER = dict(batch=1024, queries=32, dim=256)  # global batch 1024 x 32 queries x 256
+LAYER_NORM_PAPER = dict(rows=128 * 64, dim=768)  # Q-Former tokens of a 128-image batch, width 768
+LINEAR_CE_PAPER = dict(tokens=64 * 40, hidden=2560, vocab=50272)  # OPT-2.7B head, 64 captions x 40 tokens
+
+
+@dataclass
+class Case:
+    step: Callable[[], None]  # one forward + backward, grads cleared
+    flops: float  # forward + backward, for throughput
+
+
+def itc_case(impl: str, device, dtype, batch: int, queries: int, dim: int) -> Case:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    img = F.normalize(torch.randn(batch, queries, dim, generator=g), dim=-1).to(device, dtype).requires_grad_()
+    txt = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).to(device, dtype).requires_grad_()
+    temp = torch.tensor(0.07, device=device, requires_grad=True)
+    backend = "triton" if impl == "fused" else "torch"
+
+    def step():
+        img.grad = txt.grad = temp.grad = None
+        loss, *_ = kernels.itc_loss(img, txt, temp, backend=backend)
+        loss.backward()
+
+    return Case(step, flops=3 * 2 * batch * batch * queries * dim)
+
+
+def layer_norm_case(impl: str, device, dtype, rows: int, dim: int, dropout: float = 0.1) -> Case:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(rows, dim, generator=g).to(device, dtype).requires_grad_()
+    r = torch.randn(rows, dim, generator=g).to(device, dtype).requires_grad_()
+    w = torch.ones(dim, device=device, dtype=dtype, requires_grad=True)
+    b = torch.zeros(dim, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(rows, dim, generator=g).to(device, dtype)
+    backend = "triton" if impl == "fused" else "torch"
+
+    def step():
+        h.grad = r.grad = w.grad = b.grad = None
+        kernels.residual_layer_norm(h, r, w, b, 1e-12, dropout, backend=backend).backward(dy)
+
+    return Case(step, flops=0.0)  # memory-bound: report bytes/s from the timing instead
+
+
+def linear_ce_case(impl: str, device, dtype, tokens: int, hidden: int, vocab: int) -> Case:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(device, dtype)  # frozen LLM head (stage 2)
+    labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    labels[::7] = -100
+    backend = "triton" if impl == "fused" else "torch"
+
+    def step():
+        h.grad = None
+        kernels.linear_cross_entropy(h, w, labels, label_smoothing=0.0, backend=backend).backward()
+
+    return Case(step, flops=2 * 2 * tokens * hidden * vocab)  # logits + grad of h
+
+
+CASES = {"itc": itc_case, "layer_norm": layer_norm_case, "linear_ce": linear_ce_case}
+PAPER_SHAPES = {"itc": ITC_PAPER, "layer_norm": LAYER_NORM_PAPER, "linear_ce": LINEAR_CE_PAPER}
+TINY_SHAPES = {"itc": dict(batch=5, queries=4, dim=16), "layer_norm": dict(rows=7, dim=37),
+               "linear_ce": dict(tokens=9, hidden=16, vocab=101)}
