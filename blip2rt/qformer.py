@@ -12,7 +12,10 @@ Module names follow transformers' Blip2QFormerModel / LAVIS `Qformer.py` so chec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -21,7 +24,27 @@ from blip2rt.kernels import AttentionMode
 
 from .config import QFormerConfig
 
-PastKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: self-attention (k, v), each (B, H, K, d)
+PastKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: self-attention (k, v), each (B, K, H, d)
+
+
+@dataclass
+class ImageKV:
+    """Keys and values of the image tokens for every cross-attention layer, from one GEMM.
+
+    packed: (B, N, layers, 2, H, d), a view of the [B*N, Dv] x [Dv, 2*layers*D] product.
+    Computed once per image and indexed: ITM's 3B batch reuses its B images, and generation
+    runs the Q-Former once.
+    """
+
+    packed: torch.Tensor
+
+    def layer(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, v) of the j-th cross-attention layer, each a (B, N, H, d) strided view."""
+        return self.packed[:, :, j, 0], self.packed[:, :, j, 1]
+
+    def take(self, index: torch.Tensor) -> "ImageKV":
+        """The rows of another batch, e.g. hard-negative images: (len(index), N, ...)."""
+        return ImageKV(self.packed.index_select(0, index))
 
 
 class QFormerMultiHeadAttention(nn.Module):
@@ -35,9 +58,9 @@ class QFormerMultiHeadAttention(nn.Module):
         self.value = nn.Linear(kv_width, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
 
-    def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H*d) -> (B, H, L, d)
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H*d) -> (B, L, H, d), a view
         b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return x.view(b, n, self.num_heads, self.head_dim)
 
 
 class QFormerResidualOutput(nn.Module):
@@ -93,7 +116,7 @@ class QFormerLayer(nn.Module):
         num_queries: int,  # query positions in the full sequence (past included)
         text_mask: torch.Tensor | None,  # (B, T) over all text positions
         mode: AttentionMode,
-        image_embeds: torch.Tensor | None,  # (B, N, Dv)
+        image_kv: tuple[torch.Tensor, torch.Tensor] | None,  # this layer's image (k, v), (B, N, H, d)
         past: tuple[torch.Tensor, torch.Tensor] | None,
         backend: str,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
@@ -103,28 +126,26 @@ class QFormerLayer(nn.Module):
         k = attn.split_heads(attn.key(x))
         v = attn.split_heads(attn.value(x))
         if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         ctx = kernels.qformer_self_attention(q, k, v, num_queries=num_queries, text_mask=text_mask, mode=mode,
-                                             dropout_p=drop, backend=backend)
+                                             dropout_p=drop, backend=backend)  # (B, L, H, d)
         b, n, d = x.shape
-        h = self.attention.output(ctx.transpose(1, 2).reshape(b, n, d), x)
+        h = self.attention.output(ctx.reshape(b, n, d), x)
 
         # Query positions present in this call: the first `local_queries` of x.
-        past_len = 0 if past is None else past[0].shape[2]
+        past_len = 0 if past is None else past[0].shape[1]
         local_queries = max(0, min(num_queries - past_len, n))
         outs = []
         if local_queries > 0:
             hq = h[:, :local_queries]
             if self.has_cross_attention:
-                if image_embeds is None:
+                if image_kv is None:
                     raise ValueError("this Q-Former layer cross-attends to the image, but no image tokens were given")
                 ca = self.crossattention.attention
                 cq = ca.split_heads(ca.query(hq))
-                ck = ca.split_heads(ca.key(image_embeds))
-                cv = ca.split_heads(ca.value(image_embeds))
-                cctx = kernels.qformer_cross_attention(cq, ck, cv, dropout_p=ca.dropout_p if self.training else 0.0,
-                                                       backend=backend)
-                hq = self.crossattention.output(cctx.transpose(1, 2).reshape(b, local_queries, d), hq)
+                cctx = kernels.qformer_cross_attention(cq, *image_kv, dropout_p=ca.dropout_p if self.training else 0.0,
+                                                       backend=backend)  # (B, Q, H, d)
+                hq = self.crossattention.output(cctx.reshape(b, local_queries, d), hq)
             outs.append(self.output_query(self.intermediate_query(hq), hq))
         if local_queries < n:
             if not hasattr(self, "intermediate"):
@@ -151,6 +172,32 @@ class QFormer(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.encoder = QFormerEncoder(cfg)
         self.kernel_backend = "torch"  # set by the model from the kernel switch
+        self._packed_cache: tuple | None = None
+
+    def cross_layers(self) -> list[QFormerLayer]:
+        return [layer for layer in self.encoder.layer if layer.has_cross_attention]
+
+    def _packed_kv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[key_0; value_0; key_1; ...] weights (2*layers*D, Dv) and biases. The per-layer weights stay
+        the parameters (and the checkpoint format); the packed copy is rebuilt when they change, and
+        built afresh under autograd so their grads flow."""
+        mods = [m for layer in self.cross_layers() for m in (layer.crossattention.attention.key,
+                                                            layer.crossattention.attention.value)]
+        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods):
+            return torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])
+        key = tuple((m.weight.data_ptr(), m.weight._version, m.bias._version) for m in mods)
+        if self._packed_cache is None or self._packed_cache[0] != key:
+            with torch.no_grad():
+                self._packed_cache = (key, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
+        return self._packed_cache[1], self._packed_cache[2]
+
+    def image_kv(self, image_embeds: torch.Tensor) -> ImageKV:
+        """(B, N, Dv) image tokens -> keys and values of every cross-attention layer, in one GEMM."""
+        w, bias = self._packed_kv_weights()
+        b, n, _ = image_embeds.shape
+        packed = F.linear(image_embeds.to(w.dtype), w, bias)  # (B, N, 2 * layers * D)
+        cfg = self.config
+        return ImageKV(packed.view(b, n, len(self.cross_layers()), 2, cfg.num_attention_heads, cfg.head_dim))
 
     def forward(
         self,
@@ -160,20 +207,26 @@ class QFormer(nn.Module):
         mode: AttentionMode = AttentionMode.BIDIRECTIONAL,
         image_embeds: torch.Tensor | None = None,  # (B, N, Dv) after ln_vision
         past: PastKV | None = None,
+        image_kv: ImageKV | None = None,  # precomputed from image_embeds (see image_kv); wins if given
     ) -> tuple[torch.Tensor, PastKV]:
         dtype = self.layernorm.weight.dtype
         x = self.dropout(self.layernorm(embeds.to(dtype)))
-        if image_embeds is not None:
-            image_embeds = image_embeds.to(dtype)
-        past_len = 0 if past is None else past[0][0].shape[2]
+        if image_kv is None and image_embeds is not None:
+            image_kv = self.image_kv(image_embeds)
+        past_len = 0 if past is None else past[0][0].shape[1]
         num_text = past_len + x.shape[1] - num_queries
         if num_text > 0 and text_mask is None:
             text_mask = torch.ones(x.shape[0], num_text, dtype=torch.long, device=x.device)
         if text_mask is not None and text_mask.shape[1] != num_text:
             raise ValueError(f"text_mask covers {text_mask.shape[1]} positions, the input has {num_text} text positions")
         present: PastKV = []
+        j = 0  # index among the cross-attention layers
         for i, layer in enumerate(self.encoder.layer):
-            x, kv = layer(x, num_queries, text_mask, mode, image_embeds, None if past is None else past[i],
+            layer_kv = None
+            if layer.has_cross_attention and image_kv is not None:
+                layer_kv = image_kv.layer(j)
+            j += layer.has_cross_attention
+            x, kv = layer(x, num_queries, text_mask, mode, layer_kv, None if past is None else past[i],
                           self.kernel_backend)
             present.append(kv)
         return x, present

@@ -21,17 +21,34 @@ __all__ = ["AttentionMode", "BACKENDS", "ENV_VAR", "FUSED_OPS", "resolve_backend
            "itc_loss", "linear_cross_entropy"]
 
 
+_MODE_IDS = {AttentionMode.BIDIRECTIONAL: 1, AttentionMode.MULTIMODAL_CAUSAL: 2, AttentionMode.UNIMODAL: 3}
+
+
 def qformer_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_queries: int,
                            text_mask: torch.Tensor | None, mode: AttentionMode, dropout_p: float = 0.0,
                            backend: str = "torch") -> torch.Tensor:
-    """Masked self-attention over [queries ; text]; q (B, H, Lq, d), k/v (B, H, K, d) -> (B, H, Lq, d)."""
-    return self_attention_reference(q, k, v, num_queries, text_mask, mode, dropout_p)
+    """Masked self-attention over [queries ; text]; q (B, Lq, H, d), k/v (B, K, H, d) -> (B, Lq, H, d).
+
+    The fused kernel has no attention dropout: with dropout_p > 0 the reference runs.
+    """
+    if backend == "triton" and dropout_p == 0.0:
+        from .fused_attention import fused_attention
+
+        return fused_attention(q, k, v, mode=_MODE_IDS[AttentionMode(mode)], num_queries=num_queries,
+                               text_mask=text_mask)
+    out = self_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), num_queries, text_mask,
+                                   mode, dropout_p)
+    return out.transpose(1, 2)
 
 
 def qformer_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0,
                             backend: str = "torch") -> torch.Tensor:
-    """Queries attend to image tokens; q (B, H, Q, d), k/v (B, H, N, d) -> (B, H, Q, d)."""
-    return cross_attention_reference(q, k, v, dropout_p)
+    """Queries attend to image tokens; q (B, Q, H, d), k/v (B, N, H, d) -> (B, Q, H, d)."""
+    if backend == "triton" and dropout_p == 0.0:
+        from .fused_attention import fused_attention
+
+        return fused_attention(q, k, v)
+    return cross_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p).transpose(1, 2)
 
 
 def residual_layer_norm(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -20,7 +20,8 @@ from blip2rt.errors import InputError
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "BLIP2RT_KERNELS"
-FUSED_OPS = ("residual_layer_norm", "query_max_similarity (ITC)", "linear_cross_entropy")
+FUSED_OPS = ("qformer_self_attention", "qformer_cross_attention", "residual_layer_norm",
+             "query_max_similarity (ITC)", "linear_cross_entropy")
 VERIFIED_ON_GPU = False  # flip once the GPU tests in tests/ and the benchmarks have passed on a GPU
 
 

@@ -97,42 +97,79 @@ def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int, device) -> to
     return out.bool().view(shape)
 
 
-class _ResidualLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, residual, weight, bias, eps: float, p: float, seed: int):
-        shape = h.shape
-        d = shape[-1]
-        h2 = h.reshape(-1, d).contiguous()
-        r2 = residual.reshape(-1, d).contiguous()
-        rows = h2.shape[0]
-        y = torch.empty_like(h2)
-        mean = torch.empty(rows, dtype=torch.float32, device=h.device)
-        rstd = torch.empty(rows, dtype=torch.float32, device=h.device)
-        block, warps = row_block(d)
-        _fwd_kernel[(rows,)](h2, r2, weight, bias, y, mean, rstd, d, eps, p, seed,
-                             HAS_DROPOUT=p > 0, BLOCK_D=block, num_warps=warps)
-        ctx.save_for_backward(h2, r2, weight, mean, rstd)
-        ctx.p, ctx.seed, ctx.shape = p, seed, shape
-        return y.view(shape)
+def _launch_forward(h, residual, weight, bias, eps: float, p: float, seed: int):
+    d = h.shape[-1]
+    h2 = h.reshape(-1, d).contiguous()
+    r2 = residual.reshape(-1, d).contiguous()
+    rows = h2.shape[0]
+    y = torch.empty_like(h2)
+    mean = torch.empty(rows, dtype=torch.float32, device=h.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=h.device)
+    block, warps = row_block(d)
+    _fwd_kernel[(rows,)](h2, r2, weight, bias, y, mean, rstd, d, eps, p, seed,
+                         HAS_DROPOUT=p > 0, BLOCK_D=block, num_warps=warps)
+    return y.view(h.shape), mean, rstd
 
-    @staticmethod
-    def backward(ctx, dy):
-        h2, r2, weight, mean, rstd = ctx.saved_tensors
-        rows, d = h2.shape
-        dy = dy.reshape(rows, d).contiguous()
-        dres = torch.empty_like(r2)
-        dh = torch.empty_like(h2)
-        programs = backward_programs(rows, h2.device)
-        rows_per_program = triton.cdiv(rows, programs)
-        dw_part = torch.empty(programs, d, dtype=torch.float32, device=h2.device)
-        db_part = torch.empty(programs, d, dtype=torch.float32, device=h2.device)
-        block, warps = row_block(d)
-        _bwd_kernel[(programs,)](dy, h2, r2, weight, mean, rstd, dres, dh, dw_part, db_part, rows, d,
-                                 rows_per_program, ctx.p, ctx.seed, HAS_DROPOUT=ctx.p > 0, BLOCK_D=block,
-                                 num_warps=warps)
-        dw = dw_part.sum(0).to(weight.dtype)
-        db = db_part.sum(0).to(weight.dtype)
-        return dh.view(ctx.shape), dres.view(ctx.shape), dw, db, None, None, None
+
+def _launch_backward(dy, h, residual, weight, mean, rstd, p: float, seed: int):
+    d = h.shape[-1]
+    h2 = h.reshape(-1, d).contiguous()
+    r2 = residual.reshape(-1, d).contiguous()
+    rows = h2.shape[0]
+    dy = dy.reshape(rows, d).contiguous()
+    dres = torch.empty_like(r2)
+    dh = torch.empty_like(h2)
+    programs = backward_programs(rows, h2.device)
+    rows_per_program = triton.cdiv(rows, programs)
+    dw_part = torch.empty(programs, d, dtype=torch.float32, device=h2.device)
+    db_part = torch.empty(programs, d, dtype=torch.float32, device=h2.device)
+    block, warps = row_block(d)
+    _bwd_kernel[(programs,)](dy, h2, r2, weight, mean, rstd, dres, dh, dw_part, db_part, rows, d,
+                             rows_per_program, p, seed, HAS_DROPOUT=p > 0, BLOCK_D=block, num_warps=warps)
+    return dh.view(h.shape), dres.view(h.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+
+
+# Custom ops, so torch.compile treats the kernels as opaque, differentiable ops.
+@torch.library.custom_op("blip2rt::residual_layer_norm_fwd", mutates_args=())
+def residual_layer_norm_forward_op(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                   bias: torch.Tensor, eps: float, p: float,
+                                   seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_forward(h, residual, weight, bias, eps, p, seed)
+
+
+@residual_layer_norm_forward_op.register_fake
+def _(h, residual, weight, bias, eps, p, seed):
+    rows = h.numel() // h.shape[-1]
+    return h.new_empty(h.shape), h.new_empty(rows, dtype=torch.float32), h.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("blip2rt::residual_layer_norm_bwd", mutates_args=())
+def residual_layer_norm_backward_op(dy: torch.Tensor, h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                    mean: torch.Tensor, rstd: torch.Tensor, p: float,
+                                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(dy, h, residual, weight, mean, rstd, p, seed)
+
+
+@residual_layer_norm_backward_op.register_fake
+def _(dy, h, residual, weight, mean, rstd, p, seed):
+    return h.new_empty(h.shape), residual.new_empty(residual.shape), weight.new_empty(weight.shape), \
+        weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    h, residual, weight, _, _, p, seed = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(h, residual, weight, mean, rstd)
+    ctx.p, ctx.seed = p, seed
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    h, residual, weight, mean, rstd = ctx.saved_tensors
+    dh, dres, dw, db = residual_layer_norm_backward_op(dy, h, residual, weight, mean, rstd, ctx.p, ctx.seed)
+    return dh, dres, dw, db, None, None, None
+
+
+residual_layer_norm_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def residual_layer_norm_triton(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -140,7 +177,7 @@ def residual_layer_norm_triton(h: torch.Tensor, residual: torch.Tensor, weight: 
     """Fused LayerNorm(residual + dropout(h, p)); h, residual (..., D). `seed` fixes the dropout mask."""
     if p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the CPU generator: no device sync
-    return _ResidualLayerNorm.apply(h, residual, weight, bias, float(eps), float(p), int(seed or 0))
+    return residual_layer_norm_forward_op(h, residual, weight, bias, float(eps), float(p), int(seed or 0))[0]
 
 
 def residual_layer_norm_reference(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -1,0 +1,318 @@
+"""Flash-style attention for the Q-Former: query cross-attention and masked self-attention.
+
+One kernel family (FlashAttention-2: online softmax, only the log-sum-exp kept, recomputation
+in the backward) serves both:
+- cross-attention: 32 queries against N image tokens, no mask;
+- self-attention over [queries ; text]: the mask is computed in the kernel from the mode
+  (bidirectional / multimodal-causal / unimodal, see qformer_attention.py), the number of
+  query positions, the absolute position of the first row (so a cached query past works), and
+  the (B, T) text padding vector. No (B, 1, L, L) mask exists.
+
+Tensors are (B, L, H, d) strided views, read in place: q/k/v straight from the projection
+outputs (including the packed image K/V of all layers) and o written in the (B, L, H*d) layout
+the output projection reads. The last dimension must be contiguous.
+
+Split-KV: for inference at small B*H (B = 1 is 12 programs), the keys are split across
+programs and the partial softmax states combined, so the GPU fills.
+
+Rows with nothing to see (only when a sample's whole text is padding, in a mode where text
+sees text only) give 0 here; the reference gives the mean of all values. Attention dropout is
+not fused: with dropout the dispatcher uses the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MODE_NONE, MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_UNIMODAL = 0, 1, 2, 3
+
+
+@triton.jit
+def _allowed(rows, cols, Lk, NQ, TM, b, T, MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: may absolute row position `rows` attend to key position `cols`."""
+    ok = (cols < Lk)[None, :] & (rows >= 0)[:, None]
+    if HAS_TEXT_MASK:
+        t = cols - NQ
+        is_text = (t >= 0) & (cols < Lk)
+        pad = tl.load(TM + b * T + tl.where(is_text, t, 0), mask=is_text, other=1)
+        ok = ok & ((pad != 0) | (cols < NQ))[None, :]
+    if MODE == 2:  # multimodal causal
+        row_q = (rows < NQ)[:, None]
+        col_q = (cols < NQ)[None, :]
+        ok = ok & tl.where(row_q, col_q, col_q | (cols[None, :] <= rows[:, None]))
+    if MODE == 3:  # unimodal
+        ok = ok & ((rows < NQ)[:, None] == (cols < NQ)[None, :])
+    return ok
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
+                sm_scale, Lq, Lk, NQ, q_offset, T, H, keys_per_split,
+                s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_om, s_oh,
+                MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, SPLIT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    md = offs_d < HEAD_DIM
+    mm = offs_m < Lq
+    q = tl.load(Q + b.to(tl.int64) * s_qb + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
+                mask=mm[:, None] & md[None, :], other=0.0)
+    rows = q_offset + offs_m
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_start = pid_s * keys_per_split
+    k_end = tl.minimum(k_start + keys_per_split, Lk)
+    for start_n in range(k_start, k_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mn = offs_n < k_end
+        k = tl.load(K + b.to(tl.int64) * s_kb + offs_n[:, None] * s_kn + h * s_kh + offs_d[None, :],
+                    mask=mn[:, None] & md[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * sm_scale
+        ok = _allowed(rows, offs_n, k_end, NQ, TM, b, T, MODE, HAS_TEXT_MASK)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + b.to(tl.int64) * s_vb + offs_n[:, None] * s_vn + h * s_vh + offs_d[None, :],
+                    mask=mn[:, None] & md[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    if SPLIT:
+        # unnormalised partial state of this split: (B*H, S, Lq, d), (B*H, S, Lq) x2
+        base = (pid_bh * tl.num_programs(2) + pid_s).to(tl.int64) * Lq
+        tl.store(O + (base + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], acc, mask=mm[:, None] & md[None, :])
+        tl.store(M_PART + base + offs_m, m_i, mask=mm)
+        tl.store(L_PART + base + offs_m, l_i, mask=mm)
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        tl.store(O + b.to(tl.int64) * s_ob + offs_m[:, None] * s_om + h * s_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=mm[:, None] & md[None, :])
+        tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.log(l_safe), mask=mm)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
+                     sm_scale, Lq, Lk, NQ, q_offset, T, H,
+                     s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_gb, s_gn, s_gh,
+                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    md = offs_d < HEAD_DIM
+    mn = offs_n < Lk
+    k = tl.load(K + b.to(tl.int64) * s_kb + offs_n[:, None] * s_kn + h * s_kh + offs_d[None, :],
+                mask=mn[:, None] & md[None, :], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * s_vb + offs_n[:, None] * s_vn + h * s_vh + offs_d[None, :],
+                mask=mn[:, None] & md[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, Lq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mm = offs_m < Lq
+        q = tl.load(Q + b.to(tl.int64) * s_qb + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
+                    mask=mm[:, None] & md[None, :], other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * s_dob + offs_m[:, None] * s_dom + h * s_doh + offs_d[None, :],
+                     mask=mm[:, None] & md[None, :], other=0.0)
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * sm_scale
+        ok = _allowed(q_offset + offs_m, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    out = b.to(tl.int64) * s_gb + offs_n[:, None] * s_gn + h * s_gh + offs_d[None, :]
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=mn[:, None] & md[None, :])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mn[:, None] & md[None, :])
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TM,
+                   sm_scale, Lq, Lk, NQ, q_offset, T, H,
+                   s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_gb, s_gn, s_gh,
+                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    md = offs_d < HEAD_DIM
+    mm = offs_m < Lq
+    q = tl.load(Q + b.to(tl.int64) * s_qb + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
+                mask=mm[:, None] & md[None, :], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * s_dob + offs_m[:, None] * s_dom + h * s_doh + offs_d[None, :],
+                 mask=mm[:, None] & md[None, :], other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, Lk, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mn = offs_n < Lk
+        k = tl.load(K + b.to(tl.int64) * s_kb + offs_n[:, None] * s_kn + h * s_kh + offs_d[None, :],
+                    mask=mn[:, None] & md[None, :], other=0.0)
+        v = tl.load(V + b.to(tl.int64) * s_vb + offs_n[:, None] * s_vn + h * s_vh + offs_d[None, :],
+                    mask=mn[:, None] & md[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * sm_scale
+        ok = _allowed(q_offset + offs_m, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    out = b.to(tl.int64) * s_gb + offs_m[:, None] * s_gn + h * s_gh + offs_d[None, :]
+    tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mm[:, None] & md[None, :])
+
+
+def _blocks(lq: int, lk: int, d: int, device: torch.device) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(d))
+    if device.type == "cuda":
+        return 64 if lq > 32 else 32, 64, block_d
+    return 16, 16, block_d  # the interpreter: small tiles are fast and exercise the edges
+
+
+def _num_splits(bh: int, m_blocks: int, lk: int, block_n: int, device: torch.device) -> int:
+    """Key splits so that B*H*(query blocks)*splits covers the SMs (inference only)."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = bh * m_blocks
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, programs), triton.cdiv(lk, block_n), 16))
+
+
+def _text_mask_arg(text_mask: torch.Tensor | None, device) -> tuple[torch.Tensor, int]:
+    if text_mask is None:
+        return torch.empty(1, dtype=torch.int8, device=device), 0
+    return text_mask.to(device=device, dtype=torch.int8).contiguous(), text_mask.shape[1]
+
+
+def _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int = 1):
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    bm, bn, bd = _blocks(lq, lk, d, q.device)
+    tm, t = _text_mask_arg(text_mask, q.device)
+    m_blocks = triton.cdiv(lq, bm)
+    o = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
+    common = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=d)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    if splits == 1:
+        _fwd_kernel[(m_blocks, b * h, 1)](q, k, v, o, lse, lse, lse, tm, scale, lq, lk, num_queries, q_offset, t, h, lk,
+                                          *strides, *o.stride()[:3], SPLIT=False, **common)
+        return o, lse
+    per_split = triton.cdiv(triton.cdiv(lk, splits), bn) * bn
+    splits = triton.cdiv(lk, per_split)
+    acc = torch.empty(b * h, splits, lq, d, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(b * h, splits, lq, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    _fwd_kernel[(m_blocks, b * h, splits)](q, k, v, acc, lse, m_part, l_part, tm, scale, lq, lk, num_queries,
+                                           q_offset, t, h, per_split, *strides, 0, 0, 0, SPLIT=True, **common)
+    # combine the splits' softmax states: (B*H, S, Lq) -> (B*H, Lq)
+    m = m_part.amax(dim=1)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    w = torch.exp(m_part - m_safe[:, None]) * l_part  # each split's mass at the common max
+    l_tot = w.sum(1)
+    out = (torch.exp(m_part - m_safe[:, None])[..., None] * acc).sum(1) / l_tot.clamp(min=1e-30)[..., None]
+    o.copy_(out.view(b, h, lq, d).transpose(1, 2))
+    lse = m_safe + torch.log(l_tot.clamp(min=1e-30))
+    return o, lse
+
+
+def _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset):
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).reshape(b * h, lq).contiguous()  # rowsum(dO * O)
+    bm, bn, bd = _blocks(lq, lk, d, q.device)
+    tm, t = _text_mask_arg(text_mask, q.device)
+    scale = 1.0 / math.sqrt(d)
+    dq = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
+    dk = torch.empty(b, lk, h, d, dtype=k.dtype, device=q.device)
+    dv = torch.empty(b, lk, h, d, dtype=v.dtype, device=q.device)
+    common = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=d)
+    args = (scale, lq, lk, num_queries, q_offset, t, h, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3])
+    _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](q, k, v, do, lse, delta, dk, dv, tm, *args, *dk.stride()[:3],
+                                                   **common)
+    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](q, k, v, do, lse, delta, dq, tm, *args, *dq.stride()[:3], **common)
+    return dq, dk, dv
+
+
+# Registered as custom ops so torch.compile treats the kernels as opaque, differentiable ops.
+@torch.library.custom_op("blip2rt::qformer_attention_fwd", mutates_args=())
+def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_mask: torch.Tensor | None,
+                         mode: int, num_queries: int, q_offset: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits=splits)
+
+
+@attention_forward_op.register_fake
+def _(q, k, v, text_mask, mode, num_queries, q_offset, splits):
+    b, lq, h, d = q.shape
+    return q.new_empty(b, lq, h, d), q.new_empty(b * h, lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("blip2rt::qformer_attention_bwd", mutates_args=())
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, text_mask: torch.Tensor | None, mode: int, num_queries: int,
+                          q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset)
+
+
+@attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, text_mask, mode, num_queries, q_offset, _ = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, text_mask)
+    ctx.mode, ctx.num_queries, ctx.q_offset = mode, num_queries, q_offset
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse, text_mask = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset)
+    return dq, dk, dv, None, None, None, None, None
+
+
+attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: int = MODE_NONE,
+                    num_queries: int = 0, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Lq, H, d), k/v (B, Lk, H, d), strided views with a contiguous last dim -> (B, Lq, H, d).
+
+    For self-attention, the rows are the last Lq of the Lk positions (a cached past comes first).
+    Without grad, the keys may be split across programs to fill the GPU.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"fused_attention: {name} needs a contiguous last dimension, got strides {t.stride()}")
+    q_offset = k.shape[1] - q.shape[1] if mode != MODE_NONE else 0
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    b, lq, h, _ = q.shape
+    bm, bn, _ = _blocks(lq, k.shape[1], q.shape[-1], q.device)
+    splits = 1 if needs_grad else _num_splits(b * h, triton.cdiv(lq, bm), k.shape[1], bn, q.device)
+    return attention_forward_op(q, k, v, text_mask, mode, num_queries, q_offset, splits)[0]

@@ -1,0 +1,137 @@
+"""Fused Q-Former attention (Triton interpreter on CPU) against the reference and float64."""
+
+import pytest
+import torch
+
+import blip2rt
+from blip2rt import kernels
+from blip2rt.kernels import AttentionMode
+from blip2rt.kernels.fused_attention import _launch_forward
+from tolerances import assert_matches
+
+DTYPES = [torch.float32, torch.float16]
+IDS = ["fp32", "fp16"]
+H, D = 2, 32
+
+
+def qkv(b, lq, lk, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, H, D, generator=g).to(dtype).requires_grad_() for n in (lq, lk, lk)]
+
+
+def run(fn, leaves, g):
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, g)
+
+
+def compare(fused_fn, ref_fn, b, lq, lk, dtype, seed=0):
+    leaves = qkv(b, lq, lk, dtype, seed)
+    g = torch.randn(b, lq, H, D, generator=torch.Generator().manual_seed(seed + 1))
+    o, gr = run(fused_fn, leaves, g.to(dtype))
+    oe, ge = run(ref_fn, [t.detach().requires_grad_() for t in leaves], g.to(dtype))
+    o64, g64 = run(ref_fn, [t.detach().double().requires_grad_() for t in leaves], g.double())
+    assert o.shape == (b, lq, H, D) and o.dtype == dtype
+    assert_matches(o, oe, o64, dtype, "out")
+    for name, a, e, r in zip(("dq", "dk", "dv"), gr, ge, g64):
+        assert_matches(a, e, r, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("n", [1, 5, 257, 300])
+def test_cross_attention(n, b, dtype):
+    nq = 32 if n != 300 else 7  # queries against image tokens
+    compare(lambda q, k, v: kernels.qformer_cross_attention(q, k, v, backend="triton"),
+            lambda q, k, v: kernels.qformer_cross_attention(q, k, v, backend="torch"), b, nq, n, dtype, seed=n)
+
+
+def ragged_mask(b, t):
+    """Right-padded text of lengths t, t-2, 1, ... (what a BERT tokenizer gives)."""
+    lengths = [max(1, t - 2 * i) for i in range(b)]
+    return torch.tensor([[1] * n + [0] * (t - n) for n in lengths])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("mode", list(AttentionMode))
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("t", [1, 7, 32])
+def test_self_attention_every_mode(t, b, mode, dtype):
+    nq = 8
+    mask = ragged_mask(b, t)
+
+    def call(backend):
+        return lambda q, k, v: kernels.qformer_self_attention(q, k, v, num_queries=nq, text_mask=mask, mode=mode,
+                                                              backend=backend)
+
+    compare(call("triton"), call("torch"), b, nq + t, nq + t, dtype, seed=t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_self_attention_with_cached_query_past(dtype):
+    """ITG: rows are the text only, keys are [cached queries ; text]."""
+    nq, t, b = 8, 7, 3
+    mask = ragged_mask(b, t)
+
+    def call(backend):
+        return lambda q, k, v: kernels.qformer_self_attention(q, k, v, num_queries=nq, text_mask=mask,
+                                                              mode=AttentionMode.MULTIMODAL_CAUSAL, backend=backend)
+
+    compare(call("triton"), call("torch"), b, t, nq + t, dtype)
+
+
+def test_queries_only_and_text_only_passes():
+    for nq, t in [(8, 0), (0, 9)]:
+        mask = None if t == 0 else ragged_mask(2, t)
+
+        def call(backend):
+            return lambda q, k, v: kernels.qformer_self_attention(q, k, v, num_queries=nq, text_mask=mask,
+                                                                  mode=AttentionMode.BIDIRECTIONAL, backend=backend)
+
+        compare(call("triton"), call("torch"), 2, nq + t, nq + t, torch.float32)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_split_kv_forward_equals_one_pass(splits):
+    q, k, v = (t.detach() for t in qkv(1, 32, 257, torch.float32))
+    whole, lse = _launch_forward(q, k, v, 0, 0, 0, None, splits=1)
+    split, lse_split = _launch_forward(q, k, v, 0, 0, 0, None, splits=splits)
+    torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse_split, lse, atol=1e-5, rtol=1e-5)
+
+
+def test_reads_strided_views_of_packed_kv():
+    """K/V are read in place from a packed (B, N, layers, 2, H, d) buffer: no copies needed."""
+    packed = torch.randn(2, 13, 3, 2, H, D)
+    q = torch.randn(2, 32, H, D)
+    k, v = packed[:, :, 1, 0], packed[:, :, 1, 1]
+    assert not k.is_contiguous()
+    out = kernels.qformer_cross_attention(q, k, v, backend="triton")
+    ref = kernels.qformer_cross_attention(q, k.contiguous(), v.contiguous(), backend="torch")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_image_kv_matches_per_layer_projections_and_follows_weight_updates():
+    m = blip2rt.from_pretrained("tiny", device="cpu")
+    img = torch.randn(3, 17, 48)
+    kv = m.qformer.image_kv(img)
+    for j, layer in enumerate(m.qformer.cross_layers()):
+        ca = layer.crossattention.attention
+        k, v = kv.layer(j)
+        torch.testing.assert_close(k.reshape(3, 17, -1), ca.key(img), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(v.reshape(3, 17, -1), ca.value(img), atol=1e-6, rtol=1e-6)
+    idx = torch.tensor([2, 0, 2])
+    torch.testing.assert_close(kv.take(idx).packed, m.qformer.image_kv(img[idx]).packed, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # an in-place update (an optimiser step) must invalidate the inference cache
+        m.qformer.cross_layers()[0].crossattention.attention.value.weight.add_(1.0)
+        after = m.qformer.image_kv(img)
+    assert not torch.allclose(after.layer(0)[1], kv.layer(0)[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_traces_the_qformer(backend):
+    """fullgraph: the fused kernels are custom ops, so dynamo traces through without breaks."""
+    m = blip2rt.from_pretrained("tiny", device="cpu", kernels=backend)
+    px = torch.randn(2, 3, 56, 56)
+    embeds = m.image_embeds(px).detach()
+    compiled = torch.compile(m.query_output, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(embeds), m.query_output(embeds), atol=1e-5, rtol=1e-5)
