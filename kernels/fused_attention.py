@@ -50,6 +50,13 @@ def _allowed(rows, cols, Lk, NQ, TM, b, T, MODE: tl.constexpr, HAS_TEXT_MASK: tl
 
 
 @triton.jit
+def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
+    """(len(offs), BLOCK_D) tile of head h of sample b from a (B, L, H, d) strided tensor; 0 outside."""
+    return tl.load(PTR + b.to(tl.int64) * s_b + offs[:, None] * s_n + h * s_h + offs_d[None, :],
+                   mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
                 sm_scale, Lq, Lk, NQ, q_offset, T, H, keys_per_split,
                 s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_om, s_oh,
@@ -64,8 +71,7 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < HEAD_DIM
     mm = offs_m < Lq
-    q = tl.load(Q + b.to(tl.int64) * s_qb + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
-                mask=mm[:, None] & md[None, :], other=0.0)
+    q = _load_tile(Q, b, offs_m, h, s_qb, s_qm, s_qh, offs_d, mm, md)
     rows = q_offset + offs_m
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -75,8 +81,7 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
     for start_n in range(k_start, k_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mn = offs_n < k_end
-        k = tl.load(K + b.to(tl.int64) * s_kb + offs_n[:, None] * s_kn + h * s_kh + offs_d[None, :],
-                    mask=mn[:, None] & md[None, :], other=0.0)
+        k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
         s = tl.dot(q, tl.trans(k)) * sm_scale
         ok = _allowed(rows, offs_n, k_end, NQ, TM, b, T, MODE, HAS_TEXT_MASK)
         s = tl.where(ok, s, float("-inf"))
@@ -85,8 +90,7 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + b.to(tl.int64) * s_vb + offs_n[:, None] * s_vn + h * s_vh + offs_d[None, :],
-                    mask=mn[:, None] & md[None, :], other=0.0)
+        v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     if SPLIT:
@@ -117,19 +121,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < HEAD_DIM
     mn = offs_n < Lk
-    k = tl.load(K + b.to(tl.int64) * s_kb + offs_n[:, None] * s_kn + h * s_kh + offs_d[None, :],
-                mask=mn[:, None] & md[None, :], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * s_vb + offs_n[:, None] * s_vn + h * s_vh + offs_d[None, :],
-                mask=mn[:, None] & md[None, :], other=0.0)
+    k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
+    v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mm = offs_m < Lq
-        q = tl.load(Q + b.to(tl.int64) * s_qb + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
-                    mask=mm[:, None] & md[None, :], other=0.0)
-        do = tl.load(DO + b.to(tl.int64) * s_dob + offs_m[:, None] * s_dom + h * s_doh + offs_d[None, :],
-                     mask=mm[:, None] & md[None, :], other=0.0)
+        q = _load_tile(Q, b, offs_m, h, s_qb, s_qm, s_qh, offs_d, mm, md)
+        do = _load_tile(DO, b, offs_m, h, s_dob, s_dom, s_doh, offs_d, mm, md)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
         s = tl.dot(q, tl.trans(k)) * sm_scale
@@ -158,20 +158,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TM,
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < HEAD_DIM
     mm = offs_m < Lq
-    q = tl.load(Q + b.to(tl.int64) * s_qb + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
-                mask=mm[:, None] & md[None, :], other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * s_dob + offs_m[:, None] * s_dom + h * s_doh + offs_d[None, :],
-                 mask=mm[:, None] & md[None, :], other=0.0)
+    q = _load_tile(Q, b, offs_m, h, s_qb, s_qm, s_qh, offs_d, mm, md)
+    do = _load_tile(DO, b, offs_m, h, s_dob, s_dom, s_doh, offs_d, mm, md)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mn = offs_n < Lk
-        k = tl.load(K + b.to(tl.int64) * s_kb + offs_n[:, None] * s_kn + h * s_kh + offs_d[None, :],
-                    mask=mn[:, None] & md[None, :], other=0.0)
-        v = tl.load(V + b.to(tl.int64) * s_vb + offs_n[:, None] * s_vn + h * s_vh + offs_d[None, :],
-                    mask=mn[:, None] & md[None, :], other=0.0)
+        k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
+        v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
         s = tl.dot(q, tl.trans(k)) * sm_scale
         ok = _allowed(q_offset + offs_m, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)

@@ -17,3 +17,21 @@ def test_case_runs(op, impl):
     case = CASES[op](impl, torch.device("cpu"), torch.float32, **TINY_SHAPES[op])
     case.step()
     case.step()  # twice: grads are cleared between steps
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["cross", "self"])
+def test_attention_case_runs(kind, impl):
+    from attention_cases import attention_case
+
+    step = attention_case(kind, impl, torch.device("cpu"), torch.float32, batch=2, heads=2, head_dim=16,
+                          queries=4, image_tokens=9, text=5, backward=True)
+    step()
+    step()
+
+
+@pytest.mark.parametrize("impl", ["fused", "torch", "transformers"])
+def test_qformer_forward_case_runs(impl):
+    from attention_cases import qformer_forward_case
+
+    qformer_forward_case(impl, torch.device("cpu"), torch.float32, "tiny", batch=1)()

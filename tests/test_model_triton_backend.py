@@ -72,3 +72,48 @@ def test_chunked_ce_serves_the_itg_head():
     torch.testing.assert_close(fused, eager, atol=1e-5, rtol=1e-5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ref_name", ["hf_opt", "hf_t5"])
+def test_generate_with_triton_matches_transformers(ref_name, request):
+    ref = request.getfixturevalue(ref_name)
+    m = blip2rt.from_pretrained(ref.folder, device="cpu", kernels="triton")
+    cfg = ref.model.config.text_config
+    px = pixels(3, seed=3)
+    ids, mask = left_padded_prompts([3, 8, 5], cfg.pad_token_id, 5 if ref.kind == "t5" else cfg.bos_token_id, seed=3)
+    if ref.kind == "t5":
+        ids, mask = ids.flip(1), mask.flip(1)
+    gen = dict(max_new_tokens=10, min_new_tokens=10)
+    hf_ids, hf_mask = hf_prompt_inputs(ids, mask)
+    with torch.no_grad():
+        want = ref.model.generate(pixel_values=px, input_ids=hf_ids, attention_mask=hf_mask, **gen)
+    want = want[:, 1:] if ref.kind == "t5" else want[:, hf_ids.shape[1]:]
+    assert torch.equal(m.generate(px, ids, mask, **gen), want)
+
+
+def test_itc_with_triton(hf_retrieval):
+    m = blip2rt.from_pretrained(hf_retrieval.folder, device="cpu", kernels="triton")
+    px = pixels(2, seed=8)
+    ids, mask = qformer_batch(5, 7, seed=1)
+    with torch.no_grad():
+        want = hf_retrieval.model(pixel_values=px, input_ids=ids, attention_mask=mask,
+                                  use_image_text_matching_head=False).logits_per_image
+    torch.testing.assert_close(m.itc(px, {"input_ids": ids, "attention_mask": mask}), want, atol=1e-5, rtol=1e-5)
+
+
+def test_itg_cached_past_with_triton_equals_joint_pass():
+    from blip2rt.kernels import AttentionMode
+
+    m = blip2rt.from_pretrained("tiny", device="cpu", kernels="triton")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 40, (2, 6), generator=g)
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    with torch.no_grad():
+        img = m.image_embeds(torch.randn(2, 3, 56, 56, generator=g))
+        queries = m.query_tokens.expand(2, -1, -1)
+        joint, _ = m.qformer(torch.cat([queries, m.embeddings(ids)], 1), num_queries=8, text_mask=mask,
+                             mode=AttentionMode.MULTIMODAL_CAUSAL, image_embeds=img)
+        _, past = m.qformer(queries, num_queries=8, image_embeds=img)
+        text, _ = m.qformer(m.embeddings(ids), num_queries=8, text_mask=mask, mode=AttentionMode.MULTIMODAL_CAUSAL,
+                            past=past)
+    torch.testing.assert_close(text, joint[:, 8:], atol=1e-5, rtol=1e-5)

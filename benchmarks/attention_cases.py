@@ -1,0 +1,101 @@
+"""Q-Former attention cases: fused (Triton) vs eager (matmul-softmax-matmul with a materialised
+mask, as BERT/LAVIS run it) vs PyTorch SDPA, and the whole Q-Former forward at B = 1.
+
+Shared by the GPU benchmarks (paper shapes) and a CPU smoke test (tiny shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from blip2rt import kernels
+from blip2rt.kernels import AttentionMode, qformer_attention_bias
+
+PAPER = dict(heads=12, head_dim=64, queries=32, image_tokens=257, text=32)
+
+
+def eager_attention(q, k, v, bias=None):
+    """(B, L, H, d) in, out; the way BERT computes it, with an explicit (B, 1, L, K) additive mask."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def sdpa_attention(q, k, v, bias=None):
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+
+
+def attention_case(kind: str, impl: str, device, dtype, batch: int, heads: int, head_dim: int, queries: int,
+                   image_tokens: int, text: int, backward: bool) -> Callable[[], None]:
+    """kind: "cross" (queries x image tokens) or "self" (multimodal-causal over [queries ; ragged text])."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lq = queries if kind == "cross" else queries + text
+    lk = image_tokens if kind == "cross" else lq
+    q, k, v = (torch.randn(batch, n, heads, head_dim, generator=g).to(device, dtype).requires_grad_(backward)
+               for n in (lq, lk, lk))
+    text_mask = None
+    bias = None
+    if kind == "self":
+        lengths = torch.randint(text // 2, text + 1, (batch,), generator=g)
+        text_mask = (torch.arange(text)[None] < lengths[:, None]).long().to(device)
+        if impl != "fused":
+            bias = qformer_attention_bias(queries, text_mask, AttentionMode.MULTIMODAL_CAUSAL, lq, dtype, batch, device)
+
+    def forward():
+        if impl == "fused":
+            if kind == "cross":
+                return kernels.qformer_cross_attention(q, k, v, backend="triton")
+            return kernels.qformer_self_attention(q, k, v, num_queries=queries, text_mask=text_mask,
+                                                  mode=AttentionMode.MULTIMODAL_CAUSAL, backend="triton")
+        return (eager_attention if impl == "eager" else sdpa_attention)(q, k, v, bias)
+
+    dout = torch.randn(batch, lq, heads, head_dim, generator=g).to(device, dtype)
+
+    def step():
+        if backward:
+            q.grad = k.grad = v.grad = None
+            forward().backward(dout)
+        else:
+            with torch.no_grad():
+                forward()
+
+    return step
+
+
+def qformer_forward_case(impl: str, device, dtype, preset: str, batch: int) -> Callable[[], None]:
+    """The Q-Former forward (queries x image tokens) at inference, B images:
+    "fused" = packed K/V + fused attention; "torch" = blip2rt's reference path; "transformers" =
+    transformers' Blip2QFormerModel (per-layer K/V, its own attention) at the same shapes."""
+    import blip2rt
+
+    cfg = blip2rt.preset_config(preset)
+    n = cfg.vision_config.num_patches + 1
+    embeds = torch.randn(batch, n, cfg.vision_config.hidden_size, device=device, dtype=dtype)
+    if impl == "transformers":
+        import dataclasses
+
+        from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+        qcfg = Blip2QFormerConfig(**dataclasses.asdict(cfg.qformer_config))
+        qformer = Blip2QFormerModel(qcfg).to(device, dtype).eval()
+        queries = torch.randn(batch, cfg.num_query_tokens, qcfg.hidden_size, device=device, dtype=dtype)
+        mask = torch.ones(batch, n, dtype=torch.long, device=device)
+
+        def step():
+            with torch.no_grad():
+                qformer(query_embeds=queries, encoder_hidden_states=embeds, encoder_attention_mask=mask)
+
+        return step
+    model = blip2rt.from_pretrained(preset, device=device, dtype=dtype, trainable_dtype=dtype,
+                                    kernels="triton" if impl == "fused" else "torch")
+
+    def step():
+        with torch.no_grad():
+            model.query_output(embeds)
+
+    return step
