@@ -22,7 +22,7 @@ from .config import Blip2Config
 from .errors import InputError
 from .images import ImageInput, pixel_values as images_to_pixels
 from .llm import attention_implementation, build_language_model
-from .qformer import QFormer, QFormerLMHead, QFormerTextEmbeddings
+from .qformer import ImageKV, QFormer, QFormerLMHead, QFormerTextEmbeddings
 from .vision import VisionTransformer
 
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
@@ -274,15 +274,16 @@ class Blip2(nn.Module):
 
     # ---- retrieval: ITM and ITC -----------------------------------------------------------
 
-    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, N, Dv), (B, T) -> (B, 2): ITM head averaged over the queries, bidirectional mask."""
+    def itm_logits(self, image_embeds: torch.Tensor | None, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, image_kv: ImageKV | None = None) -> torch.Tensor:
+        """(B, N, Dv) (or their packed K/V), (B, T) -> (B, 2): ITM head averaged over the queries,
+        bidirectional mask."""
         self._need_text_heads("itm")
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
         text = self.embeddings(input_ids).to(queries.dtype)
         x = torch.cat([queries, text], dim=1)
         out, _ = self.qformer(x, num_queries=queries.shape[1], text_mask=attention_mask,
-                              mode=AttentionMode.BIDIRECTIONAL, image_embeds=image_embeds)
+                              mode=AttentionMode.BIDIRECTIONAL, image_embeds=image_embeds, image_kv=image_kv)
         return self.itm_head(out[:, : queries.shape[1]]).mean(dim=1)
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,10 @@ class ImageKV:
         """The rows of another batch, e.g. hard-negative images: (len(index), N, ...)."""
         return ImageKV(self.packed.index_select(0, index))
 
+    @staticmethod
+    def cat(parts: list["ImageKV"]) -> "ImageKV":
+        return ImageKV(torch.cat([p.packed for p in parts]))
+
 
 class QFormerMultiHeadAttention(nn.Module):
     def __init__(self, cfg: QFormerConfig, is_cross_attention: bool = False):
