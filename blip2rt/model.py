@@ -156,9 +156,12 @@ class Blip2(nn.Module):
 
     # ---- LLM side -------------------------------------------------------------------------
 
-    def _llm_inputs(self, pixel_values, input_ids, attention_mask):
+    def _llm_inputs(self, pixel_values, input_ids, attention_mask, image_embeds=None):
         """[soft prompt ; prompt embeddings] (B, Q + T, W) and its mask (B, Q + T)."""
-        prompt = self.soft_prompt(pixel_values)
+        if image_embeds is None:
+            prompt = self.soft_prompt(pixel_values)
+        else:  # image tokens after ln_vision, e.g. from cached frozen features
+            prompt = self.language_projection(self.query_output(image_embeds)).to(self.language_model.dtype)
         b, q = prompt.shape[:2]
         if input_ids is None:
             input_ids = self._default_prompt_ids(b)
@@ -182,16 +185,17 @@ class Blip2(nn.Module):
 
     def forward(
         self,
-        pixel_values: torch.Tensor,  # (B, 3, H, W)
+        pixel_values: torch.Tensor | None,  # (B, 3, H, W); or image_embeds
         input_ids: torch.Tensor,  # (B, T) LLM ids of the text, no image placeholders
         attention_mask: torch.Tensor | None = None,  # (B, T)
         labels: torch.Tensor | None = None,  # decoder-only: (B, T) aligned with input_ids; T5: target ids
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,  # (B, N, Dv) after ln_vision, instead of pixel_values
     ) -> Blip2Output:
         """LM loss of the text behind the soft prompt (query positions never count)."""
         self._need_llm("forward")
-        embeds, mask, _ = self._llm_inputs(pixel_values, input_ids, attention_mask)
+        embeds, mask, _ = self._llm_inputs(pixel_values, input_ids, attention_mask, image_embeds)
         if self.config.is_encoder_decoder:
             out = self.language_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
                                       decoder_attention_mask=decoder_attention_mask, labels=labels)

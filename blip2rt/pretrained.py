@@ -94,12 +94,12 @@ def _build(path: Path, path_or_preset, config, frozen_dtype: torch.dtype) -> tup
         has_hf_weights = any((path / n).exists() for n in ("model.safetensors", "model.safetensors.index.json",
                                                             "pytorch_model.bin", "pytorch_model.bin.index.json"))
         if has_hf_weights:
-            _load_state(model, read_hf_folder(path), str(path))
+            apply_state(model, read_hf_folder(path), str(path))
         if lavis_files:
             if len(lavis_files) > 1:
                 raise CheckpointError(f"{path} holds several .pth files ({', '.join(f.name for f in lavis_files)}); "
                                       "pass the one to load as path_or_preset, with config=<this folder>")
-            _load_state(model, read_tensor_file(lavis_files[0]), str(lavis_files[0]), over_base=has_hf_weights)
+            apply_state(model, read_tensor_file(lavis_files[0]), str(lavis_files[0]), over_base=has_hf_weights)
         elif not has_hf_weights:
             raise CheckpointError(f"{path} has a config.json but no weights (model.safetensors, shards, "
                                   "pytorch_model.bin or a LAVIS .pth)")
@@ -109,7 +109,7 @@ def _build(path: Path, path_or_preset, config, frozen_dtype: torch.dtype) -> tup
             raise CheckpointError(f"{path} is a bare weights file; pass config= (a preset name, or a folder with "
                                   "config.json) to say which model it fits")
         model, base_loaded, tokenizer_dir = _base_for(config, frozen_dtype)
-        _load_state(model, read_tensor_file(path), str(path), over_base=base_loaded)
+        apply_state(model, read_tensor_file(path), str(path), over_base=base_loaded)
     elif path.exists():
         raise CheckpointError(f"{path} is neither a checkpoint folder nor a weights file ({', '.join(WEIGHT_SUFFIXES)})")
     else:
@@ -136,22 +136,23 @@ def _base_for(config, frozen_dtype: torch.dtype) -> tuple[Blip2, bool, Path | No
             state = read_hf_folder(cpath)
         except CheckpointError:
             return model, False, cpath  # a config-only folder
-        _load_state(model, state, str(cpath))
+        apply_state(model, state, str(cpath))
         return model, True, cpath
     raise CheckpointError(f"config={config!r} is neither a preset, a config.json, nor a folder")
 
 
-def _load_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_base: bool = False) -> None:
+def apply_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_base: bool = False) -> None:
+    """Loads a state dict (LAVIS or blip2rt names) into `model`; over a base, frozen parts may be absent."""
     lavis = is_lavis_state_dict(state)
     if lavis:
         state = lavis_to_blip2rt(state)
     # LAVIS saves only what trains; the frozen ViT and LLM may come from a base folder.
     allow = model.frozen_prefixes() if over_base else ()
-    stage1 = lavis and any(TEXT_ONLY.match(k) for k in state) and not any(k.startswith("language_projection.") for k in state)
+    stage1 = any(TEXT_ONLY.match(k) for k in state) and not any(k.startswith("language_projection.") for k in state)
     if over_base and stage1 and model.config.with_llm:
         allow += ("language_projection.",)  # a stage-1 checkpoint has none; the base's stays
-    load_weights(model, state, source, allow_missing_prefixes=allow,
-                 drop_text_only=lavis and not model.config.with_text_heads)
+    # a model without the Q-Former text path (stage 2) cannot hold a stage-1 checkpoint's text parts
+    load_weights(model, state, source, allow_missing_prefixes=allow, drop_text_only=not model.config.with_text_heads)
 
 
 def _attach_tokenizers(model: Blip2, folder: Path) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -176,6 +177,7 @@ class QFormer(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.encoder = QFormerEncoder(cfg)
         self.kernel_backend = "torch"  # set by the model from the kernel switch
+        self.gradient_checkpointing = False  # recompute each layer in the backward (training memory)
         self._packed_cache: tuple | None = None
 
     def cross_layers(self) -> list[QFormerLayer]:
@@ -230,8 +232,11 @@ class QFormer(nn.Module):
             if layer.has_cross_attention and image_kv is not None:
                 layer_kv = image_kv.layer(j)
             j += layer.has_cross_attention
-            x, kv = layer(x, num_queries, text_mask, mode, layer_kv, None if past is None else past[i],
-                          self.kernel_backend)
+            args = (x, num_queries, text_mask, mode, layer_kv, None if past is None else past[i], self.kernel_backend)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, kv = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x, kv = layer(*args)
             present.append(kv)
         return x, present
 

@@ -10,7 +10,7 @@ cross-entropy runs in torch on the small (B, B_all) matrix.
 
 Distributed (DESIGN.md §2): each rank scores its B images against all gathered texts and its B
 texts against all gathered images; the gathered copies carry no gradient, and the targets are
-`rank * B + arange(B)`. Single process: the same features on both sides, with gradient.
+`offset + arange(B)` (offset = rank * B for equal batches). Single process: the same features on both sides, with gradient.
 
 NaN contract: a NaN in the features makes the similarities it touches NaN (the running max keeps
 a NaN once seen) and so the loss NaN; it is never skipped by the max.
@@ -177,7 +177,7 @@ def itc_loss(
     *,
     img_all: torch.Tensor | None = None,  # (B * world, Q, D) gathered; None: single process
     txt_all: torch.Tensor | None = None,  # (B * world, D) gathered
-    rank: int = 0,
+    offset: int = 0,  # where this rank's rows start among the gathered ones (rank * B for equal batches)
     image_ids: torch.Tensor | None = None,  # (B,) for soft targets on multi-caption data
     image_ids_all: torch.Tensor | None = None,  # (B * world,)
     label_smoothing: float = 0.1,
@@ -195,7 +195,7 @@ def itc_loss(
         sim_i2t = qmax(img, txt_all.detach()) / temp  # (B, B_all)
         sim_t2i = qmax(img_all.detach(), txt).t() / temp  # (B, B_all)
     if image_ids is None:
-        targets = torch.arange(rank * b, rank * b + b, device=img.device)
+        targets = torch.arange(offset, offset + b, device=img.device)
         loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
                 + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)) / 2
     else:

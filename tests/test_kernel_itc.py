@@ -69,7 +69,7 @@ def test_itc_loss_two_ranks():
     rank = 1
     img_local = img.detach()[rank * b:(rank + 1) * b].clone().requires_grad_()
     txt_local = txt.detach()[rank * b:(rank + 1) * b].clone().requires_grad_()
-    loss, s_i2t, s_t2i = itc_loss(img_local, txt_local, temp, img_all=img.detach(), txt_all=txt.detach(), rank=rank)
+    loss, s_i2t, s_t2i = itc_loss(img_local, txt_local, temp, img_all=img.detach(), txt_all=txt.detach(), offset=rank * b)
     assert s_i2t.shape == s_t2i.shape == (b, 2 * b)
     grads = torch.autograd.grad(loss, (img_local, txt_local, temp))
 

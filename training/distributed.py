@@ -34,32 +34,53 @@ def init_from_env(device_type: str) -> bool:
     return True
 
 
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (B * world, ...), rank order; no gradient through the gathered copies."""
+def batch_sizes(b: int, device) -> list[int]:
+    """Every rank's batch size (they differ when unreadable images were skipped)."""
+    if not is_distributed():
+        return [b]
+    t = torch.tensor([b], device=device)
+    parts = [torch.zeros_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t)
+    return [int(p) for p in parts]
+
+
+def offset(sizes: list[int]) -> int:
+    """Where this rank's rows start in a gathered batch."""
+    return sum(sizes[: rank()])
+
+
+def _all_gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    pad = max(sizes) - x.shape[0]
+    xp = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+    parts = [torch.empty_like(xp) for _ in sizes]
+    dist.all_gather(parts, xp.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def gather_no_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """(B, ...) -> (sum of B, ...), rank order; no gradient through the gathered copies."""
     if not is_distributed():
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    return torch.cat(parts)
+    sizes = sizes or batch_sizes(x.shape[0], x.device)
+    return _all_gather_padded(x.detach(), sizes)
 
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+    def forward(ctx, x, sizes):
+        ctx.sizes = sizes
+        return _all_gather_padded(x, sizes)
 
     @staticmethod
     def backward(ctx, g):
         g = g.contiguous()
         dist.all_reduce(g)  # every rank's loss contributes to every rank's slice
-        b = g.shape[0] // world_size()
-        return g[rank() * b: (rank() + 1) * b]
+        start = offset(ctx.sizes)
+        return g[start: start + ctx.sizes[rank()]], None
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) -> (B * world, ...), rank order, differentiable back to each rank's own slice."""
+def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """(B, ...) -> (sum of B, ...), rank order, differentiable back to each rank's own slice."""
     if not is_distributed():
         return x
-    return _GatherWithGrad.apply(x)
+    return _GatherWithGrad.apply(x, sizes or batch_sizes(x.shape[0], x.device))

@@ -90,25 +90,30 @@ class Stage1Objective(nn.Module):
         txt_feat = F.normalize(m.text_projection(text_out[:, 0]), dim=-1)  # (B, E)
 
         # ITC against every rank's features (gathered copies carry no gradient, the same in one process)
-        ids_all = None if batch.image_ids is None else D.gather_no_grad(batch.image_ids.to(m.device))
+        with torch.no_grad():
+            m.temp.clamp_(0.001, 0.5)  # as LAVIS: keeps 1/temp bounded
+        sizes = D.batch_sizes(b, m.device)
+        offset = D.offset(sizes)
+        ids_all = None if batch.image_ids is None else D.gather_no_grad(batch.image_ids.to(m.device), sizes)
         loss_itc, sim_i2t, sim_t2i = kernels.itc_loss(
-            img_feats, txt_feat, m.temp, img_all=D.gather_no_grad(img_feats), txt_all=D.gather_no_grad(txt_feat),
-            rank=D.rank(), image_ids=None if batch.image_ids is None else batch.image_ids.to(m.device),
+            img_feats, txt_feat, m.temp, img_all=D.gather_no_grad(img_feats, sizes),
+            txt_all=D.gather_no_grad(txt_feat, sizes), offset=offset,
+            image_ids=None if batch.image_ids is None else batch.image_ids.to(m.device),
             image_ids_all=ids_all, label_smoothing=ITC_LABEL_SMOOTHING, backend=backend)
 
         # ITM: pos, (neg image, pos text), (pos image, neg text)
         if ids_all is None:
             positives = torch.zeros_like(sim_i2t, dtype=torch.bool)
-            positives[torch.arange(b), D.rank() * b + torch.arange(b)] = True
+            positives[torch.arange(b), offset + torch.arange(b)] = True
         else:
             positives = batch.image_ids.to(m.device)[:, None] == ids_all[None, :]
         neg_image, neg_text = negatives if negatives is not None else sample_hard_negatives(sim_i2t, sim_t2i, positives)
         if D.world_size() == 1:
             kv_neg = image_kv.take(neg_image)
         else:
-            kv_neg = m.qformer.image_kv(D.gather_with_grad(embeds)[neg_image])
+            kv_neg = m.qformer.image_kv(D.gather_with_grad(embeds, sizes)[neg_image])
         kv_itm = ImageKV.cat([image_kv, kv_neg, image_kv])
-        ids_world, mask_world = D.gather_no_grad(ids), D.gather_no_grad(mask)
+        ids_world, mask_world = D.gather_no_grad(ids, sizes), D.gather_no_grad(mask, sizes)
         itm_ids = torch.cat([ids, ids, ids_world[neg_text]])
         itm_mask = torch.cat([mask, mask, mask_world[neg_text]])
         itm_logits = m.itm_logits(None, itm_ids, itm_mask, image_kv=kv_itm)  # (3B, 2)

@@ -1,0 +1,132 @@
+"""Training configuration: a dataclass, read from a JSON or TOML file, with `--key value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from blip2rt.errors import Blip2rtError
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1  # 1: ITC + ITM + ITG against the frozen ViT; 2: generative, through the frozen LLM
+    model: str = "tiny"  # preset, Hugging Face Blip2 folder, or weights file (with model_config)
+    model_config: str | None = None  # for a bare weights file: a preset or a folder with config.json
+    init: str | None = None  # stage 2: a stage-1 checkpoint folder (its trainable weights start the Q-Former)
+    annotations: list[str] = field(default_factory=list)  # JSON files of {"image", "caption", "image_id"}
+    image_root: str = "."
+    shards: list[str] = field(default_factory=list)  # WebDataset .tar files, instead of annotations
+    out_dir: str = "runs/blip2rt"
+    batch_size: int = 32  # per process
+    grad_accum: int = 1
+    max_steps: int = 1000  # optimiser steps
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 2000  # paper: 2k (LAVIS stage 1: 5k)
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
+    frozen_dtype: str = "auto"  # the frozen ViT / LLM: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    kernels: str = "auto"
+    activation_checkpointing: bool = False
+    fsdp: bool = False  # shard the frozen LLM across processes (stage 2, when it does not fit one GPU)
+    augment: bool = True
+    cache_features: bool = False  # needs augment = false: frozen ViT features computed once
+    max_words: int = 50
+    max_text_len: int = 32
+    prompt: str = ""  # stage 2: text before the caption (not predicted)
+    image_size: int | None = None  # default: the model's
+    num_workers: int = 2
+    seed: int = 42
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before training stops
+    resume: bool = True  # continue from out_dir's latest checkpoint if there is one
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2):
+            raise Blip2rtError(f"stage must be 1 or 2, got {self.stage}")
+        if not self.annotations and not self.shards:
+            raise Blip2rtError("no training data: set annotations (JSON files) or shards (WebDataset .tar files)")
+        if self.cache_features and self.augment:
+            raise Blip2rtError("cache_features needs augment = false: augmented images change every epoch")
+        if self.cache_features and self.shards:
+            raise Blip2rtError("cache_features works with annotations, not shards")
+        for name in ("batch_size", "grad_accum", "max_steps"):
+            if getattr(self, name) < 1:
+                raise Blip2rtError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise Blip2rtError(f"amp must be auto, bf16, fp16 or none, got {self.amp!r}")
+
+
+def load_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
+    """A config file (JSON or TOML) plus `--key value` overrides (`--key=value` works too)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise Blip2rtError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            data = _toml(text) if path.suffix == ".toml" else json.loads(text)
+        except (ValueError, TypeError) as e:
+            raise Blip2rtError(f"config file {path} could not be parsed ({e})") from None
+    hints = get_type_hints(TrainConfig)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise Blip2rtError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--"):
+            raise Blip2rtError(f"expected --key value, got {arg!r}")
+        key, _, value = arg[2:].partition("=")
+        if not _:
+            if i + 1 >= len(overrides):
+                raise Blip2rtError(f"--{key} needs a value")
+            value = overrides[i + 1]
+            i += 1
+        key = key.replace("-", "_")
+        if key not in known:
+            raise Blip2rtError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+        data[key] = _parse(value, hints[key], key)
+        i += 1
+    cfg = TrainConfig(**data)
+    cfg.validate()
+    return cfg
+
+
+def _toml(text: str) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def _parse(value: str, hint, key: str):
+    origin = get_origin(hint)
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if origin is list:
+        return [v for v in value.split(",") if v]
+    target = args[0] if args else hint
+    if value.lower() in ("none", "null") and type(None) in get_args(hint):
+        return None
+    try:
+        if target is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        return target(value)
+    except ValueError:
+        raise Blip2rtError(f"--{key}: {value!r} is not a valid {getattr(target, '__name__', target)}") from None

@@ -1,0 +1,317 @@
+"""The training loop for both stages: DDP, AMP, accumulation, AdamW + warmup/cosine, clipping,
+non-finite skipping, atomic checkpoints with exact resume, and logging.
+
+Launch: `blip2rt train stage1|stage2 --config FILE`, or under `torchrun --nproc-per-node N -m
+blip2rt train ...` (NCCL on GPUs, gloo on CPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import blip2rt
+from blip2rt.errors import Blip2rtError
+from blip2rt.pretrained import DTYPES, apply_state
+
+from . import distributed as D
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import CaptionDataset, ResumableSampler, ShardDataset, Stage1Collate, Stage2Collate
+from .feature_cache import FeatureCache
+from .stage1 import Stage1Objective
+from .stage2 import Stage2Objective
+
+log = logging.getLogger(__name__)
+
+STAGE1_TRAINABLE = ("vision_model.post_layernorm.", "query_tokens", "qformer.", "embeddings.", "vision_projection.",
+                    "text_projection.", "itm_head.", "temp", "itg_head.")
+STAGE2_TRAINABLE = ("vision_model.post_layernorm.", "query_tokens", "qformer.", "language_projection.")
+QFORMER_TEXT_FFN = (".intermediate.", ".output.")  # text-only layers of the Q-Former: unused in stage 2
+
+
+class NonFiniteLossError(Blip2rtError):
+    pass
+
+
+def set_trainable(model: nn.Module, stage: int) -> list[str]:
+    """Freezes everything but what the stage trains (BLIP-2 §3); returns the trainable names."""
+    prefixes = STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
+    names = []
+    for name, p in model.named_parameters():
+        train = name.startswith(prefixes)
+        if stage == 2 and name.startswith("qformer.encoder.layer.") and any(t in name for t in QFORMER_TEXT_FFN) \
+                and ".attention." not in name:
+            train = False
+        p.requires_grad_(train)
+        if train:
+            names.append(name)
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases, norms and scalars (LAVIS's rule: ndim < 2)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine down to min_ratio at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, show_progress: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = self._device()
+        D.init_from_env(self.device.type)
+        self.is_main = D.rank() == 0
+        self.show_progress = show_progress and self.is_main
+        self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed + D.rank())
+
+        frozen = DTYPES[cfg.frozen_dtype] if cfg.frozen_dtype != "auto" else None
+        self.model = blip2rt.from_pretrained(cfg.model, device=self.device, dtype=frozen, kernels=cfg.kernels,
+                                             config=cfg.model_config)
+        if cfg.init:
+            init = Path(cfg.init)
+            init_file = init / "trainable.safetensors" if init.is_dir() else init
+            from blip2rt.checkpoint import read_tensor_file
+
+            apply_state(self.model, read_tensor_file(init_file), str(init_file), over_base=True)
+        self.trainable = set_trainable(self.model, cfg.stage)
+        self.model.train()
+        if cfg.activation_checkpointing:
+            self.model.qformer.gradient_checkpointing = True
+
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[
+            cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")]
+        self.objective = self._objective()
+        self.module = self.objective
+        if D.is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.module = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2))
+        ratio = cfg.min_lr / cfg.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.max_steps, ratio))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.dataset, self.sampler, self.loader = self._data()
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.nonfinite_total = self.nonfinite_run = self.skipped_images = 0
+        if cfg.resume:
+            ckpt = latest_checkpoint(self.out_dir)
+            if ckpt is not None:
+                self._restore(load_checkpoint(ckpt, self.model))
+                log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # ---- setup ----------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        if torch.cuda.is_available():
+            import os
+
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return torch.device("cpu")
+
+    def _objective(self) -> nn.Module:
+        m = self.model
+        if self.cfg.stage == 1:
+            tok = m.qformer_tokenizer
+            if tok is None:
+                raise Blip2rtError("stage 1 needs the Q-Former tokenizer (BERT + [DEC]) in the model folder")
+            if "[DEC]" not in tok.get_vocab():
+                tok.add_special_tokens({"bos_token": "[DEC]"})
+            if len(tok) > m.config.qformer_config.vocab_size:
+                raise Blip2rtError(f"the Q-Former tokenizer has {len(tok)} tokens, the Q-Former only "
+                                   f"{m.config.qformer_config.vocab_size}")
+            return Stage1Objective(m, tok.convert_tokens_to_ids("[DEC]"), tok.pad_token_id)
+        if m.tokenizer is None:
+            raise Blip2rtError("stage 2 needs the LLM's tokenizer files in the model folder")
+        return Stage2Objective(m)
+
+    def _data(self):
+        cfg, m = self.cfg, self.model
+        size = cfg.image_size or m.config.vision_config.image_size
+        if cfg.stage == 1:
+            collate = Stage1Collate(m.qformer_tokenizer, cfg.max_text_len)
+        else:
+            suffix = "\n" if m.config.text_config["model_type"] == "opt" else None  # LAVIS ends OPT text at "\n"
+            collate = Stage2Collate(m.tokenizer, m.config.is_encoder_decoder, cfg.max_text_len, cfg.prompt, suffix)
+        if cfg.shards:
+            ds = ShardDataset(cfg.shards, size, cfg.augment, cfg.max_words, cfg.seed, D.rank(), D.world_size())
+            loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate,
+                                                 num_workers=cfg.num_workers)
+            return ds, None, loader
+        cache = None
+        if cfg.cache_features:
+            folder = self.out_dir / "feature_cache"
+            if not FeatureCache.exists(folder):
+                from .data import load_annotations
+
+                images = [r["image"] for r in load_annotations(cfg.annotations)]
+                if self.is_main:
+                    FeatureCache.build(m, images, cfg.image_root, folder, show_progress=self.show_progress)
+                if D.is_distributed():
+                    torch.distributed.barrier()
+            cache = FeatureCache(folder)
+        ds = CaptionDataset(cfg.annotations, cfg.image_root, size, cfg.augment, cfg.max_words, cfg.seed, cache)
+        sampler = ResumableSampler(len(ds), cfg.seed, D.rank(), D.world_size())
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.num_workers, drop_last=False)
+        return ds, sampler, loader
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "position": self.position, "nonfinite_total": self.nonfinite_total,
+                "skipped_images": self.skipped_images, "rng": rng_state(), "stage": self.cfg.stage}
+
+    def _restore(self, state: dict) -> None:
+        if state.get("stage") != self.cfg.stage:
+            raise Blip2rtError(f"the checkpoint in {self.out_dir} is from stage {state.get('stage')}, not "
+                               f"stage {self.cfg.stage}; use another out_dir or resume=false")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.nonfinite_total, self.skipped_images = state["nonfinite_total"], state["skipped_images"]
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path | None:
+        path = None
+        if self.is_main:
+            path = save_checkpoint(self.out_dir, self.step, self.model, self._state(), self.cfg.keep_checkpoints)
+        if D.is_distributed():
+            torch.distributed.barrier()
+        return path
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _batches(self):
+        """Endless batches; tracks (epoch, position) so a checkpoint can say where the data stood."""
+        while True:
+            self.dataset.epoch = self.epoch
+            if self.sampler is not None:
+                self.sampler.set_position(self.epoch, self.position)
+            for batch in self.loader:
+                self.position += batch.size + batch.skipped
+                self.skipped_images += batch.skipped
+                if batch.size > 0:
+                    yield batch
+            self.epoch += 1
+            self.position = 0
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        metrics_file = (self.out_dir / "metrics.jsonl").open("a") if self.is_main else None
+        writer = self._tensorboard()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
+                   disable=not self.show_progress, dynamic_ncols=True)
+        batches = self._batches()
+        last = {}
+        t0, samples = time.perf_counter(), 0
+        while self.step < cfg.max_steps:
+            losses: dict[str, float] = {}
+            finite = True
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                samples += batch.size
+                sync = micro == cfg.grad_accum - 1 or not isinstance(self.module, nn.parallel.DistributedDataParallel)
+                ctx = nullcontext() if sync else self.module.no_sync()
+                autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+                with ctx, autocast:
+                    out = self.module(batch.objective_inputs)
+                loss = out["loss"] / cfg.grad_accum
+                finite &= bool(torch.isfinite(loss.detach()))
+                if finite:
+                    with ctx:
+                        self.scaler.scale(loss).backward()
+                for k, v in out.items():
+                    losses[k] = losses.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            finite = self._all_ranks(finite)
+            if finite:
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.model.parameters() if p.requires_grad],
+                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.nonfinite_run = 0
+            else:
+                self.nonfinite_total += 1
+                self.nonfinite_run += 1
+                grad_norm = float("nan")
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.nonfinite_run)
+                if self.nonfinite_run >= cfg.max_nonfinite:
+                    raise NonFiniteLossError(
+                        f"stopping: {self.nonfinite_run} consecutive steps had a non-finite loss (last at step "
+                        f"{self.step}); the last good checkpoint is in {self.out_dir / 'checkpoints'}. Lower the lr, "
+                        "use bf16 instead of fp16, or check the data")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            bar.update(1)
+
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                elapsed = time.perf_counter() - t0
+                last = {"step": self.step, **{k: round(v, 5) for k, v in losses.items()}, "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm, "samples_per_s": round(samples * D.world_size() / max(elapsed, 1e-9), 2),
+                        "skipped_steps": self.nonfinite_total, "skipped_images": self.skipped_images,
+                        "epoch": self.epoch}
+                t0, samples = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{losses['loss']:.4f}", sps=last["samples_per_s"])
+                if metrics_file:
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+                if writer:
+                    for k, v in last.items():
+                        if isinstance(v, (int, float)) and k != "step":
+                            writer.add_scalar(f"train/{k}", v, self.step)
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save()
+        bar.close()
+        if metrics_file:
+            metrics_file.close()
+        if writer:
+            writer.close()
+        return last
+
+    def _all_ranks(self, flag: bool) -> bool:
+        if not D.is_distributed():
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item() > 0)
+
+    def _tensorboard(self):
+        if not self.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
