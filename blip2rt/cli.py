@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(run=_run_retrieve)
 
+    from blip2rt.training.cli import add_eval_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_eval_parser(sub)
+
     p = sub.add_parser("demo", help="run the pipeline end to end on the built-in tiny model",
                        description="Builds the `tiny` preset (random weights), draws a few test images, and runs "
                                    "captioning, VQA and retrieval on them: a smoke run of the whole runtime.")
@@ -207,9 +212,15 @@ def _run_demo(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.run(args)
+        if getattr(args, "accepts_overrides", False):
+            args.run(args, extra)
+        else:
+            args.run(args)
     except Blip2rtError as e:
         print(f"blip2rt {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -118,7 +118,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
     """Loads the trainable weights into `model` and returns the trainer state."""
     path = Path(path)
-    frozen = tuple(n for n, p in model.named_parameters() if not p.requires_grad)  # not saved: they never change
+    frozen = tuple(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)  # not saved
     load_weights(model, read_tensor_file(path / "trainable.safetensors"), str(path), allow_missing_prefixes=frozen)
     try:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=True)

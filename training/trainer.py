@@ -160,7 +160,8 @@ class Trainer:
         if cfg.shards:
             ds = ShardDataset(cfg.shards, size, cfg.augment, cfg.max_words, cfg.seed, D.rank(), D.world_size())
             loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate,
-                                                 num_workers=cfg.num_workers)
+                                                 num_workers=cfg.num_workers,
+                                                 generator=torch.Generator().manual_seed(cfg.seed))
             return ds, None, loader
         cache = None
         if cfg.cache_features:
@@ -176,8 +177,11 @@ class Trainer:
             cache = FeatureCache(folder)
         ds = CaptionDataset(cfg.annotations, cfg.image_root, size, cfg.augment, cfg.max_words, cfg.seed, cache)
         sampler = ResumableSampler(len(ds), cfg.seed, D.rank(), D.world_size())
+        # Its own generator: making an iterator draws a seed, which must not move the global RNG
+        # (dropout, negatives), or a resumed run would diverge from an uninterrupted one.
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate,
-                                             num_workers=cfg.num_workers, drop_last=False)
+                                             num_workers=cfg.num_workers, drop_last=False,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
         return ds, sampler, loader
 
     # ---- state ----------------------------------------------------------------------------
@@ -223,8 +227,10 @@ class Trainer:
             self.epoch += 1
             self.position = 0
 
-    def run(self) -> dict:
+    def run(self, until: int | None = None) -> dict:
+        """Trains to cfg.max_steps (or to step `until`, then saves: a deliberate stop); returns the last metrics."""
         cfg = self.cfg
+        stop = min(cfg.max_steps, until) if until is not None else cfg.max_steps
         metrics_file = (self.out_dir / "metrics.jsonl").open("a") if self.is_main else None
         writer = self._tensorboard()
         from tqdm.auto import tqdm
@@ -234,7 +240,7 @@ class Trainer:
         batches = self._batches()
         last = {}
         t0, samples = time.perf_counter(), 0
-        while self.step < cfg.max_steps:
+        while self.step < stop:
             losses: dict[str, float] = {}
             finite = True
             for micro in range(cfg.grad_accum):
@@ -276,7 +282,7 @@ class Trainer:
             self.step += 1
             bar.update(1)
 
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.log_every == 0 or self.step == stop:
                 elapsed = time.perf_counter() - t0
                 last = {"step": self.step, **{k: round(v, 5) for k, v in losses.items()}, "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm, "samples_per_s": round(samples * D.world_size() / max(elapsed, 1e-9), 2),
@@ -291,7 +297,7 @@ class Trainer:
                     for k, v in last.items():
                         if isinstance(v, (int, float)) and k != "step":
                             writer.add_scalar(f"train/{k}", v, self.step)
-            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.save_every == 0 or self.step == stop:
                 self.save()
         bar.close()
         if metrics_file:

@@ -1,0 +1,149 @@
+"""The training loop: exact resume, kill-safety, non-finite steps, skipped images, both stage-2 paths."""
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip2rt.tokenization import tiny_llm_tokenizer
+from blip2rt.training.checkpoint import latest_checkpoint, trainable_state
+from blip2rt.training.config import TrainConfig
+from blip2rt.training.stage2 import split_for_prefix_lm
+from blip2rt.training.trainer import NonFiniteLossError, Trainer
+from toy_data import make_toy_set
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return root, make_toy_set(root, repeats=1, corrupt=1)
+
+
+def config(toy, out, **kw) -> TrainConfig:
+    root, ann = toy
+    base = dict(stage=1, model="tiny", annotations=[str(ann)], image_root=str(root), out_dir=str(out), batch_size=5,
+                max_steps=8, warmup_steps=2, lr=1e-3, num_workers=0, log_every=1, save_every=100, kernels="torch")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in trainable_state(trainer.model).items()}  # .cpu() on CPU is no copy
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_after_a_stop_is_bit_exact(toy, tmp_path, stage):
+    full = Trainer(config(toy, tmp_path / "full", stage=stage), show_progress=False)
+    full_last = full.run()
+    part = Trainer(config(toy, tmp_path / "part", stage=stage), show_progress=False)
+    part.run(until=3)
+    del part
+    resumed = Trainer(config(toy, tmp_path / "part", stage=stage), show_progress=False)
+    assert resumed.step == 3
+    resumed_last = resumed.run()
+    assert_same_weights(weights(full), weights(resumed))
+    assert resumed_last["loss"] == full_last["loss"]
+
+
+def test_killed_while_checkpointing_resumes_from_the_previous_checkpoint(toy, tmp_path):
+    root, ann = toy
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "blip2rt", "train", "stage1", "--model", "tiny", "--annotations", str(ann),
+           "--image-root", str(root), "--out-dir", str(out), "--batch-size", "5", "--max-steps", "8",
+           "--warmup-steps", "2", "--lr", "1e-3", "--num-workers", "0", "--save-every", "2", "--kernels", "torch"]
+    env = {**os.environ, "BLIP2RT_TEST_SLOW_CHECKPOINT": "2"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = out / "checkpoints" / "step_00000004.tmp"
+    deadline = time.time() + 120
+    while not target.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert target.exists(), "the second checkpoint never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(out).name == "step_00000002"  # the half-written one is ignored (and removed)
+    assert not target.exists()
+    resumed = Trainer(config(toy, out, save_every=2), show_progress=False)
+    assert resumed.step == 2
+    resumed.run()
+    full = Trainer(config(toy, tmp_path / "full", save_every=2), show_progress=False)
+    full.run()
+    assert_same_weights(weights(full), weights(resumed))
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(toy, tmp_path, monkeypatch):
+    t = Trainer(config(toy, tmp_path / "nan", max_nonfinite=3), show_progress=False)
+    original = t.module.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(batch):
+        calls["n"] += 1
+        out = original(batch)
+        if calls["n"] in (2, 4, 5, 6):
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(t.module, "forward", sometimes_nan)
+    t.run(until=1)
+    before = weights(t)
+    t.run(until=2)  # call 2: NaN, the step is skipped
+    assert_same_weights(before, weights(t))
+    assert t.nonfinite_total == 1
+    t.run(until=3)  # a good step applies
+    assert not torch.equal(before["query_tokens"], weights(t)["query_tokens"])
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        t.run()
+
+
+def test_corrupt_images_are_skipped_and_counted(toy, tmp_path):
+    t = Trainer(config(toy, tmp_path / "corrupt", max_steps=6), show_progress=False)
+    last = t.run()
+    assert last["skipped_images"] >= 1 and t.epoch >= 1  # a full epoch passed the broken file
+    lines = (tmp_path / "corrupt" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+
+
+def test_prefix_lm_split():
+    rng = random.Random(0)
+    for caption in ["a red circle on white", "two words", "single"]:
+        for _ in range(20):
+            prefix, suffix = split_for_prefix_lm(caption, rng)
+            assert suffix and (prefix + " " + suffix).strip() == caption
+            if len(caption.split()) > 1:
+                assert prefix
+    splits = {split_for_prefix_lm("a b c d e", rng)[0] for _ in range(200)}
+    assert splits == {"a", "a b", "a b c", "a b c d"}  # every split point is drawn
+
+
+def test_stage2_encoder_decoder_trains(toy, tmp_path, hf_t5):
+    model_dir = tmp_path / "t5"
+    shutil.copytree(hf_t5.folder, model_dir)
+    tiny_llm_tokenizer().save_pretrained(model_dir)
+    t = Trainer(config(toy, tmp_path / "t5run", stage=2, model=str(model_dir), max_steps=6), show_progress=False)
+    assert t.model.config.is_encoder_decoder
+    first = t.run(until=1)["loss"]
+    last = t.run()["loss"]
+    assert torch.isfinite(torch.tensor(last)) and last != first
+
+
+def test_stage2_initialised_from_stage1(toy, tmp_path):
+    s1 = Trainer(config(toy, tmp_path / "s1", max_steps=3), show_progress=False)
+    s1.run()
+    ckpt = latest_checkpoint(tmp_path / "s1")
+    s2 = Trainer(config(toy, tmp_path / "s2", stage=2, init=str(ckpt)), show_progress=False)
+    torch.testing.assert_close(s2.model.query_tokens, s1.model.query_tokens, rtol=0, atol=0)
+    q = "qformer.encoder.layer.0.attention.attention.query.weight"
+    torch.testing.assert_close(s2.model.get_parameter(q), s1.model.get_parameter(q), rtol=0, atol=0)
+    assert not s2.model.itm_head.weight.requires_grad  # stage 2 trains no text head

@@ -1,0 +1,117 @@
+"""Evaluation: image-text retrieval (stage 1), captioning and zero-shot VQA (stage 2).
+
+- Retrieval (BLIP-2 §4.3): rank all texts by ITC similarity, re-rank each image's top k by
+  ITM positive logit + ITC (and each text's top k images likewise); R@1/5/10 both ways, an
+  image counting as found if any of its captions is.
+- Captioning: BLEU-4 and CIDEr with pycocoevalcap when it is installed (else a message saying
+  how to get them); the captions are returned either way.
+- VQA: accuracy of the generated answer against the reference answers (VQA's min(#matches/3, 1)
+  when several are given), after lower-casing and stripping punctuation and articles.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from blip2rt.images import pixel_values
+
+from .data import clean_caption
+
+
+@torch.no_grad()
+def retrieval(model, records: list[dict], image_root: str | Path, k: int = 128, batch_size: int = 32,
+              show_progress: bool = False) -> dict[str, float]:
+    images = list(dict.fromkeys(r["image"] for r in records))
+    img_index = {name: i for i, name in enumerate(images)}
+    texts = [clean_caption(r["caption"]) for r in records]
+    txt2img = torch.tensor([img_index[r["image"]] for r in records])
+    size = model.config.vision_config.image_size
+
+    embeds, feats = [], []
+    for s in tqdm(range(0, len(images), batch_size), desc="images", disable=not show_progress):
+        e = model.image_embeds(pixel_values([Path(image_root) / n for n in images[s: s + batch_size]], size))
+        embeds.append(e)
+        feats.append(model.image_query_features(e))
+    embeds, img_feats = torch.cat(embeds), torch.cat(feats)  # (I, N, Dv), (I, Q, E)
+    ids, mask = model._qformer_text(texts)
+    txt_feats = torch.cat([model.text_features(ids[s: s + batch_size], mask[s: s + batch_size])
+                           for s in range(0, len(texts), batch_size)])  # (T, E)
+    sims = torch.einsum("iqe,te->itq", img_feats, txt_feats).amax(dim=-1)  # (I, T)
+
+    def rerank(scores_row, pairs):
+        kk = min(k, scores_row.numel())
+        top = scores_row.topk(kk).indices
+        img_idx, txt_idx = pairs(top)
+        itm = torch.cat([model.itm_logits(embeds[img_idx[s: s + batch_size]], ids[txt_idx[s: s + batch_size]],
+                                          mask[txt_idx[s: s + batch_size]])[:, 1]
+                         for s in range(0, kk, batch_size)])
+        out = torch.full_like(scores_row, float("-inf"))
+        out[top] = itm.float() + scores_row[top]
+        return out
+
+    i2t = torch.stack([rerank(sims[i], lambda top, i=i: (torch.full_like(top, i), top)) for i in range(len(images))])
+    t2i = torch.stack([rerank(sims[:, t], lambda top, t=t: (top, torch.full_like(top, t))) for t in range(len(texts))])
+    metrics = {}
+    for kk in (1, 5, 10):
+        top_t = i2t.topk(min(kk, len(texts)), dim=1).indices  # (I, kk) text indices
+        metrics[f"i2t_r{kk}"] = (txt2img[top_t] == torch.arange(len(images))[:, None]).any(1).float().mean().item()
+        top_i = t2i.topk(min(kk, len(images)), dim=1).indices  # (T, kk)
+        metrics[f"t2i_r{kk}"] = (top_i == txt2img[:, None]).any(1).float().mean().item()
+    return metrics
+
+
+def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float | str]:
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+    except ImportError:
+        return {"note": "BLEU-4 and CIDEr need pycocoevalcap: pip install pycocoevalcap"}
+    gts = {k: [clean_caption(c) for c in v] for k, v in references.items()}
+    res = {k: [clean_caption(predictions[k])] for k in references}
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"bleu4": float(bleu[3]), "cider": float(cider)}
+
+
+@torch.no_grad()
+def captioning(model, records: list[dict], image_root: str | Path, batch_size: int = 16, prompt: str | None = None,
+               show_progress: bool = False, **gen) -> dict:
+    refs: dict[str, list[str]] = {}
+    for r in records:
+        refs.setdefault(r["image"], []).append(r["caption"])
+    names = list(refs)
+    preds = {}
+    for s in tqdm(range(0, len(names), batch_size), desc="captioning", disable=not show_progress):
+        batch = names[s: s + batch_size]
+        for n, c in zip(batch, model.caption([Path(image_root) / n for n in batch], prompt=prompt, **gen)):
+            preds[n] = c
+    return {"captions": preds, **caption_scores(preds, refs)}
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(a: str) -> str:
+    a = re.sub(r"[^\w\s]", " ", a.lower())
+    return " ".join(_ARTICLES.sub(" ", a).split())
+
+
+@torch.no_grad()
+def vqa(model, records: list[dict], image_root: str | Path, batch_size: int = 16, show_progress: bool = False,
+        **gen) -> dict:
+    """records: {"image", "question", "answer": str | list[str]}."""
+    correct = 0.0
+    answers = []
+    for s in tqdm(range(0, len(records), batch_size), desc="vqa", disable=not show_progress):
+        batch = records[s: s + batch_size]
+        outs = model.answer([Path(image_root) / r["image"] for r in batch], [r["question"] for r in batch], **gen)
+        for r, out in zip(batch, outs):
+            refs = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
+            hits = sum(normalize_answer(out) == normalize_answer(x) for x in refs)
+            correct += min(1.0, hits / 3) if len(refs) > 1 else float(hits > 0)
+            answers.append(out)
+    return {"accuracy": correct / max(1, len(records)), "answers": answers}
