@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from .errors import InputError
 from .images import ImageInput, pixel_values as images_to_pixels
 from .llm import attention_implementation, build_language_model
 from .qformer import ImageKV, QFormer, QFormerLMHead, QFormerTextEmbeddings
+from .tokenization import QFORMER_TOKENIZER_DIR
 from .vision import VisionTransformer
 
 CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
@@ -128,6 +130,19 @@ class Blip2(nn.Module):
         for module in self.modules():
             if hasattr(module, "kernel_backend"):
                 module.kernel_backend = backend
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """config.json + model.safetensors (tied weights once) + tokenizer files: what from_pretrained reads."""
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder)
+        save_model(self, str(folder / "model.safetensors"))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(folder / QFORMER_TOKENIZER_DIR if self.config.with_llm else folder)
 
     # ---- image side -----------------------------------------------------------------------
 
