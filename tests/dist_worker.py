@@ -58,3 +58,51 @@ def run_single() -> dict:
     losses["loss"].backward()
     return {"losses": torch.stack([losses[k].detach() for k in ("itc", "itm", "itg")]),
             "grads": {n: p.grad for n, p in m.named_parameters() if p.requires_grad}}
+
+
+def stage2_inputs():
+    import blip2rt
+    from blip2rt.training.stage2 import Stage2Objective
+    from blip2rt.training.trainer import set_trainable
+
+    torch.manual_seed(0)
+    m = blip2rt.from_pretrained("tiny", device="cpu", kernels="torch")
+    set_trainable(m, 2)
+    m.eval()
+    enc = m.tokenizer(CAPTIONS, return_tensors="pt")  # equal lengths: no padding
+    pixels = torch.randn(len(CAPTIONS), 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    return m, Stage2Objective(m), enc, pixels
+
+
+def run_rank_fsdp(rank: int, world: int, port: int, out: str) -> None:
+    """Stage 2 with the frozen LLM's layers sharded (FSDP2), the trainable part under DDP."""
+    from blip2rt.training import distributed as D
+    from blip2rt.training.stage2 import Stage2Batch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    m, objective, enc, pixels = stage2_inputs()
+    assert D.shard_llm_layers(m.language_model) == 2
+    frozen = [n for n, _ in objective.named_parameters() if n.startswith("model.language_model.")]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(objective, frozen)
+    ddp = torch.nn.parallel.DistributedDataParallel(objective)
+    b = len(CAPTIONS) // world
+    mine = slice(rank * b, (rank + 1) * b)
+    ids = enc["input_ids"][mine]
+    out_ = ddp(Stage2Batch(ids, enc["attention_mask"][mine], ids, pixel_values=pixels[mine]))
+    out_["loss"].backward()
+    loss = out_["loss"].detach().clone()
+    dist.all_reduce(loss)
+    if rank == 0:
+        torch.save({"loss": loss / world, "grads": {n: p.grad for n, p in m.named_parameters() if p.requires_grad}}, out)
+    dist.destroy_process_group()
+
+
+def run_single_stage2() -> dict:
+    from blip2rt.training.stage2 import Stage2Batch
+
+    m, objective, enc, pixels = stage2_inputs()
+    ids = enc["input_ids"]
+    out = objective(Stage2Batch(ids, enc["attention_mask"], ids, pixel_values=pixels))
+    out["loss"].backward()
+    return {"loss": out["loss"].detach(), "grads": {n: p.grad for n, p in m.named_parameters() if p.requires_grad}}

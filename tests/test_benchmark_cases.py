@@ -35,3 +35,20 @@ def test_qformer_forward_case_runs(impl):
     from attention_cases import qformer_forward_case
 
     qformer_forward_case(impl, torch.device("cpu"), torch.float32, "tiny", batch=1)()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch", "lavis"])
+def test_stage1_step_case_runs(impl):
+    from train_step_cases import stage1_step
+
+    step, flops = stage1_step(impl, torch.device("cpu"), "tiny", batch=3, text_len=6)
+    step()
+    assert flops > 0
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_stage2_step_case_runs(impl):
+    from train_step_cases import stage2_step
+
+    step, _ = stage2_step(impl, torch.device("cpu"), "tiny", batch=2, text_len=5)
+    step()

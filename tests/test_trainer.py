@@ -147,3 +147,70 @@ def test_stage2_initialised_from_stage1(toy, tmp_path):
     q = "qformer.encoder.layer.0.attention.attention.query.weight"
     torch.testing.assert_close(s2.model.get_parameter(q), s1.model.get_parameter(q), rtol=0, atol=0)
     assert not s2.model.itm_head.weight.requires_grad  # stage 2 trains no text head
+
+
+def test_webdataset_shards_train_and_skip_a_corrupt_member(toy, tmp_path):
+    import io
+    import json
+    import tarfile
+
+    root, ann = toy
+    records = [r for r in json.loads(ann.read_text()) if "broken" not in r["image"]]
+    shards = []
+    for s in range(2):
+        path = tmp_path / f"shard-{s:04d}.tar"
+        with tarfile.open(path, "w") as tar:
+            def add(name, data):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+            for i, r in enumerate(records[s::2]):
+                add(f"{s}_{i:04d}.png", (root / r["image"]).read_bytes())
+                add(f"{s}_{i:04d}.txt", r["caption"].encode())
+            add(f"{s}_bad.png", b"not a png")
+            add(f"{s}_bad.txt", b"a broken sample")
+        shards.append(str(path))
+    t = Trainer(config(toy, tmp_path / "wds", annotations=[], shards=shards, max_steps=4), show_progress=False)
+    last = t.run()
+    assert last["skipped_images"] >= 2 and last["loss"] == last["loss"]
+
+
+def test_feature_cache_is_built_once_and_matches_pixels(toy, tmp_path):
+    plain = Trainer(config(toy, tmp_path / "plain", augment=False, max_steps=1), show_progress=False)
+    cached = Trainer(config(toy, tmp_path / "cached", augment=False, cache_features=True, max_steps=1),
+                     show_progress=False)
+    cache = tmp_path / "cached" / "feature_cache" / "features.npy"
+    assert cache.is_file()
+    # the same first step: fp16 features vs fp32 pixels through the frozen ViT
+    a, b = plain.run()["loss"], cached.run()["loss"]
+    assert abs(a - b) < 2e-2 * abs(a)
+    stamp = cache.stat().st_mtime_ns
+    Trainer(config(toy, tmp_path / "cached", augment=False, cache_features=True, max_steps=2), show_progress=False).run()
+    assert cache.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_activation_checkpointing_gives_the_same_grads(toy, tmp_path):
+    grads = []
+    for ckpt in (False, True):
+        t = Trainer(config(toy, tmp_path / f"ac{ckpt}", activation_checkpointing=ckpt), show_progress=False)
+        assert t.model.training  # checkpointing only acts in training mode
+        for mod in t.model.modules():  # no dropout: both runs compute the same function
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+            if hasattr(mod, "dropout_p"):
+                mod.dropout_p = 0.0
+        calls = []
+        if ckpt:
+            import torch.utils.checkpoint as tuc
+
+            original = tuc.checkpoint
+            tuc.checkpoint = lambda *a, **k: calls.append(1) or original(*a, **k)
+        batch = next(t._batches())
+        t.module(batch.objective_inputs)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None})
+        if ckpt:
+            tuc.checkpoint = original
+            assert calls  # the layers really were checkpointed
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)

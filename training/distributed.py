@@ -84,3 +84,19 @@ def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.T
     if not is_distributed():
         return x
     return _GatherWithGrad.apply(x, sizes or batch_sizes(x.shape[0], x.device))
+
+
+def shard_llm_layers(language_model: torch.nn.Module) -> int:
+    """FSDP2-shards each decoder layer of the frozen LLM across the ranks (their weights are ~95% of
+    a large LLM). Each layer is its own unit, unsharded only during its forward; the embeddings,
+    the tied head and the final norm stay replicated, since blip2rt reads them outside the LLM's
+    forward (soft-prompt inputs, the fused loss head). Returns the number of sharded layers."""
+    from torch.distributed.fsdp import fully_shard
+
+    kinds = set(getattr(language_model, "_no_split_modules", None) or [])
+    layers = [m for m in language_model.modules() if type(m).__name__ in kinds]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of {type(language_model).__name__} to shard")
+    for layer in layers:
+        fully_shard(layer)
+    return len(layers)

@@ -103,8 +103,18 @@ class Trainer:
             cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")]
         self.objective = self._objective()
         self.module = self.objective
+        if cfg.fsdp:
+            if cfg.stage != 2 or not D.is_distributed():
+                raise Blip2rtError("fsdp shards the frozen LLM of stage 2 across processes: use it with stage 2 "
+                                   "under torchrun with 2 or more processes")
+            n = D.shard_llm_layers(self.model.language_model)
+            log.info("sharded %d LLM layers across %d processes", n, D.world_size())
         if D.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
+            # the frozen LLM (possibly sharded) is not DDP's business: nothing of it trains
+            frozen = [n for n, _ in self.objective.named_parameters() if n.startswith("model.language_model.")]
+            frozen += [n for n, _ in self.objective.named_buffers() if n.startswith("model.language_model.")]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.objective, frozen)
             self.module = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
