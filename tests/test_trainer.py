@@ -214,3 +214,52 @@ def test_activation_checkpointing_gives_the_same_grads(toy, tmp_path):
             assert calls  # the layers really were checkpointed
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_warmup_then_cosine_schedule():
+    from blip2rt.training.trainer import warmup_cosine
+
+    lrs = [warmup_cosine(s, 10, 110, 0.1) for s in range(111)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup over 10 steps
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then never rises
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert lrs[110] == pytest.approx(0.1)  # ends at min_lr / lr
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch notices the patched optimizer.step
+def test_gradient_accumulation_runs_micro_batches_per_step(toy, tmp_path, monkeypatch):
+    t = Trainer(config(toy, tmp_path / "accum", grad_accum=3, max_steps=2), show_progress=False)
+    calls = []
+    original = t.module.forward
+    monkeypatch.setattr(t.module, "forward", lambda batch: calls.append(1) or original(batch))
+    steps = []
+    original_step = t.optimizer.step
+    monkeypatch.setattr(t.optimizer, "step", lambda *a, **k: steps.append(1) or original_step(*a, **k))
+    last = t.run()
+    assert len(calls) == 6 and len(steps) == 2  # 3 forward/backward passes per optimiser step
+    assert last["loss"] == last["loss"]
+
+
+def test_fp16_amp_with_loss_scaling_runs(toy, tmp_path):
+    t = Trainer(config(toy, tmp_path / "fp16", amp="fp16", max_steps=2), show_progress=False)
+    assert t.scaler.is_enabled()
+    last = t.run()
+    assert last["loss"] == last["loss"] and t.scaler.get_scale() > 0
+
+
+def test_caption_and_vqa_evaluation(toy):
+    import json
+
+    import blip2rt
+    from blip2rt.training import evaluate
+
+    root, ann = toy
+    records = [r for r in json.loads(ann.read_text()) if "broken" not in r["image"]][:3]
+    m = blip2rt.from_pretrained("tiny", device="cpu")
+    out = evaluate.captioning(m, records, root, num_beams=1, max_new_tokens=4, min_new_tokens=1)
+    assert set(out["captions"]) == {r["image"] for r in records}
+    assert "bleu4" in out or "pycocoevalcap" in out["note"]
+    vqa_records = [{"image": r["image"], "question": "what colour?", "answer": ["red", "red", "blue"]} for r in records]
+    res = evaluate.vqa(m, vqa_records, root, num_beams=1, max_new_tokens=3)
+    assert 0.0 <= res["accuracy"] <= 1.0 and len(res["answers"]) == 3
+    assert evaluate.normalize_answer("The Red!") == evaluate.normalize_answer("red")
