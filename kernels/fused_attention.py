@@ -50,6 +50,14 @@ def _allowed(rows, cols, Lk, NQ, TM, b, T, MODE: tl.constexpr, HAS_TEXT_MASK: tl
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """tl.dot; fp32 inputs in full IEEE precision (a GPU's default for fp32 is TF32, ~1e-3 relative)."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
     """(len(offs), BLOCK_D) tile of head h of sample b from a (B, L, H, d) strided tensor; 0 outside."""
     return tl.load(PTR + b.to(tl.int64) * s_b + offs[:, None] * s_n + h * s_h + offs_d[None, :],
@@ -60,7 +68,7 @@ def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
 def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
                 sm_scale, Lq, Lk, NQ, q_offset, T, H, keys_per_split,
                 s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_om, s_oh,
-                MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, SPLIT: tl.constexpr,
+                MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -82,7 +90,7 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mn = offs_n < k_end
         k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
+        s = _dot(q, tl.trans(k), IEEE) * sm_scale
         ok = _allowed(rows, offs_n, k_end, NQ, TM, b, T, MODE, HAS_TEXT_MASK)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -91,7 +99,7 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     if SPLIT:
         # unnormalised partial state of this split: (B*H, S, Lq, d), (B*H, S, Lq) x2
@@ -111,7 +119,7 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
                      sm_scale, Lq, Lk, NQ, q_offset, T, H,
                      s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_gb, s_gn, s_gh,
-                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr,
+                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -132,13 +140,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
         do = _load_tile(DO, b, offs_m, h, s_dob, s_dom, s_doh, offs_d, mm, md)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
+        s = _dot(q, tl.trans(k), IEEE) * sm_scale
         ok = _allowed(q_offset + offs_m, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     out = b.to(tl.int64) * s_gb + offs_n[:, None] * s_gn + h * s_gh + offs_d[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=mn[:, None] & md[None, :])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mn[:, None] & md[None, :])
@@ -148,7 +156,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TM,
                    sm_scale, Lq, Lk, NQ, q_offset, T, H,
                    s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_gb, s_gn, s_gh,
-                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr,
+                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, IEEE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -168,12 +176,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TM,
         mn = offs_n < Lk
         k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
         v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-        s = tl.dot(q, tl.trans(k)) * sm_scale
+        s = _dot(q, tl.trans(k), IEEE) * sm_scale
         ok = _allowed(q_offset + offs_m, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
     out = b.to(tl.int64) * s_gb + offs_m[:, None] * s_gn + h * s_gh + offs_d[None, :]
     tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mm[:, None] & md[None, :])
 
@@ -211,7 +219,8 @@ def _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int
     m_blocks = triton.cdiv(lq, bm)
     o = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
-    common = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=d)
+    common = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, IEEE=q.dtype == torch.float32, BLOCK_M=bm,
+                  BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=d)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     if splits == 1:
         _fwd_kernel[(m_blocks, b * h, 1)](q, k, v, o, lse, lse, lse, tm, scale, lq, lk, num_queries, q_offset, t, h, lk,
@@ -246,7 +255,8 @@ def _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset
     dq = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, lk, h, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(b, lk, h, d, dtype=v.dtype, device=q.device)
-    common = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=d)
+    common = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, IEEE=q.dtype == torch.float32, BLOCK_M=bm,
+                  BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=d)
     args = (scale, lq, lk, num_queries, q_offset, t, h, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *do.stride()[:3])
     _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](q, k, v, do, lse, delta, dk, dv, tm, *args, *dk.stride()[:3],
