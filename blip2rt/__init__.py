@@ -3,15 +3,29 @@
     import blip2rt
     m = blip2rt.from_pretrained("path/to/hf_blip2_folder")   # or a preset: "tiny", "blip2-opt-2.7b", ...
     m.caption(["photo.jpg"])
+
+Names load on first use, so `blip2rt.export.OrtBlip2` (ONNX Runtime only) never imports the
+PyTorch model code.
 """
 
-from .config import Blip2Config, QFormerConfig, VisionConfig
+from importlib import import_module
+
 from .errors import Blip2rtError, CheckpointError, ImageError, InputError
-from .model import Blip2
-from .presets import PRESET_NAMES, preset_config
-from .pretrained import from_pretrained
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "Blip2": ".model", "Blip2Config": ".config", "QFormerConfig": ".config", "VisionConfig": ".config",
+    "PRESET_NAMES": ".presets", "preset_config": ".presets", "from_pretrained": ".pretrained",
+}
+
 __all__ = ["Blip2", "Blip2Config", "QFormerConfig", "VisionConfig", "Blip2rtError", "CheckpointError",
            "ImageError", "InputError", "PRESET_NAMES", "preset_config", "from_pretrained", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'blip2rt' has no attribute {name!r}")

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Caption each image (beam search 5, 8 to 30 new tokens by default).")
     _add_model_args(p)
     p.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                   help="torch: the PyTorch model; onnx: an export folder (from `blip2rt export`) run by ONNX Runtime")
     _add_generation_args(p, beams=5, max_new=30, min_new=8)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     p.set_defaults(run=_run_caption)
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--question", required=True, help="the question, asked of every image")
     p.add_argument("--prompt-template", default="Question: {} Answer:", help="how the question is put to the LLM")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="torch, or onnx for an export folder")
     _add_generation_args(p, beams=5, max_new=10, min_new=1)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(run=_run_vqa)
@@ -89,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=128, help="texts re-ranked by ITM per image (default: 128)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(run=_run_retrieve)
+
+    p = sub.add_parser("export", help="export to ONNX for ONNX Runtime (vision, prefill, decode graphs)",
+                       description="Writes a folder that blip2rt.export.OrtBlip2 (or `blip2rt caption --backend onnx`) "
+                                   "runs with onnxruntime alone: vision.onnx, prefill.onnx + decode.onnx (decoder-only "
+                                   "LLMs) or encoder.onnx + decoder.onnx (T5), the embedding table, the tokenizer, "
+                                   "and a manifest.")
+    p.add_argument("--model", required=True, metavar="DIR_OR_PRESET")
+    p.add_argument("--config", metavar="PRESET_OR_DIR", help="for a bare weights file: the preset or folder it fits")
+    p.add_argument("--out", required=True, help="the export folder to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="graph dtype (default: fp32)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--check", action="store_true", help="run the graphs against PyTorch and print the largest differences")
+    p.set_defaults(run=_run_export)
 
     from blip2rt.training.cli import add_eval_parser, add_train_parser
 
@@ -103,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_export(args) -> None:
+    from .export import check_export, export_model
+    from .pretrained import from_pretrained
+
+    model = from_pretrained(args.model, device="cpu", dtype="fp32", kernels="torch", config=args.config)
+    manifest = export_model(model, args.out, dtype=args.dtype, opset=args.opset)
+    print(f"exported {', '.join(manifest['graphs'])} to {args.out}")
+    if args.check:
+        for name, diff in check_export(from_pretrained(args.model, device="cpu", dtype="fp32", kernels="torch",
+                                                       config=args.config), args.out).items():
+            print(f"  {name}: {diff:.3g}")
+
+
 def _load(args):
     """Checks the image paths first (a typo should not wait for a model load), then loads the model."""
     from pathlib import Path
@@ -113,6 +142,11 @@ def _load(args):
     for img in getattr(args, "images", []):
         if not Path(img).is_file():
             raise ImageError(f"image {img} does not exist" if not Path(img).exists() else f"image {img} is not a file")
+    if getattr(args, "backend", "torch") == "onnx":
+        from .export import OrtBlip2
+
+        return OrtBlip2(args.model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+                        if args.device in (None, "cuda") or str(args.device).startswith("cuda") else ["CPUExecutionProvider"])
 
     return from_pretrained(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels, config=args.config)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageError
@@ -84,13 +83,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def pixel_values(images: Sequence[ImageInput], image_size: int) -> torch.Tensor:
-    """A batch of images -> (B, 3, image_size, image_size) float32, CLIP-normalised."""
+def pixel_array(images: Sequence[ImageInput], image_size: int) -> np.ndarray:
+    """A batch of images -> (B, 3, image_size, image_size) float32 numpy, CLIP-normalised."""
     mean = np.asarray(CLIP_MEAN, dtype=np.float32)
     std = np.asarray(CLIP_STD, dtype=np.float32)
     batch = []
     for src in images:
         img = to_rgb(open_image(src)).resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
         arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 3)
-        batch.append(torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy()))
-    return torch.stack(batch)
+        batch.append(((arr - mean) / std).transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(batch))
+
+
+def pixel_values(images: Sequence[ImageInput], image_size: int):
+    """A batch of images -> (B, 3, image_size, image_size) float32 torch tensor, CLIP-normalised."""
+    import torch
+
+    return torch.from_numpy(pixel_array(images, image_size))

@@ -21,15 +21,13 @@ from blip2rt.kernels import AttentionMode
 
 from .config import Blip2Config
 from .errors import InputError
+from .generation_defaults import CAPTION_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, VQA_DEFAULTS, VQA_PROMPT
 from .images import ImageInput, pixel_values as images_to_pixels
 from .llm import attention_implementation, build_language_model
 from .qformer import ImageKV, QFormer, QFormerLMHead, QFormerTextEmbeddings
 from .tokenization import QFORMER_TOKENIZER_DIR
 from .vision import VisionTransformer
 
-CAPTION_DEFAULTS = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
-VQA_DEFAULTS = dict(num_beams=5, max_new_tokens=10, min_new_tokens=1, length_penalty=-1.0)
-VQA_PROMPT = "Question: {} Answer:"
 QFORMER_MAX_TEXT_TOKENS = 32  # BLIP-2 pre-training text length
 # Causal LMs whose logits are exactly lm_head(base_model(...)): no logit scaling or soft-capping,
 # so the fused head may take their hidden states.
@@ -239,7 +237,7 @@ class Blip2(nn.Module):
         """
         self._need_llm("generate")
         if "max_new_tokens" not in gen and "max_length" not in gen:
-            gen["max_new_tokens"] = 30
+            gen["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         embeds, mask, input_ids = self._llm_inputs(pixel_values, input_ids, attention_mask)
         lm = self.language_model
         if self.config.is_encoder_decoder:

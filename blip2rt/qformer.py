@@ -189,8 +189,8 @@ class QFormer(nn.Module):
         built afresh under autograd so their grads flow."""
         mods = [m for layer in self.cross_layers() for m in (layer.crossattention.attention.key,
                                                             layer.crossattention.attention.value)]
-        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods):
-            return torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods)):
+            return torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])  # traced / trained: no cache
         key = tuple((m.weight.data_ptr(), m.weight._version, m.bias._version) for m in mods)
         if self._packed_cache is None or self._packed_cache[0] != key:
             with torch.no_grad():

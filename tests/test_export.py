@@ -1,0 +1,146 @@
+"""ONNX export + the ONNX Runtime pipeline (CPU provider) against the PyTorch model."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import blip2rt
+from blip2rt.export import OrtBlip2, export_model
+from blip2rt.tokenization import tiny_llm_tokenizer
+
+PROMPTS = ["a", "a photo of", "the red one is"]
+
+
+@pytest.fixture(scope="module", params=["opt", "llama", "t5"])
+def exported(request, tmp_path_factory):
+    ref = request.getfixturevalue(f"hf_{request.param}")
+    src = tmp_path_factory.mktemp(f"src_{request.param}")
+    shutil.copytree(ref.folder, src, dirs_exist_ok=True)
+    tiny_llm_tokenizer().save_pretrained(src)  # 50 tokens, inside the reference LLM's vocabulary
+    out = tmp_path_factory.mktemp(f"onnx_{request.param}")
+    export_model(blip2rt.from_pretrained(src, device="cpu"), out)
+    return request.param, blip2rt.from_pretrained(src, device="cpu"), out
+
+
+def pixels(b, seed=0):
+    return torch.randn(b, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_vision_graph_matches_image_features(exported, batch):
+    _, model, out = exported
+    rt = OrtBlip2(out, providers=["CPUExecutionProvider"])
+    px = pixels(batch)
+    with torch.no_grad():
+        want = model.image_features(px).numpy()
+    got = rt.image_features(px.numpy())
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_and_decode_logits_over_past_lengths_0_to_30(exported):
+    kind, model, out = exported
+    if kind == "t5":
+        pytest.skip("decoder-only graphs")
+    from blip2rt.export.ort_runtime import _Search
+
+    rt = OrtBlip2(out, providers=["CPUExecutionProvider"])
+    lm = model.language_model
+    ids, mask = rt.encode(PROMPTS[:2])  # left-padded, different lengths
+    with torch.no_grad():
+        soft = model.image_features(pixels(2))
+        embeds = torch.cat([soft, lm.get_input_embeddings()(torch.from_numpy(ids))], 1)
+    full_mask = torch.cat([torch.ones(2, soft.shape[1], dtype=torch.long), torch.from_numpy(mask)], 1)
+    search = _Search(rt, 31, 0, 1, 1.0)
+    logits, state = search._start(embeds.numpy(), full_mask.numpy())
+    seq, m = embeds, full_mask
+    for past in range(31):  # tokens generated so far: 0 (the prefill) .. 30
+        with torch.no_grad():
+            pos = (m.cumsum(1) - 1).masked_fill(m == 0, 1)
+            want = lm(inputs_embeds=seq, attention_mask=m, position_ids=pos).logits[:, -1].numpy()
+        np.testing.assert_allclose(logits, want, atol=1e-4, rtol=1e-4, err_msg=f"after {past} generated tokens")
+        tok = want.argmax(-1)
+        with torch.no_grad():
+            seq = torch.cat([seq, lm.get_input_embeddings()(torch.from_numpy(tok))[:, None]], 1)
+        m = torch.cat([m, torch.ones(2, 1, dtype=torch.long)], 1)
+        logits, state = search._step(state, tok)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
+def test_generated_tokens_equal_pytorch(exported, num_beams):
+    kind, model, out = exported
+    rt = OrtBlip2(out, providers=["CPUExecutionProvider"])
+    px = pixels(3, seed=4)
+    ids, mask = rt.encode(PROMPTS)
+    side = "right" if kind == "t5" else "left"
+    hf = model.tokenizer(PROMPTS, padding="longest", padding_side=side, return_tensors="np")
+    np.testing.assert_array_equal(ids, hf["input_ids"])  # the same tokenisation without transformers
+    gen = dict(max_new_tokens=10, min_new_tokens=3, num_beams=num_beams)
+    got = rt.generate(px.numpy(), ids, mask, **gen)
+    want = model.generate(px, torch.from_numpy(ids), torch.from_numpy(mask), **gen).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert len(np.unique(want)) > 1  # not one repeated token
+    assert rt.caption(px.numpy(), prompt=PROMPTS, **gen) == model.caption(px, prompt=PROMPTS, **gen)
+
+
+def test_export_loads_without_model_code_in_a_fresh_process(exported):
+    _, _, out = exported
+    code = (
+        "import sys, numpy as np\n"
+        "from blip2rt.export import OrtBlip2\n"
+        f"rt = OrtBlip2({str(out)!r}, providers=['CPUExecutionProvider'])\n"
+        "print(rt.caption(np.zeros((1, 3, 28, 28), np.float32), max_new_tokens=3, num_beams=2))\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') or m in "
+        "('blip2rt.model', 'blip2rt.qformer', 'blip2rt.vision', 'blip2rt.llm', 'blip2rt.pretrained', 'blip2rt.kernels')]\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def broken_copy(out, tmp_path):
+    dst = tmp_path / "broken"
+    shutil.copytree(out, dst)
+    return dst
+
+
+def test_bad_export_folders_give_clear_errors(exported, tmp_path):
+    kind, _, out = exported
+    second = "decoder.onnx" if kind == "t5" else "decode.onnx"
+    d = broken_copy(out, tmp_path)
+    (d / second).unlink()
+    with pytest.raises(blip2rt.CheckpointError, match=f"graph .*{second} is missing"):
+        OrtBlip2(d)
+    shutil.copy(out / second, d / second)
+    (d / "vision.onnx").write_bytes(b"\x08\x07garbage")
+    with pytest.raises(blip2rt.CheckpointError, match="could not be loaded by onnxruntime"):
+        OrtBlip2(d)
+    shutil.copy(out / second, d / "vision.onnx")  # a graph with the wrong inputs and outputs
+    with pytest.raises(blip2rt.CheckpointError, match="vision.onnx has inputs .* expected inputs \\['pixel_values'\\]"):
+        OrtBlip2(d)
+    shutil.copy(out / "vision.onnx", d / "vision.onnx")
+    cfg = json.loads((d / "tokenizer.json").read_text())
+    cfg["model"]["vocab"].update({f"extra{i}": 1000 + i for i in range(200)})  # a bigger model's tokenizer
+    (d / "tokenizer.json").write_text(json.dumps(cfg))
+    with pytest.raises(blip2rt.CheckpointError, match="tokens but the exported LLM only 99"):
+        OrtBlip2(d)
+    (d / "blip2rt_export.json").unlink()
+    with pytest.raises(blip2rt.CheckpointError, match="not a blip2rt export folder"):
+        OrtBlip2(d)
+
+
+def test_cli_export_with_check(tmp_path, capsys):
+    from blip2rt.cli import main
+
+    torch.manual_seed(0)
+    blip2rt.from_pretrained("tiny").save_pretrained(tmp_path / "tiny")
+    assert main(["export", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "onnx"), "--check"]) == 0
+    text = capsys.readouterr().out
+    diffs = {line.split(":")[0].strip(): float(line.split(":")[1]) for line in text.splitlines()[1:] if ":" in line}
+    assert diffs["soft_prompt"] < 1e-5 and diffs["decode_logits"] < 1e-4 and diffs["greedy_tokens_equal"] == 1.0
