@@ -109,6 +109,7 @@ class T5Decoder(nn.Module):
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
             dynamic_shapes, opset: int | None) -> None:
     t0 = time.perf_counter()
+    module.eval()
     kwargs = dict(dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
                   external_data=False)
     if opset is not None:

@@ -1,0 +1,80 @@
+"""ONNX Runtime vs eager PyTorch on the same weights: the visual prefix, one decode step, and
+end-to-end captioning. Builds (once per process) a saved model and its export for a preset."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import blip2rt
+
+
+@functools.lru_cache(maxsize=4)
+def model_and_export(preset: str) -> tuple[object, object]:
+    from blip2rt.export import OrtBlip2, export_model
+
+    root = Path(tempfile.mkdtemp(prefix=f"blip2rt_bench_{preset}_"))
+    torch.manual_seed(0)
+    blip2rt.from_pretrained(preset, device="cpu").save_pretrained(root / "model")
+    export_model(blip2rt.from_pretrained(root / "model", device="cpu"), root / "onnx")
+    model = blip2rt.from_pretrained(root / "model", device="cpu", kernels="torch")
+    return model, OrtBlip2(root / "onnx", providers=["CPUExecutionProvider"])
+
+
+def visual_prefix(impl: str, preset: str, batch: int) -> Callable[[], None]:
+    model, rt = model_and_export(preset)
+    size = model.config.vision_config.image_size
+    px = torch.randn(batch, 3, size, size)
+    if impl == "ort":
+        arr = px.numpy()
+        return lambda: rt.image_features(arr)
+
+    def eager():
+        with torch.no_grad():
+            model.image_features(px)
+
+    return eager
+
+
+def decode_step(impl: str, preset: str, batch: int, past: int = 40) -> Callable[[], None]:
+    """One new token against `past` cached positions."""
+    from transformers import DynamicCache
+
+    model, rt = model_and_export(preset)
+    c = rt.cfg
+    kv = [np.random.default_rng(i).standard_normal((batch, c["num_kv_heads"], past, c["head_dim"])).astype(np.float32)
+          for i in range(2 * c["num_layers"])]
+    ids = np.full((batch, 1), 5, np.int64)
+    mask = np.ones((batch, past + 1), np.int64)
+    pos = np.full((batch, 1), past, np.int64)
+    if impl == "ort":
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(rt.past_names, kv))}
+        return lambda: rt.decode.run(feeds)
+    tkv = [torch.from_numpy(a) for a in kv]
+    lm = model.language_model
+    t_ids, t_mask, t_pos = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos)
+
+    def eager():
+        cache = DynamicCache()
+        for i in range(c["num_layers"]):
+            cache.update(tkv[2 * i], tkv[2 * i + 1], i)
+        with torch.no_grad():
+            lm(input_ids=t_ids, attention_mask=t_mask, position_ids=t_pos, past_key_values=cache, use_cache=True)
+
+    return eager
+
+
+def caption(impl: str, preset: str, batch: int, new_tokens: int = 20) -> Callable[[], None]:
+    model, rt = model_and_export(preset)
+    size = model.config.vision_config.image_size
+    px = torch.randn(batch, 3, size, size)
+    gen = dict(num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if impl == "ort":
+        arr = px.numpy()
+        return lambda: rt.caption(arr, **gen)
+    return lambda: model.caption(px, **gen)
