@@ -1,6 +1,8 @@
 """Runs the stage-1 objective on one rank of a gloo group (spawned by test_distributed.py)."""
 
 import os
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -8,6 +10,21 @@ import torch.distributed as dist
 CAPTIONS = ["a red circle", "a big square", "two grey dot", "a black line"]  # 12 characters each: equal ITG token counts
 NEG_IMAGE = torch.tensor([2, 3, 0, 1])  # global indices, fixed for every run
 NEG_TEXT = torch.tensor([1, 0, 3, 2])
+
+
+def join_group(rank: int, world: int, port: int, out: str) -> None:
+    """Joins a gloo group over loopback, leaving a note of how far this rank got beside `out`.
+
+    GLOO_SOCKET_IFNAME=lo keeps gloo off the machine's hostname, whose address may not route.
+    """
+    mark(rank, out, "joining")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    mark(rank, out, "joined")
+
+
+def mark(rank: int, out: str, stage: str) -> None:
+    Path(out).with_name(f"rank{rank}.stage").write_text(stage)
 
 
 def build():
@@ -32,8 +49,7 @@ def build():
 def run_rank(rank: int, world: int, port: int, out: str) -> None:
     from blip2rt.training.stage1 import Stage1Batch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port, out)
     m, objective, enc, pixels = build()
     ddp = torch.nn.parallel.DistributedDataParallel(objective)
     b = len(CAPTIONS) // world
@@ -46,6 +62,7 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
     if rank == 0:
         grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
         torch.save({"losses": summary / world, "grads": grads}, out)
+    mark(rank, out, "done")
     dist.destroy_process_group()
 
 
@@ -79,8 +96,7 @@ def run_rank_fsdp(rank: int, world: int, port: int, out: str) -> None:
     from blip2rt.training import distributed as D
     from blip2rt.training.stage2 import Stage2Batch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, port, out)
     m, objective, enc, pixels = stage2_inputs()
     assert D.shard_llm_layers(m.language_model) == 2
     frozen = [n for n, _ in objective.named_parameters() if n.startswith("model.language_model.")]
@@ -95,6 +111,7 @@ def run_rank_fsdp(rank: int, world: int, port: int, out: str) -> None:
     dist.all_reduce(loss)
     if rank == 0:
         torch.save({"loss": loss / world, "grads": {n: p.grad for n, p in m.named_parameters() if p.requires_grad}}, out)
+    mark(rank, out, "done")
     dist.destroy_process_group()
 
 

@@ -30,6 +30,9 @@ def init_from_env(device_type: str) -> bool:
     """Joins the process group torchrun describes (RANK, WORLD_SIZE, ...); False when not launched so."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2 or is_distributed():
         return is_distributed()
+    if device_type != "cuda" and os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost"):
+        # One machine: keep gloo on loopback rather than whatever the hostname resolves to.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return True
 
