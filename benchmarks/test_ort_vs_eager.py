@@ -10,7 +10,7 @@ from ort_cases import caption, decode_step, visual_prefix
 PRESETS = ["tiny"]  # "mini" joins when the embedded default exists
 
 
-@pytest.mark.parametrize("impl", ["ort", "eager"])
+@pytest.mark.parametrize("impl", ["ort", "ort-opt", "eager"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_visual_prefix(benchmark, preset, batch, impl):

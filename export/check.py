@@ -12,46 +12,45 @@ from .ort_runtime import OrtBlip2
 
 @torch.no_grad()
 def check_export(model, export_dir: str | Path, batch: int = 2, prompt_len: int = 5, steps: int = 8) -> dict[str, float]:
-    """Largest absolute differences: soft prompt, prefill logits, decode logits (decoder-only) or decoder
-    logits (T5), and whether greedy tokens agree."""
+    """Largest absolute differences: the soft prompt, the first logits (prefill, or T5's first decoder
+    step), the logits of `steps` cached decode steps; and whether greedy tokens agree (1.0 / 0.0)."""
     rt = OrtBlip2(export_dir, providers=["CPUExecutionProvider"])
     model = model.eval().to("cpu")
     g = torch.Generator().manual_seed(0)
     size = model.config.vision_config.image_size
     px = torch.randn(batch, 3, size, size, generator=g)
     soft_pt = model.image_features(px)
-    soft_ort = rt.image_features(px.numpy())
+    soft_ort = rt.image_features(px.numpy()).astype(np.float32)
     out = {"soft_prompt": float(np.abs(soft_ort - soft_pt.float().numpy()).max())}
     vocab = rt.cfg["vocab_size"]
     ids = torch.randint(3, min(vocab, 1000), (batch, prompt_len), generator=g)
     embeds = torch.cat([soft_pt, model.language_model.get_input_embeddings()(ids).to(soft_pt.dtype)], 1)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-    if rt.cfg["encoder_decoder"]:
-        enc = rt.encoder.run({"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy()})[0]
-        dec = torch.zeros(batch, 1, dtype=torch.long)
-        want = model.language_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
-        got = rt.decoder.run({"decoder_input_ids": dec.numpy(), "encoder_hidden_states": enc,
-                              "encoder_attention_mask": mask.numpy()})[0]
-        out["decoder_logits"] = float(np.abs(got - want.numpy()).max())
-    else:
-        from .ort_runtime import _Search
+    from .ort_runtime import _Search
 
-        s = _Search(rt, steps, 0, 1, 1.0)
-        logits, state = s._start(embeds.numpy(), mask.numpy())
-        lm = model.language_model
-        pos = (mask.cumsum(1) - 1)
-        ref = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).logits[:, -1]
-        out["prefill_logits"] = float(np.abs(logits - ref.numpy()).max())
-        worst = 0.0
-        seq = embeds
-        for _ in range(steps):
-            tok = logits.argmax(-1)
-            seq = torch.cat([seq, lm.get_input_embeddings()(torch.from_numpy(tok))[:, None].to(seq.dtype)], 1)
-            logits, state = s._step(state, tok)
-            m2 = torch.ones(seq.shape[:2], dtype=torch.long)
-            ref = lm(inputs_embeds=seq, attention_mask=m2, position_ids=m2.cumsum(1) - 1).logits[:, -1]
-            worst = max(worst, float(np.abs(logits - ref.numpy()).max()))
-        out["decode_logits"] = worst
+    lm = model.language_model
+    s = _Search(rt, steps, 0, 1, 1.0)
+    logits, state = s._start(embeds.numpy().astype(rt.float), mask.numpy())
+    if rt.cfg["encoder_decoder"]:
+        dec = torch.full((batch, 1), rt.cfg["decoder_start_token_id"] or 0, dtype=torch.long)
+
+        def reference(tokens):
+            return lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=tokens).logits[:, -1]
+    else:
+        dec = torch.zeros(batch, 0, dtype=torch.long)
+
+        def reference(tokens):
+            seq = torch.cat([embeds, lm.get_input_embeddings()(tokens).to(embeds.dtype)], 1)
+            m = torch.ones(seq.shape[:2], dtype=torch.long)
+            return lm(inputs_embeds=seq, attention_mask=m, position_ids=m.cumsum(1) - 1).logits[:, -1]
+    out["first_logits"] = float(np.abs(logits - reference(dec).float().numpy()).max())
+    worst = 0.0
+    for _ in range(steps):
+        tok = logits.argmax(-1)
+        dec = torch.cat([dec, torch.from_numpy(tok)[:, None]], 1)
+        logits, state = s._step(state, tok)
+        worst = max(worst, float(np.abs(logits - reference(dec).float().numpy()).max()))
+    out["decode_logits"] = worst
     got_ids = rt.generate(px.numpy(), max_new_tokens=steps)
     want_ids = model.generate(px, max_new_tokens=steps).numpy()
     out["greedy_tokens_equal"] = float(got_ids.shape == want_ids.shape and bool((got_ids == want_ids).all()))

@@ -6,8 +6,9 @@ The three-graph layout of onnxruntime-genai's vision-language models:
 - decoder-only LLMs: `embed_tokens.npy` (the input embedding table), `prefill.onnx`
   (inputs_embeds, attention_mask, position_ids -> logits of the last position + the KV cache)
   and `decode.onnx` (one token, mask, position, past KV -> logits + present KV);
-- T5: `encoder.onnx` (inputs_embeds, attention_mask -> hidden states) and `decoder.onnx`
-  (decoder ids so far, encoder states and mask -> logits of the last position; no cache yet).
+- T5: `encoder.onnx` (inputs_embeds, attention_mask -> hidden states), `decoder.onnx` (the first
+  step: start token, encoder states, mask -> logits + self KV + cross KV) and
+  `decoder_with_past.onnx` (one token, mask, self KV, cross KV -> logits + present self KV).
 Plus the tokenizer files, `blip2rt_export.json` (the runtime's config) and `manifest.json`
 (versions and the I/O names and shapes of every graph).
 
@@ -17,11 +18,13 @@ position_ids, and varargs dynamic shapes as one tuple.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import platform
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_CONFIG = "blip2rt_export.json"
 MANIFEST = "manifest.json"
-TWO_GB = 2 * 1024**3
+EXTERNAL_OVER = 1800 * 1024**2  # weights above this go to external data: protobuf's limit is 2 GB
 
 
 class VisualPrefix(nn.Module):
@@ -93,37 +96,109 @@ class T5Encoder(nn.Module):
         return self.encoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
 
 
-class T5Decoder(nn.Module):
-    def __init__(self, lm: nn.Module):
+def _t5_cache(self_kv, cross_kv, layers: int):
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    own, cross = DynamicCache(), DynamicCache()
+    for i in range(layers):
+        if self_kv:
+            own.update(self_kv[2 * i], self_kv[2 * i + 1], i)
+        if cross_kv:
+            cross.update(cross_kv[2 * i], cross_kv[2 * i + 1], i)
+    return EncoderDecoderCache(own, cross)
+
+
+class T5DecoderFirst(nn.Module):
+    """The first decoder step: logits + the self-attention KV + the cross-attention KV it computed."""
+
+    def __init__(self, lm: nn.Module, layers: int):
         super().__init__()
-        self.lm = lm
+        self.lm, self.layers = lm, layers
 
     def forward(self, decoder_input_ids, encoder_hidden_states, encoder_attention_mask):
         from transformers.modeling_outputs import BaseModelOutput
 
         out = self.lm(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden_states),
-                      attention_mask=encoder_attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False)
-        return out.logits[:, -1]
+                      attention_mask=encoder_attention_mask, decoder_input_ids=decoder_input_ids,
+                      past_key_values=_t5_cache(None, None, self.layers), use_cache=True)
+        cache = out.past_key_values
+        return (out.logits[:, -1], *_cache_tensors(cache.self_attention_cache, self.layers),
+                *_cache_tensors(cache.cross_attention_cache, self.layers))
+
+
+class T5DecoderWithPast(nn.Module):
+    """One more decoder token over the cached self-attention KV and the fixed cross-attention KV."""
+
+    def __init__(self, lm: nn.Module, layers: int):
+        super().__init__()
+        self.lm, self.layers = lm, layers
+
+    def forward(self, input_ids, encoder_attention_mask, *kv):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        own, cross = kv[: 2 * self.layers], kv[2 * self.layers:]
+        b, src = encoder_attention_mask.shape
+        dummy = cross[0].new_zeros(b, src, self.lm.config.d_model)  # unused: the cross KV is cached
+        out = self.lm(encoder_outputs=BaseModelOutput(last_hidden_state=dummy), attention_mask=encoder_attention_mask,
+                      decoder_input_ids=input_ids, past_key_values=_t5_cache(own, cross, self.layers), use_cache=True)
+        return (out.logits[:, -1], *_cache_tensors(out.past_key_values.self_attention_cache, self.layers))
+
+
+def _kv_names(prefix: str, layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-            dynamic_shapes, opset: int | None) -> None:
+            dynamic_shapes, opset: int | None, external_over: int = EXTERNAL_OVER) -> None:
+    """One graph; its weights go to `<name>.onnx.data` beside it when they pass `external_over`
+    bytes (protobuf cannot hold a file over 2 GB)."""
     t0 = time.perf_counter()
     module.eval()
+    weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in
+                       [*module.parameters(), *module.buffers()]}.values())
     kwargs = dict(dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
-                  external_data=False)
+                  external_data=weight_bytes > external_over)
     if opset is not None:
         kwargs["opset_version"] = opset
-    with torch.no_grad():
-        try:
-            torch.onnx.export(module, args, str(path), **kwargs)
-        except Exception as e:
-            if "2GB" in str(e) or "2 GB" in str(e) or "protobuf" in str(e).lower():
-                kwargs["external_data"] = True  # graphs over 2 GB keep their weights beside them
-                torch.onnx.export(module, args, str(path), **kwargs)
-            else:
-                raise
-    log.info("exported %s in %.1fs", path.name, time.perf_counter() - t0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # a shared Dim, as intended
+        torch.onnx.export(module, args, str(path), **kwargs)
+    log.info("exported %s in %.1fs (%.0f MB of weights%s)", path.name, time.perf_counter() - t0, weight_bytes / 1e6,
+             ", external data" if kwargs["external_data"] else "")
+
+
+def _write_reorder_graph(path: Path, tensors: int, dtype: str, opset: int | None) -> None:
+    """`reorder_kv.onnx`: beam_idx (N,) and `tensors` KV tensors (N, H, T, D) -> the same rows
+    gathered, so beam search can reorder the cache where it lives (the device, under IO binding)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+    dims = ["rows", "heads", "length", "head_dim"]
+    inputs = [helper.make_tensor_value_info("beam_idx", TensorProto.INT64, ["beams"])]
+    outputs, nodes = [], []
+    for j in range(tensors):
+        inputs.append(helper.make_tensor_value_info(f"in.{j}", elem, dims))
+        outputs.append(helper.make_tensor_value_info(f"out.{j}", elem, ["beams", *dims[1:]]))
+        nodes.append(helper.make_node("Gather", [f"in.{j}", "beam_idx"], [f"out.{j}"], axis=0))
+    graph = helper.make_graph(nodes, "reorder_kv", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", min(opset or 18, 21))])
+    model.ir_version = 9  # readable by onnxruntime >= 1.15
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _optimize(path: Path, model_type: str) -> dict[str, int]:
+    """ORT's offline transformer optimizer on one graph, in place; returns the fused-op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    # num_heads=0, hidden_size=0: detected from the graph; opt_level=0: only the Python fusions
+    # (the session applies its own graph optimisations when it loads the file).
+    m = optimize_model(str(path), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
+    large = path.with_name(path.name + ".data").exists()
+    m.save_model_to_file(str(path), use_external_data_format=large)
+    return {k: v for k, v in m.get_fused_operator_statistics().items() if v}
 
 
 def _io(path: Path) -> dict:
@@ -152,20 +227,33 @@ def _tokenizer_edges(tok, folder: Path) -> tuple[list[int], list[int]]:
     raise Blip2rtError("the tokenizer's tokenizer.json does not reproduce its Python tokenizer; cannot export it")
 
 
-def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: int | None = None) -> dict:
-    """Writes the ONNX folder; returns the manifest."""
+def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: int | None = None,
+                 optimize: bool = False, external_over: int = EXTERNAL_OVER) -> dict:
+    """Writes the ONNX folder; returns the manifest.
+
+    dtype: fp32, or fp16 (a half copy is exported; `model` itself is left as it was).
+    optimize: run onnxruntime's transformer optimizer; the manifest's "fusions" say what it fused.
+    external_over: weight bytes above which a graph keeps its weights in `<graph>.onnx.data`.
+    """
     if not model.config.with_llm:
         raise Blip2rtError("export needs a model with an LLM (captioning / VQA); this one is retrieval-only")
     if model.tokenizer is None:
         raise Blip2rtError("export needs the LLM's tokenizer files beside the checkpoint")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.eval().to("cpu")
-    model.set_kernel_backend("torch")  # the graphs hold plain ONNX ops
-    if dtype == "fp16":
-        model = model.half()
-    elif dtype != "fp32":
+    if dtype not in ("fp32", "fp16"):
         raise Blip2rtError(f"--dtype {dtype!r}: expected fp32 or fp16")
+    model = model.eval().to("cpu")
+    backend = model.kernel_backend
+    model.set_kernel_backend("torch")  # the graphs hold plain ONNX ops
+    try:
+        return _export_all(copy.deepcopy(model).half() if dtype == "fp16" else model, out, dtype, opset, optimize,
+                           external_over)
+    finally:
+        model.set_kernel_backend(backend)
+
+
+def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize: bool, external_over: int) -> dict:
     float_dtype = torch.float16 if dtype == "fp16" else torch.float32
     lm = model.language_model
     cfg = lm.config
@@ -174,7 +262,7 @@ def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: 
     graphs = {}
 
     px = torch.randn(2, 3, size, size, dtype=float_dtype)
-    _export(VisualPrefix(model), (px,), out / "vision.onnx", ["pixel_values"], ["soft_prompt"], ({0: batch},), opset)
+    _export(VisualPrefix(model), (px,), out / "vision.onnx", ["pixel_values"], ["soft_prompt"], ({0: batch},), opset, external_over)
     graphs["vision"] = "vision.onnx"
 
     width = lm.get_input_embeddings().embedding_dim
@@ -185,35 +273,52 @@ def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: 
         emb = torch.randn(2, 6, width, dtype=float_dtype)
         mask = torch.ones(2, 6, dtype=torch.long)
         _export(T5Encoder(lm), (emb, mask), out / "encoder.onnx", ["inputs_embeds", "attention_mask"],
-                ["encoder_hidden_states"], ({0: batch, 1: seq}, {0: batch, 1: seq}), opset)
-        dec_len = torch.export.Dim("dec_len", min=1, max=1024)
-        ids = torch.zeros(2, 3, dtype=torch.long)
+                ["encoder_hidden_states"], ({0: batch, 1: seq}, {0: batch, 1: seq}), opset, external_over)
+        layers = cfg.num_decoder_layers if getattr(cfg, "num_decoder_layers", None) else cfg.num_layers
+        kv_heads, head_dim = cfg.num_heads, cfg.d_kv
+        past_names, present_names = _kv_names("past", layers), _kv_names("present", layers)
+        cross_names = _kv_names("cross", layers)
         hidden = torch.randn(2, 6, width, dtype=float_dtype)
-        _export(T5Decoder(lm), (ids, hidden, mask), out / "decoder.onnx",
-                ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"], ["logits"],
-                ({0: batch, 1: dec_len}, {0: batch, 1: seq}, {0: batch, 1: seq}), opset)
-        graphs.update(encoder="encoder.onnx", decoder="decoder.onnx")
-        layers = kv_heads = head_dim = 0
+        _export(T5DecoderFirst(lm, layers), (torch.zeros(2, 1, dtype=torch.long), hidden, mask), out / "decoder.onnx",
+                ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"],
+                ["logits", *present_names, *cross_names],
+                ({0: batch}, {0: batch, 1: seq}, {0: batch, 1: seq}), opset, external_over)
+        past = torch.export.Dim("past", min=1, max=4096)
+        own = [torch.randn(2, kv_heads, 3, head_dim, dtype=float_dtype) for _ in range(2 * layers)]
+        cross = [torch.randn(2, kv_heads, 6, head_dim, dtype=float_dtype) for _ in range(2 * layers)]
+        _export(T5DecoderWithPast(lm, layers), (torch.zeros(2, 1, dtype=torch.long), mask, *own, *cross),
+                out / "decoder_with_past.onnx", ["input_ids", "encoder_attention_mask", *past_names, *cross_names],
+                ["logits", *present_names],
+                ({0: batch}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in own)
+                 + tuple({0: batch, 2: seq} for _ in cross)), opset, external_over)
+        graphs.update(encoder="encoder.onnx", decoder="decoder.onnx", decoder_with_past="decoder_with_past.onnx")
     else:
         layers = cfg.num_hidden_layers
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        past_names = [f"past.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-        present_names = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        past_names, present_names = _kv_names("past", layers), _kv_names("present", layers)
         emb = torch.randn(2, 7, width, dtype=float_dtype)
         mask = torch.ones(2, 7, dtype=torch.long)
         pos = torch.arange(7).expand(2, 7).contiguous()
         _export(Prefill(lm, layers), (emb, mask, pos), out / "prefill.onnx",
                 ["inputs_embeds", "attention_mask", "position_ids"], ["logits", *present_names],
-                ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}), opset)
+                ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}), opset, external_over)
         past = torch.export.Dim("past", min=1, max=4096)
         kv = [torch.randn(2, kv_heads, 5, head_dim, dtype=float_dtype) for _ in range(2 * layers)]
         _export(Decode(lm, layers), (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 6, dtype=torch.long),
                                      torch.full((2, 1), 5), *kv), out / "decode.onnx",
                 ["input_ids", "attention_mask", "position_ids", *past_names], ["logits", *present_names],
-                ({0: batch}, {0: batch, 1: past + 1}, {0: batch}, tuple({0: batch, 2: past} for _ in kv)), opset)
+                ({0: batch}, {0: batch, 1: past + 1}, {0: batch}, tuple({0: batch, 2: past} for _ in kv)), opset, external_over)
         graphs.update(prefill="prefill.onnx", decode="decode.onnx")
+
+    fusions = {}
+    if optimize:  # ViT-style fusions for the vision graph, BERT-style (LayerNorm, SkipLayerNorm, BiasGelu) for the rest
+        for name, f in graphs.items():
+            fusions[name] = _optimize(out / f, "vit" if name == "vision" else "bert")
+            log.info("optimised %s: %s", f, fusions[name] or "nothing fused")
+    _write_reorder_graph(out / "reorder_kv.onnx", 2 * layers, dtype, opset)
+    graphs["reorder_kv"] = "reorder_kv.onnx"
 
     model.tokenizer.save_pretrained(out)
     if not (out / "tokenizer.json").is_file():
@@ -242,6 +347,7 @@ def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: 
         "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "graphs": {name: _io(out / f) for name, f in graphs.items()},
+        "optimized": optimize, "fusions": fusions,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -7,8 +7,10 @@ its greedy and beam searches follow transformers' (token for token on the same l
 - beam: log-softmax, then 2 x beams candidates per step; a candidate ending in EOS (or at the
   length limit) joins the finished pool scored by log-prob / generated_length ** length_penalty;
   the search stops by transformers' default heuristic (early_stopping=False).
-Providers: CUDA first when onnxruntime offers it, then CPU. On CUDA the KV cache stays on the
-device through IO binding; only the chosen token ids come back to the host each step.
+Providers: CUDA first when onnxruntime offers it, then CPU. On CUDA the KV cache (and T5's
+encoder states and cross-attention KV) stay on the device through IO binding, and beams are
+reordered there by `reorder_kv.onnx`; per step the new token ids go up and the last position's
+logits (B x vocab) come back for the search.
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ NEG = -1.0e9
 
 
 class _Session:
-    """One graph, checked for the I/O names the pipeline uses."""
+    """One graph, checked for the I/O names the pipeline uses.
 
-    def __init__(self, path: Path, providers: list[str], inputs: list[str], outputs_prefix: list[str]):
+    With `bind_device` ("cuda" or "cpu") it runs through IO binding: inputs may be OrtValues that
+    already live on that device, and every output but the first `host` ones stays there.
+    """
+
+    def __init__(self, path: Path, providers: list[str], inputs: list[str], outputs_prefix: list[str],
+                 bind_device: str | None = None):
         import onnxruntime as ort
 
         if not path.is_file():
@@ -46,13 +53,39 @@ class _Session:
             raise CheckpointError(f"graph {path.name} has inputs {have_in} and outputs {have_out[:4]}..., expected "
                                   f"inputs {inputs} and outputs {outputs_prefix}: not a blip2rt export of this kind")
         self.output_names = have_out
+        self.bind_device = bind_device
+        self._ortvalue = ort.OrtValue
 
-    def run(self, feeds: dict) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
+    def run(self, feeds: dict, host: int | None = None) -> list:
+        """All outputs as numpy arrays; or, when binding, the first `host` as numpy and the rest as
+        OrtValues on the bound device."""
+        if self.bind_device is None or host is None:
+            return self.session.run(None, {k: self._numpy(v) for k, v in feeds.items()})
+        binding = self.session.io_binding()
+        for name, v in feeds.items():
+            if isinstance(v, self._ortvalue):
+                binding.bind_ortvalue_input(name, v)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(v))
+        for i, name in enumerate(self.output_names):
+            binding.bind_output(name, "cpu" if i < host else self.bind_device)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return [o.numpy() for o in outs[:host]] + list(outs[host:])
+
+    def _numpy(self, v):
+        return v.numpy() if isinstance(v, self._ortvalue) else v
 
 
 class OrtBlip2:
-    def __init__(self, export_dir: str | Path, providers: list[str] | None = None):
+    """Args:
+        export_dir: a folder written by `blip2rt export`.
+        providers: onnxruntime providers in order of preference; CUDA then CPU by default.
+        io_binding: keep the KV cache (and the encoder states) on the device between steps; the
+            default is on for CUDA, off for CPU (where numpy arrays already are the device memory).
+    """
+
+    def __init__(self, export_dir: str | Path, providers: list[str] | None = None, io_binding: bool | None = None):
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
@@ -68,20 +101,37 @@ class OrtBlip2:
         wanted = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
         self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        self.io_binding = self.on_cuda if io_binding is None else io_binding
+        bind = ("cuda" if self.on_cuda else "cpu") if self.io_binding else None
         c = self.cfg
-        self.vision = _Session(self.dir / c["graphs"]["vision"], self.providers, ["pixel_values"], ["soft_prompt"])
+        g = c["graphs"]
+        past = [f"past.{i}.{kv}" for i in range(c["num_layers"]) for kv in ("key", "value")]
+        self.past_names = past
+        self.vision = _Session(self.dir / g["vision"], self.providers, ["pixel_values"], ["soft_prompt"])
         if c["encoder_decoder"]:
-            self.encoder = _Session(self.dir / c["graphs"]["encoder"], self.providers,
-                                    ["inputs_embeds", "attention_mask"], ["encoder_hidden_states"])
-            self.decoder = _Session(self.dir / c["graphs"]["decoder"], self.providers,
-                                    ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"], ["logits"])
+            if "decoder_with_past" not in g:
+                raise CheckpointError(f"{self.dir} was exported by an older blip2rt (no decoder_with_past graph); "
+                                      "export it again")
+            cross = [f"cross.{i}.{kv}" for i in range(c["num_layers"]) for kv in ("key", "value")]
+            self.cross_names = cross
+            self.encoder = _Session(self.dir / g["encoder"], self.providers,
+                                    ["inputs_embeds", "attention_mask"], ["encoder_hidden_states"], bind)
+            self.decoder = _Session(self.dir / g["decoder"], self.providers,
+                                    ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"],
+                                    ["logits", "present.", "cross."], bind)
+            self.decoder_with_past = _Session(self.dir / g["decoder_with_past"], self.providers,
+                                              ["input_ids", "encoder_attention_mask", *past, *cross],
+                                              ["logits", "present."], bind)
         else:
-            self.prefill = _Session(self.dir / c["graphs"]["prefill"], self.providers,
-                                    ["inputs_embeds", "attention_mask", "position_ids"], ["logits", "present."])
-            past = [f"past.{i}.{kv}" for i in range(c["num_layers"]) for kv in ("key", "value")]
-            self.decode = _Session(self.dir / c["graphs"]["decode"], self.providers,
-                                   ["input_ids", "attention_mask", "position_ids", *past], ["logits", "present."])
-            self.past_names = past
+            self.prefill = _Session(self.dir / g["prefill"], self.providers,
+                                    ["inputs_embeds", "attention_mask", "position_ids"], ["logits", "present."], bind)
+            self.decode = _Session(self.dir / g["decode"], self.providers,
+                                   ["input_ids", "attention_mask", "position_ids", *past], ["logits", "present."], bind)
+        self.reorder = None
+        if bind is not None:
+            n = len(past)
+            self.reorder = _Session(self.dir / g["reorder_kv"], self.providers,
+                                    ["beam_idx", *[f"in.{j}" for j in range(n)]], ["out."], bind)
         self.embed = np.load(self.dir / "embed_tokens.npy", mmap_mode="r")
         self.float = np.float16 if c["dtype"] == "fp16" else np.float32
         self._load_tokenizer()
@@ -189,41 +239,45 @@ class _Search:
         self.num_beams, self.length_penalty = max(1, num_beams), length_penalty
 
     # -- model steps --------------------------------------------------------------------------
-    # decoder-only: state = (KV list, mask, last position); T5: state = (encoder states, mask, decoder ids)
+    # state = (self-attention KV, fixed feeds). The KV is a list of arrays, or of OrtValues on the
+    # device under IO binding. The fixed feeds (mask, position, cross KV) are equal across the beams
+    # of one image, so reordering beams touches only the KV.
 
     def _start(self, embeds, mask):
         rt = self.rt
         if rt.cfg["encoder_decoder"]:
-            hidden = rt.encoder.run({"inputs_embeds": embeds, "attention_mask": mask})[0]
+            hidden = rt.encoder.run({"inputs_embeds": embeds, "attention_mask": mask}, host=0)[0]
             start = rt.cfg["decoder_start_token_id"] or 0
             dec = np.full((embeds.shape[0], 1), start, dtype=np.int64)
-            logits = rt.decoder.run({"decoder_input_ids": dec, "encoder_hidden_states": hidden,
-                                     "encoder_attention_mask": mask})[0]
-            return logits, [hidden, mask, dec]
+            out = rt.decoder.run({"decoder_input_ids": dec, "encoder_hidden_states": hidden,
+                                  "encoder_attention_mask": mask}, host=1)
+            n = len(rt.past_names)
+            cross = dict(zip(rt.cross_names, out[1 + n:]))
+            return out[0], (out[1:1 + n], {"encoder_attention_mask": mask, **cross})
         pos = np.cumsum(mask, axis=1) - 1
         pos[mask == 0] = 1  # transformers' position ids for left padding
-        out = rt.prefill.run({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos})
-        return out[0], [out[1:], mask, pos[:, -1:]]
+        out = rt.prefill.run({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}, host=1)
+        return out[0], (out[1:], {"attention_mask": mask, "position_ids": pos[:, -1:]})
 
     def _step(self, state, tokens):
         rt = self.rt
+        kv, fixed = state
+        feeds = {"input_ids": tokens[:, None].astype(np.int64), **dict(zip(rt.past_names, kv))}
         if rt.cfg["encoder_decoder"]:
-            hidden, mask, dec = state
-            dec = np.concatenate([dec, tokens[:, None]], axis=1)
-            logits = rt.decoder.run({"decoder_input_ids": dec, "encoder_hidden_states": hidden,
-                                     "encoder_attention_mask": mask})[0]
-            return logits, [hidden, mask, dec]
-        kv, mask, pos = state
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        pos = pos + 1
-        feeds = {"input_ids": tokens[:, None].astype(np.int64), "attention_mask": mask, "position_ids": pos}
-        feeds.update(zip(rt.past_names, kv))
-        out = rt.decode.run(feeds)
-        return out[0], [out[1:], mask, pos]
+            out = rt.decoder_with_past.run({**feeds, **fixed}, host=1)
+            return out[0], (out[1:], fixed)
+        mask = fixed["attention_mask"]
+        fixed = {"attention_mask": np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1),
+                 "position_ids": fixed["position_ids"] + 1}
+        out = rt.decode.run({**feeds, **fixed}, host=1)
+        return out[0], (out[1:], fixed)
 
-    @staticmethod
-    def _reorder(state, rows: np.ndarray):
-        return [[t[rows] for t in s] if isinstance(s, (list, tuple)) else s[rows] for s in state]
+    def _reorder(self, state, rows: np.ndarray):
+        kv, fixed = state
+        if self.rt.reorder is None:
+            return [t[rows] for t in kv], fixed
+        feeds = {"beam_idx": rows.astype(np.int64), **{f"in.{j}": t for j, t in enumerate(kv)}}
+        return self.rt.reorder.run(feeds, host=0), fixed
 
     def _prompt_len(self, embeds) -> int:
         return 1 if self.rt.cfg["encoder_decoder"] else embeds.shape[1]
