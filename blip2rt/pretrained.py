@@ -88,6 +88,10 @@ def _build(path: Path, path_or_preset, config, frozen_dtype: torch.dtype) -> tup
         model = Blip2(preset_config(str(path_or_preset)), frozen_dtype)
         if str(path_or_preset) == "tiny":
             model.tokenizer, model.qformer_tokenizer = tiny_llm_tokenizer(), tiny_qformer_tokenizer()
+        elif str(path_or_preset) == "blip2-mini":  # real weights, from the asset packages
+            from .embedded.mini import load_parts
+
+            load_parts(model)
     elif path.is_dir():
         model = Blip2(Blip2Config.from_json_file(path / "config.json"), frozen_dtype)
         lavis_files = sorted(path.glob("*.pth"))

@@ -19,7 +19,7 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.patch_size = cfg.patch_size
-        self.grid = cfg.image_size // cfg.patch_size
+        self.grid = cfg.stored_grid  # positions are stored for this grid; other grids interpolate
         self.class_embedding = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
         self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.position_embedding = nn.Parameter(torch.zeros(1, self.grid**2 + 1, cfg.hidden_size))
@@ -76,7 +76,7 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    """Pre-LN transformer block."""
+    """Pre-LN transformer block; with `layer_scale`, each branch is scaled per channel (DINOv2)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -84,10 +84,17 @@ class VisionBlock(nn.Module):
         self.self_attn = VisionAttention(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
+        if cfg.layer_scale:
+            self.layer_scale1 = nn.Parameter(torch.ones(cfg.hidden_size))
+            self.layer_scale2 = nn.Parameter(torch.ones(cfg.hidden_size))
+        else:
+            self.layer_scale1 = self.layer_scale2 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        attn = self.self_attn(self.layer_norm1(x))
+        x = x + (attn if self.layer_scale1 is None else attn * self.layer_scale1)
+        mlp = self.mlp(self.layer_norm2(x))
+        return x + (mlp if self.layer_scale2 is None else mlp * self.layer_scale2)
 
 
 class VisionEncoder(nn.Module):
