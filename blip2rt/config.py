@@ -21,6 +21,13 @@ RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
 GENERATION_ARCHITECTURE = "Blip2ForConditionalGeneration"
 
 
+# Image normalisations (mean, std per RGB channel on 0-1 pixels)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # EVA-CLIP, BLIP-2's ViTs
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclass
 class VisionConfig:
     """EVA / BLIP-2 ViT: pre-LN blocks, fused qkv with q and v biases only. DINOv2 adds layer
@@ -37,6 +44,9 @@ class VisionConfig:
     qkv_bias: bool = True
     layer_scale: bool = False  # DINOv2: each residual branch scaled by a learned per-channel vector
     position_grid: int | None = None  # the grid the position embeddings were trained at (None: this size)
+    # the normalisation the encoder was trained with: CLIP's for EVA (BLIP-2), ImageNet's for DINOv2
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
 
     @property
     def stored_grid(self) -> int:
@@ -174,4 +184,10 @@ def _from_dict(cls, d: dict[str, Any]):
             if len(set(v)) != 1:
                 raise CheckpointError(f"vision_config.{k}={v}: only square sizes are supported")
             kwargs[k] = v[0]
+    for k in ("image_mean", "image_std"):
+        if k in kwargs:
+            v = kwargs[k]
+            if not (isinstance(v, (list, tuple)) and len(v) == 3):
+                raise CheckpointError(f"vision_config.{k}={v!r}: expected three numbers (R, G, B)")
+            kwargs[k] = tuple(float(x) for x in v)
     return cls(**kwargs)

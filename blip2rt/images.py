@@ -1,4 +1,4 @@
-"""Image loading and preprocessing: any PIL mode to RGB, bicubic resize, CLIP mean/std.
+"""Image loading and preprocessing: any PIL mode to RGB, bicubic resize, mean/std (CLIP's by default).
 
 Conversions, chosen so that nothing is silently wrong:
 - grayscale ("L", "1") and CMYK/YCbCr go through PIL's own RGB conversion;
@@ -17,10 +17,9 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .config import CLIP_MEAN, CLIP_STD
 from .errors import ImageError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_IMAGE_SIDE = 8  # smaller images carry no usable content once resized to 224 px
 
 ImageInput = Union[str, Path, Image.Image]
@@ -83,10 +82,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def pixel_array(images: Sequence[ImageInput], image_size: int) -> np.ndarray:
-    """A batch of images -> (B, 3, image_size, image_size) float32 numpy, CLIP-normalised."""
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)
-    std = np.asarray(CLIP_STD, dtype=np.float32)
+def pixel_array(images: Sequence[ImageInput], image_size: int, mean: Sequence[float] = CLIP_MEAN,
+                std: Sequence[float] = CLIP_STD) -> np.ndarray:
+    """A batch of images -> (B, 3, image_size, image_size) float32 numpy, normalised by mean/std
+    (CLIP's unless the encoder was trained with another)."""
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
     batch = []
     for src in images:
         img = to_rgb(open_image(src)).resize((image_size, image_size), resample=Image.Resampling.BICUBIC)
@@ -95,8 +96,9 @@ def pixel_array(images: Sequence[ImageInput], image_size: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack(batch))
 
 
-def pixel_values(images: Sequence[ImageInput], image_size: int):
-    """A batch of images -> (B, 3, image_size, image_size) float32 torch tensor, CLIP-normalised."""
+def pixel_values(images: Sequence[ImageInput], image_size: int, mean: Sequence[float] = CLIP_MEAN,
+                 std: Sequence[float] = CLIP_STD):
+    """A batch of images -> (B, 3, image_size, image_size) float32 torch tensor (see pixel_array)."""
     import torch
 
-    return torch.from_numpy(pixel_array(images, image_size))
+    return torch.from_numpy(pixel_array(images, image_size, mean, std))

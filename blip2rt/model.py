@@ -366,7 +366,8 @@ class Blip2(nn.Module):
             images = [images]
         if not images:
             raise InputError("no images given")
-        return images_to_pixels(images, self.config.vision_config.image_size).to(self.device)
+        vc = self.config.vision_config
+        return images_to_pixels(images, vc.image_size, vc.image_mean, vc.image_std).to(self.device)
 
     def _qformer_text(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, Mapping):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 
-from .config import Blip2Config, QFormerConfig, VisionConfig
+from .config import IMAGENET_MEAN, IMAGENET_STD, Blip2Config, QFormerConfig, VisionConfig
 from .errors import CheckpointError
 from .tokenization import TINY_VOCAB_SIZE
 
@@ -45,7 +45,8 @@ _PRESETS: dict[str, dict] = {
     # 224 px's 16x16 on a CPU), a MiniLM-L6 Q-Former, and SmolLM2-135M.
     "blip2-mini": dict(
         vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6,
-                    image_size=112, patch_size=14, layer_norm_eps=1e-6, layer_scale=True, position_grid=37),
+                    image_size=112, patch_size=14, layer_norm_eps=1e-6, layer_scale=True, position_grid=37,
+                    image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD),  # DINOv2 trained with ImageNet's
         qformer=dict(vocab_size=30523, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                      intermediate_size=1536, cross_attention_frequency=2, max_position_embeddings=512),
         text=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

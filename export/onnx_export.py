@@ -324,7 +324,9 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
     model.config.save(out)
     gen = lm.generation_config
     runtime = {
-        "format": 1, "dtype": dtype, "image_size": size, "num_query_tokens": model.config.num_query_tokens,
+        "format": 1, "dtype": dtype, "image_size": size,
+        "image_mean": list(model.config.vision_config.image_mean), "image_std": list(model.config.vision_config.image_std),
+        "num_query_tokens": model.config.num_query_tokens,
         "encoder_decoder": model.config.is_encoder_decoder, "model_type": cfg.model_type,
         "vocab_size": int(lm.get_output_embeddings().weight.shape[0]), "hidden_size": width,
         "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim,

@@ -184,7 +184,9 @@ class OrtBlip2:
             return images.detach().cpu().numpy().astype(self.float)
         if not isinstance(images, (list, tuple)):
             images = [images]
-        return pixel_array(images, self.cfg["image_size"]).astype(self.float)
+        c = self.cfg
+        norm = (c["image_mean"], c["image_std"]) if "image_mean" in c else ()  # older exports: CLIP's
+        return pixel_array(images, c["image_size"], *norm).astype(self.float)
 
     def image_features(self, pixel_values) -> np.ndarray:
         """(B, 3, S, S) -> (B, Q, LLM width) soft prompt."""

@@ -104,3 +104,19 @@ def test_model_accepts_mixed_modes_in_one_batch(tmp_path):
             Image.fromarray(np.full((20, 20), 40000, np.uint16))]
     out = m.itc(imgs, ["a green square"])
     assert out.shape == (3, 1) and torch.isfinite(out).all()
+
+
+def test_normalisation_follows_the_encoder():
+    from blip2rt.config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Blip2Config
+    from blip2rt.presets import preset_config
+
+    img = Image.new("RGB", (20, 20), (51, 102, 204))
+    rgb = np.array([51, 102, 204]) / 255.0
+    for mean, std in [(CLIP_MEAN, CLIP_STD), (IMAGENET_MEAN, IMAGENET_STD)]:
+        px = pixel_values([img], 14, mean, std)
+        np.testing.assert_allclose(px[0, :, 7, 7].numpy(), (rgb - np.array(mean)) / np.array(std), rtol=1e-5)
+    vc = preset_config("blip2-mini").vision_config  # DINOv2 was trained with ImageNet's
+    assert (vc.image_mean, vc.image_std) == (IMAGENET_MEAN, IMAGENET_STD)
+    again = Blip2Config.from_hf_dict(preset_config("blip2-mini").to_hf_dict()).vision_config
+    assert (again.image_mean, again.image_std) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert preset_config("tiny").vision_config.image_mean == CLIP_MEAN

@@ -38,6 +38,7 @@ class TrainConfig:
     fsdp: bool = False  # shard the frozen LLM across processes (stage 2, when it does not fit one GPU)
     augment: bool = True
     cache_features: bool = False  # needs augment = false: frozen ViT features computed once
+    feature_cache: str | None = None  # the cache's folder (default: out_dir/feature_cache); stages may share one
     max_words: int = 50
     max_text_len: int = 32
     prompt: str = ""  # stage 2: text before the caption (not predicted)

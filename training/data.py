@@ -64,8 +64,10 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(hash((seed, epoch, index)) & 0xFFFFFFFF)
 
 
-def train_transform(img: Image.Image, size: int, rng: random.Random, augment: bool = True) -> torch.Tensor:
-    """RGB PIL image -> (3, size, size) float32, CLIP-normalised; RandomResizedCrop + flip if augment."""
+def train_transform(img: Image.Image, size: int, rng: random.Random, augment: bool = True,
+                    mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """RGB PIL image -> (3, size, size) float32, normalised by mean/std (the encoder's); RandomResizedCrop
+    + flip if augment."""
     img = to_rgb(img)
     if augment:
         w, h = img.size
@@ -81,8 +83,7 @@ def train_transform(img: Image.Image, size: int, rng: random.Random, augment: bo
         if rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
-    arr = (np.asarray(img, dtype=np.float32) / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD,
-                                                                                                          np.float32)
+    arr = (np.asarray(img, dtype=np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
@@ -99,10 +100,12 @@ class Sample:
 
 class CaptionDataset(torch.utils.data.Dataset):
     def __init__(self, annotations: Sequence[str | Path], image_root: str | Path, image_size: int,
-                 augment: bool = True, max_words: int = 50, seed: int = 0, feature_cache=None):
+                 augment: bool = True, max_words: int = 50, seed: int = 0, feature_cache=None,
+                 normalization: tuple[Sequence[float], Sequence[float]] = (CLIP_MEAN, CLIP_STD)):
         self.records = load_annotations(annotations)
         self.image_root = Path(image_root)
         self.image_size, self.augment, self.max_words, self.seed = image_size, augment, max_words, seed
+        self.normalization = normalization  # (mean, std) the image encoder was trained with
         self.epoch = 0
         self.feature_cache = feature_cache
         # image_id -> a dense integer (ITC soft targets and ITM masking compare ids)
@@ -127,7 +130,7 @@ class CaptionDataset(torch.utils.data.Dataset):
         try:
             img = open_image(self.image_path(i))
             sample.pixel_values = train_transform(img, self.image_size, sample_rng(self.seed, self.epoch, i),
-                                                  self.augment)
+                                                  self.augment, *self.normalization)
         except ImageError as e:
             sample.error = str(e)
         return sample
@@ -137,8 +140,10 @@ class ShardDataset(torch.utils.data.IterableDataset):
     """WebDataset tar shards, split by shard across ranks and loader workers."""
 
     def __init__(self, shards: Sequence[str | Path], image_size: int, augment: bool = True, max_words: int = 50,
-                 seed: int = 0, rank: int = 0, world: int = 1):
+                 seed: int = 0, rank: int = 0, world: int = 1,
+                 normalization: tuple[Sequence[float], Sequence[float]] = (CLIP_MEAN, CLIP_STD)):
         self.shards = [Path(s) for s in shards]
+        self.normalization = normalization
         missing = [s for s in self.shards if not s.is_file()]
         if missing:
             raise Blip2rtError(f"shard {missing[0]} does not exist")
@@ -167,7 +172,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
                         raise ImageError(f"sample {key} in {shard.name} has no image")
                     img = open_image(Image.open(io.BytesIO(image)))
                     sample.pixel_values = train_transform(img, self.image_size,
-                                                          sample_rng(self.seed, self.epoch, key_id), self.augment)
+                                                          sample_rng(self.seed, self.epoch, key_id), self.augment,
+                                                          *self.normalization)
                 except (ImageError, OSError) as e:
                     sample.error = str(e)
                 yield sample
@@ -249,9 +255,14 @@ class Stage2Collate:
     """Samples -> Stage2Batch for a decoder-only or an encoder-decoder LLM."""
 
     def __init__(self, tokenizer, encoder_decoder: bool, max_length: int = 32, prompt: str = "",
-                 text_suffix: str | None = None):
+                 text_suffix: str | None = None, bos_token_id: int | None = None):
+        """bos_token_id (decoder-only): with no prompt, generation starts from the LLM's BOS after the
+        soft prompt (Blip2._default_prompt_ids), so training prepends it, unpredicted, where the
+        tokenizer does not add it itself (Llama-style GGUF tokenizers)."""
         self.tok, self.enc_dec, self.max_length, self.prompt = tokenizer, encoder_decoder, max_length, prompt
         self.suffix = text_suffix if text_suffix is not None else (tokenizer.eos_token or "")
+        adds_bos = bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [bos_token_id]
+        self.bos = None if encoder_decoder or adds_bos or prompt else bos_token_id
 
     def __call__(self, samples: list[Sample]) -> Batch:
         from .stage2 import Stage2Batch, split_for_prefix_lm
@@ -272,11 +283,16 @@ class Stage2Collate:
             texts = [self.prompt + s.caption + self.suffix for s in ok]
             enc = self.tok(texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt",
                            padding_side="right")
-            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-            if self.prompt:  # the prompt is given, not predicted
-                n_prompt = len(self.tok(self.prompt)["input_ids"])
-                labels[:, :n_prompt] = -100
-            batch = Stage2Batch(enc["input_ids"], enc["attention_mask"], labels, **images)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            if self.bos is not None:
+                ids = torch.cat([torch.full_like(ids[:, :1], self.bos), ids], dim=1)
+                mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+            labels = ids.masked_fill(mask == 0, -100)
+            n_given = int(self.bos is not None)  # the BOS and the prompt are given, not predicted
+            if self.prompt:
+                n_given += len(self.tok(self.prompt)["input_ids"])
+            labels[:, :n_given] = -100
+            batch = Stage2Batch(ids, mask, labels, **images)
         return Batch(batch, len(ok), len(samples) - len(ok))
 
 

@@ -1,7 +1,7 @@
 """Evaluation: image-text retrieval (stage 1), captioning and zero-shot VQA (stage 2).
 
-- Retrieval (BLIP-2 §4.3): rank all texts by ITC similarity, re-rank each image's top k by
-  ITM positive logit + ITC (and each text's top k images likewise); R@1/5/10 both ways, an
+- Retrieval (BLIP-2 §4.3): rank the distinct texts by ITC similarity, re-rank each image's top
+  k by ITM positive logit + ITC (and each text's top k images likewise); R@1/5/10 both ways, an
   image counting as found if any of its captions is.
 - Captioning: BLEU-4 and CIDEr with pycocoevalcap when it is installed (else a message saying
   how to get them); the captions are returned either way.
@@ -25,15 +25,22 @@ from .data import clean_caption
 @torch.no_grad()
 def retrieval(model, records: list[dict], image_root: str | Path, k: int = 128, batch_size: int = 32,
               show_progress: bool = False) -> dict[str, float]:
+    """R@1/5/10 both ways over the distinct images and the distinct (cleaned) captions: a caption
+    shared by several images (easy-vqa's 24, COCO's rare duplicates) is one text, and each of
+    those images counts it as its own."""
     images = list(dict.fromkeys(r["image"] for r in records))
     img_index = {name: i for i, name in enumerate(images)}
-    texts = [clean_caption(r["caption"]) for r in records]
-    txt2img = torch.tensor([img_index[r["image"]] for r in records])
-    size = model.config.vision_config.image_size
+    texts = list(dict.fromkeys(clean_caption(r["caption"]) for r in records))
+    txt_index = {t: i for i, t in enumerate(texts)}
+    positive = torch.zeros(len(images), len(texts), dtype=torch.bool)  # (I, T)
+    for r in records:
+        positive[img_index[r["image"]], txt_index[clean_caption(r["caption"])]] = True
+    vc = model.config.vision_config
 
     embeds, feats = [], []
-    for s in tqdm(range(0, len(images), batch_size), desc="images", disable=not show_progress):
-        e = model.image_embeds(pixel_values([Path(image_root) / n for n in images[s: s + batch_size]], size))
+    for s in tqdm(range(0, len(images), batch_size), desc="retrieval: images", disable=not show_progress):
+        e = model.image_embeds(pixel_values([Path(image_root) / n for n in images[s: s + batch_size]],
+                                            vc.image_size, vc.image_mean, vc.image_std))
         embeds.append(e)
         feats.append(model.image_query_features(e))
     embeds, img_feats = torch.cat(embeds), torch.cat(feats)  # (I, N, Dv), (I, Q, E)
@@ -53,15 +60,32 @@ def retrieval(model, records: list[dict], image_root: str | Path, k: int = 128, 
         out[top] = itm.float() + scores_row[top]
         return out
 
-    i2t = torch.stack([rerank(sims[i], lambda top, i=i: (torch.full_like(top, i), top)) for i in range(len(images))])
-    t2i = torch.stack([rerank(sims[:, t], lambda top, t=t: (top, torch.full_like(top, t))) for t in range(len(texts))])
-    metrics = {}
-    for kk in (1, 5, 10):
-        top_t = i2t.topk(min(kk, len(texts)), dim=1).indices  # (I, kk) text indices
-        metrics[f"i2t_r{kk}"] = (txt2img[top_t] == torch.arange(len(images))[:, None]).any(1).float().mean().item()
-        top_i = t2i.topk(min(kk, len(images)), dim=1).indices  # (T, kk)
-        metrics[f"t2i_r{kk}"] = (top_i == txt2img[:, None]).any(1).float().mean().item()
+    bar = tqdm(total=len(images) + len(texts), desc="retrieval: ITM re-ranking", disable=not show_progress)
+    i2t = []
+    for i in range(len(images)):
+        i2t.append(rerank(sims[i], lambda top, i=i: (torch.full_like(top, i), top)))
+        bar.update(1)
+    t2i = []
+    for t in range(len(texts)):
+        t2i.append(rerank(sims[:, t], lambda top, t=t: (top, torch.full_like(top, t))))
+        bar.update(1)
+    bar.close()
+    metrics = recall_at_k(torch.stack(i2t), torch.stack(t2i), positive)
+    metrics["itc_i2t_r1"] = recall_at_k(sims, sims.T, positive, ks=(1,))["i2t_r1"]  # before ITM re-ranking
+    metrics["images"], metrics["texts"] = len(images), len(texts)
     return metrics
+
+
+def recall_at_k(i2t: torch.Tensor, t2i: torch.Tensor, positive: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
+    """i2t (I, T) and t2i (T, I) scores, positive (I, T) bool -> R@k both ways: the share of images
+    with a positive text among their k best, and of texts with a positive image among theirs."""
+    out = {}
+    for k in ks:
+        top_t = i2t.topk(min(k, i2t.shape[1]), dim=1).indices  # (I, k)
+        out[f"i2t_r{k}"] = positive.gather(1, top_t).any(1).float().mean().item()
+        top_i = t2i.topk(min(k, t2i.shape[1]), dim=1).indices  # (T, k)
+        out[f"t2i_r{k}"] = positive.T.gather(1, top_i).any(1).float().mean().item()
+    return out
 
 
 def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float | str]:
@@ -96,7 +120,9 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize_answer(a: str) -> str:
-    a = re.sub(r"[^\w\s]", " ", a.lower())
+    """The answer's first line, lower-cased, without punctuation and articles."""
+    lines = a.strip().splitlines()
+    a = re.sub(r"[^\w\s]", " ", (lines[0] if lines else "").lower())
     return " ".join(_ARTICLES.sub(" ", a).split())
 
 

@@ -40,7 +40,8 @@ class FeatureCache:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         unique = list(dict.fromkeys(images))
-        size = model.config.vision_config.image_size
+        vc = model.config.vision_config
+        size = vc.image_size
         tokens = model.config.vision_config.num_patches + 1
         width = model.config.vision_config.hidden_size
         tmp = folder / "features.npy.tmp"
@@ -51,7 +52,8 @@ class FeatureCache:
             names, pixels = [], []
             for name in unique[start: start + batch_size]:
                 try:
-                    pixels.append(train_transform(open_image(Path(image_root) / name), size, None, augment=False))
+                    pixels.append(train_transform(open_image(Path(image_root) / name), size, None, False,
+                                                  vc.image_mean, vc.image_std))
                     names.append(name)
                 except ImageError:
                     continue  # counted as skipped when training reads it

@@ -74,7 +74,9 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, show_progress: bool = True):
+    def __init__(self, cfg: TrainConfig, show_progress: bool = True, model: blip2rt.Blip2 | None = None):
+        """model: an already built model to train (cfg.model then only names it), e.g. stage 2
+        continuing on the stage-1 model in memory; by default cfg.model is loaded."""
         cfg.validate()
         self.cfg = cfg
         self.device = self._device()
@@ -86,8 +88,10 @@ class Trainer:
         torch.manual_seed(cfg.seed + D.rank())
 
         frozen = DTYPES[cfg.frozen_dtype] if cfg.frozen_dtype != "auto" else None
-        self.model = blip2rt.from_pretrained(cfg.model, device=self.device, dtype=frozen, kernels=cfg.kernels,
-                                             config=cfg.model_config)
+        if model is None:
+            model = blip2rt.from_pretrained(cfg.model, device=self.device, dtype=frozen, kernels=cfg.kernels,
+                                            config=cfg.model_config)
+        self.model = model
         if cfg.init:
             init = Path(cfg.init)
             init_file = init / "trainable.safetensors" if init.is_dir() else init
@@ -162,20 +166,22 @@ class Trainer:
     def _data(self):
         cfg, m = self.cfg, self.model
         size = cfg.image_size or m.config.vision_config.image_size
+        norm = (m.config.vision_config.image_mean, m.config.vision_config.image_std)
         if cfg.stage == 1:
             collate = Stage1Collate(m.qformer_tokenizer, cfg.max_text_len)
         else:
             suffix = "\n" if m.config.text_config["model_type"] == "opt" else None  # LAVIS ends OPT text at "\n"
-            collate = Stage2Collate(m.tokenizer, m.config.is_encoder_decoder, cfg.max_text_len, cfg.prompt, suffix)
+            collate = Stage2Collate(m.tokenizer, m.config.is_encoder_decoder, cfg.max_text_len, cfg.prompt, suffix,
+                                    bos_token_id=None if m.config.is_encoder_decoder else m.config.text_config.get("bos_token_id"))
         if cfg.shards:
-            ds = ShardDataset(cfg.shards, size, cfg.augment, cfg.max_words, cfg.seed, D.rank(), D.world_size())
+            ds = ShardDataset(cfg.shards, size, cfg.augment, cfg.max_words, cfg.seed, D.rank(), D.world_size(), norm)
             loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate,
                                                  num_workers=cfg.num_workers,
                                                  generator=torch.Generator().manual_seed(cfg.seed))
             return ds, None, loader
         cache = None
         if cfg.cache_features:
-            folder = self.out_dir / "feature_cache"
+            folder = Path(cfg.feature_cache) if cfg.feature_cache else self.out_dir / "feature_cache"
             if not FeatureCache.exists(folder):
                 from .data import load_annotations
 
@@ -185,7 +191,7 @@ class Trainer:
                 if D.is_distributed():
                     torch.distributed.barrier()
             cache = FeatureCache(folder)
-        ds = CaptionDataset(cfg.annotations, cfg.image_root, size, cfg.augment, cfg.max_words, cfg.seed, cache)
+        ds = CaptionDataset(cfg.annotations, cfg.image_root, size, cfg.augment, cfg.max_words, cfg.seed, cache, norm)
         sampler = ResumableSampler(len(ds), cfg.seed, D.rank(), D.world_size())
         # Its own generator: making an iterator draws a seed, which must not move the global RNG
         # (dropout, negatives), or a resumed run would diverge from an uninterrupted one.

