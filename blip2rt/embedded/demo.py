@@ -29,7 +29,7 @@ import torch
 from blip2rt.errors import Blip2rtError
 
 from . import assets
-from .easy_vqa import COLORS, SHAPES, EasyVqaImage, load_split, majority_answer, write_annotations
+from .easy_vqa import COLORS, SHAPES, EasyVqaImage, load_split, annotation_rows, majority_answer, write_annotations
 
 # Real photos shipped in scikit-image's wheel (skimage/data), with captions written by hand.
 PHOTOS = {
@@ -157,24 +157,25 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
     # image_id groups positives: 24 captions over thousands of images, so two images with the same
     # caption are positives of each other for ITC, and never drawn as each other's ITM negative
     train_json = write_annotations(train, out / "data" / "train.json", group_by_caption=True)
-    test_records = [{"image": str(im.image), "caption": im.caption, "image_id": im.image_id} for im in test]
+    test_records = annotation_rows(test)
     vqa_records = _vqa_sample(test, plan.vqa_questions)
     majority, _ = majority_answer(train)  # the baseline answers what was most common in training
     baseline = sum(r["answer"] == majority for r in vqa_records) / len(vqa_records)
     _say(f"data: easy-vqa, {len(train)} train / {len(test)} test images, captions \"a {{color}} {{shape}}\" "
          f"({len({im.caption for im in test})} distinct in the test images)")
 
-    common = dict(model="blip2-mini", annotations=[str(train_json)], image_root="/", augment=False,
-                  cache_features=True, feature_cache=str(out / "feature_cache"), max_text_len=plan.max_text_len,
-                  weight_decay=0.05, num_workers=0, log_every=5, keep_checkpoints=1, kernels="auto")
+    def stage_config(stage: int, steps: int, batch: int, lr: float) -> TrainConfig:
+        return TrainConfig(stage=stage, out_dir=str(out / f"stage{stage}"), batch_size=batch, max_steps=steps,
+                           warmup_steps=max(1, steps // 10), lr=lr, min_lr=lr / 10, save_every=max(1, steps // 2),
+                           model="blip2-mini", annotations=[str(train_json)], image_root="/", augment=False,
+                           cache_features=True, feature_cache=str(out / "feature_cache"),
+                           max_text_len=plan.max_text_len, weight_decay=0.05, num_workers=0, log_every=5,
+                           keep_checkpoints=1, kernels="auto")
     finish("data", t0)
 
     # ---- stage 1 ------------------------------------------------------------------------
     t0 = time.perf_counter()
-    cfg1 = TrainConfig(stage=1, out_dir=str(out / "stage1"), batch_size=plan.stage1_batch,
-                       max_steps=plan.stage1_steps, warmup_steps=max(1, plan.stage1_steps // 10),
-                       lr=plan.stage1_lr, min_lr=plan.stage1_lr / 10,
-                       save_every=max(1, plan.stage1_steps // 2), **common)
+    cfg1 = stage_config(1, plan.stage1_steps, plan.stage1_batch, plan.stage1_lr)
     _say(f"stage 1: loading blip2-mini and caching the frozen ViT features -> {cfg1.feature_cache}")
     t1 = Trainer(cfg1, show_progress=show_progress, model=_load_model(device))
     model = t1.model
@@ -198,10 +199,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
 
     # ---- stage 2 ------------------------------------------------------------------------
     t0 = time.perf_counter()
-    cfg2 = TrainConfig(stage=2, out_dir=str(out / "stage2"), batch_size=plan.stage2_batch,
-                       max_steps=plan.stage2_steps, warmup_steps=max(1, plan.stage2_steps // 10),
-                       lr=plan.stage2_lr, min_lr=plan.stage2_lr / 10,
-                       save_every=max(1, plan.stage2_steps // 2), **common)
+    cfg2 = stage_config(2, plan.stage2_steps, plan.stage2_batch, plan.stage2_lr)
     _say(f"stage 2: generative, through the frozen SmolLM2, {plan.stage2_steps} steps of {plan.stage2_batch}")
     t2 = Trainer(cfg2, show_progress=show_progress, model=model)
     last2 = t2.run() or state.get("stage2_last") or {}
@@ -241,10 +239,9 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
         from blip2rt.export import export_model
 
         _say(f"export: ONNX graphs -> {export_dir}")
-        cpu_model = model if model.device.type == "cpu" else None
-        if cpu_model is None:
-            raise Blip2rtError("export runs on the CPU model")  # _load_model keeps the demo on one device
-        export_model(cpu_model, export_dir)
+        if model.device.type != "cpu":
+            raise Blip2rtError("the demo exports the CPU model; run it without --device")
+        export_model(model, export_dir)
         state.put("export", str(export_dir))
     finish("export", t0)
 
@@ -360,7 +357,7 @@ def format_report(r: dict) -> str:
         "  photos      (skimage.data; the model has only seen coloured shapes)",
     ]
     for e in o["photos"]:
-        lines.append(f"              {e['image']}: ORT {e['ort']!r}, PyTorch {e['torch']!r} (a person: {e['truth']!r})")
+        lines.append(f"              {e['image']}: ORT {e['ort']!r}, PyTorch {e['torch']!r} (by hand: {e['truth']!r})")
     lines += [
         f"  latency     caption, batch 1 (median): eager PyTorch {lat['eager']:.0f} ms, fused {fused}, "
         f"ONNX Runtime {lat['ort']:.0f} ms ({lat['eager'] / lat['ort']:.2f}x eager)",

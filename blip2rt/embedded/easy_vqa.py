@@ -121,12 +121,17 @@ def _color_and_shape(qa: list[tuple[str, str]]) -> tuple[str | None, str | None]
     return out[0], out[1]
 
 
-def write_annotations(images: list[EasyVqaImage], path: Path, group_by_caption: bool = False) -> Path:
-    """LAVIS-style caption annotations (what blip2rt.training reads); image paths are absolute.
+def annotation_rows(images: list[EasyVqaImage], group_by_caption: bool = False) -> list[dict]:
+    """LAVIS-style caption records (what blip2rt.training reads); image paths are absolute.
     group_by_caption: image_id is the caption, so the trainer treats images that share one as
     the same (ITC positives, never ITM negatives)."""
-    rows = [{"image": str(im.image), "caption": im.caption,
+    return [{"image": str(im.image), "caption": im.caption,
              "image_id": im.caption if group_by_caption else im.image_id} for im in images]
+
+
+def write_annotations(images: list[EasyVqaImage], path: Path, group_by_caption: bool = False) -> Path:
+    """annotation_rows, written as a JSON file."""
+    rows = annotation_rows(images, group_by_caption)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows))
     return path
