@@ -62,7 +62,7 @@ def stage1_step(impl: str, device, preset: str, batch: int, text_len: int = 32) 
     """impl: "triton" | "torch" | "lavis". Returns (step, forward+backward FLOPs per step, approx)."""
     m = _model(preset, device, impl, 1)
     obj = Stage1Objective(m, dec_token_id=1, pad_token_id=0)
-    opt = torch.optim.AdamW(param_groups(m, 0.05), lr=1e-5)
+    opt = torch.optim.AdamW(param_groups(m, 0.05, 1e-5), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     size = m.config.vision_config.image_size
     ids = torch.randint(5, m.config.qformer_config.vocab_size, (batch, text_len), generator=g).to(device)
@@ -91,7 +91,7 @@ def stage1_step(impl: str, device, preset: str, batch: int, text_len: int = 32) 
 def stage2_step(impl: str, device, preset: str, batch: int, text_len: int = 32) -> tuple[Callable[[], None], float]:
     m = _model(preset, device, impl, 2)
     obj = Stage2Objective(m)
-    opt = torch.optim.AdamW(param_groups(m, 0.05), lr=1e-5)
+    opt = torch.optim.AdamW(param_groups(m, 0.05, 1e-5), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     size = m.config.vision_config.image_size
     vocab = m.language_model.get_input_embeddings().num_embeddings

@@ -100,6 +100,12 @@ class Blip2Config:
     # what stage 1 and retrieval need.
     with_text_heads: bool = False
     initializer_range: float = 0.02
+    # Decoder-only LLMs: put the LLM's BOS before the soft prompt ([BOS ; soft prompt ; text])
+    # instead of after it (the paper's [soft prompt ; BOS ; text]). A small LLM trained for a
+    # few hundred steps keeps the first token as its attention sink this way; with the soft
+    # prompt first, SmolLM2-135M's stage-2 loss stayed near 5 nats and no caption depended on
+    # the image (blip2rt/embedded/demo.py).
+    bos_before_soft_prompt: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.vision_config, dict):
@@ -114,6 +120,9 @@ class Blip2Config:
             raise CheckpointError("text_config needs a 'model_type' (e.g. 'opt', 'llama', 't5')")
         if self.text_config is None and not self.with_text_heads:
             raise CheckpointError("a BLIP-2 config needs an LLM (text_config), the text heads, or both")
+        if self.bos_before_soft_prompt and (self.is_encoder_decoder or self.text_config is None
+                                            or self.text_config.get("bos_token_id") is None):
+            raise CheckpointError("bos_before_soft_prompt needs a decoder-only LLM with a bos_token_id")
 
     @property
     def with_llm(self) -> bool:
@@ -142,6 +151,7 @@ class Blip2Config:
             image_text_hidden_size=d.get("image_text_hidden_size", 256),
             with_text_heads=retrieval or bool(d.get("blip2rt_with_text_heads", False)),
             initializer_range=d.get("initializer_range", 0.02),
+            bos_before_soft_prompt=bool(d.get("blip2rt_bos_before_soft_prompt", False)),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -154,6 +164,7 @@ class Blip2Config:
             "image_text_hidden_size": self.image_text_hidden_size,
             "initializer_range": self.initializer_range,
             "blip2rt_with_text_heads": self.with_text_heads,
+            "blip2rt_bos_before_soft_prompt": self.bos_before_soft_prompt,
         }
         if self.text_config is not None:
             d["text_config"] = copy.deepcopy(self.text_config)

@@ -170,12 +170,13 @@ class Blip2(nn.Module):
     # ---- LLM side -------------------------------------------------------------------------
 
     def _llm_inputs(self, pixel_values, input_ids, attention_mask, image_embeds=None):
-        """[soft prompt ; prompt embeddings] (B, Q + T, W) and its mask (B, Q + T)."""
+        """[soft prompt ; prompt embeddings] (B, Q + T, W) and its mask, or with
+        config.bos_before_soft_prompt [BOS ; soft prompt ; prompt embeddings] (B, 1 + Q + T, W)."""
         if image_embeds is None:
             prompt = self.soft_prompt(pixel_values)
         else:  # image tokens after ln_vision, e.g. from cached frozen features
             prompt = self.language_projection(self.query_output(image_embeds)).to(self.language_model.dtype)
-        b, q = prompt.shape[:2]
+        b = prompt.shape[0]
         if input_ids is None:
             input_ids = self._default_prompt_ids(b)
         input_ids = input_ids.to(self.device)
@@ -184,15 +185,20 @@ class Blip2(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
-        embeds = self.language_model.get_input_embeddings()(input_ids)
-        embeds = torch.cat([prompt, embeds.to(prompt.dtype)], dim=1)
+        table = self.language_model.get_input_embeddings()
+        if self.config.bos_before_soft_prompt:
+            bos = torch.full((b, 1), self.language_model.config.bos_token_id, dtype=torch.long, device=self.device)
+            prompt = torch.cat([table(bos).to(prompt.dtype), prompt], dim=1)
+        embeds = torch.cat([prompt, table(input_ids).to(prompt.dtype)], dim=1)
+        q = prompt.shape[1]
         mask = torch.cat([torch.ones(b, q, dtype=attention_mask.dtype, device=self.device), attention_mask], dim=1)
         return embeds, mask, input_ids
 
     def _default_prompt_ids(self, batch: int) -> torch.Tensor:
-        """No prompt: the LLM's BOS alone (as LAVIS's empty prompt and HF's default), or nothing."""
+        """No prompt: the LLM's BOS alone (as LAVIS's empty prompt and HF's default), or nothing
+        (no BOS, or the BOS already before the soft prompt)."""
         bos = self.language_model.config.bos_token_id
-        if bos is None:
+        if bos is None or self.config.bos_before_soft_prompt:
             return torch.zeros(batch, 0, dtype=torch.long, device=self.device)
         return torch.full((batch, 1), bos, dtype=torch.long, device=self.device)
 
@@ -205,8 +211,12 @@ class Blip2(nn.Module):
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,  # (B, N, Dv) after ln_vision, instead of pixel_values
+        return_logits: bool = True,
     ) -> Blip2Output:
-        """LM loss of the text behind the soft prompt (query positions never count)."""
+        """LM loss of the text behind the soft prompt (query positions never count).
+
+        return_logits=False (training): where the LM head is a plain linear layer, only the T
+        positions that predict the text go through it, and no logits are returned."""
         self._need_llm("forward")
         embeds, mask, _ = self._llm_inputs(pixel_values, input_ids, attention_mask, image_embeds)
         if self.config.is_encoder_decoder:
@@ -215,15 +225,22 @@ class Blip2(nn.Module):
             return Blip2Output(loss=out.loss, logits=out.logits)
         if labels is None:
             return Blip2Output(loss=None, logits=self.language_model(inputs_embeds=embeds, attention_mask=mask).logits)
-        q = embeds.shape[1] - labels.shape[1]
-        full = F.pad(labels.to(self.device), (q, 0), value=-100)  # (B, Q + T): queries are never targets
-        if self.kernel_backend == "triton" and self.config.text_config["model_type"] in PLAIN_LM_HEAD:
-            # The head in chunks from the hidden states: the (B, Q + T, V) logits are never stored.
+        q = embeds.shape[1] - labels.shape[1]  # the soft prompt (and a BOS before it): never targets
+        labels = labels.to(self.device)
+        if self.config.text_config["model_type"] in PLAIN_LM_HEAD and (
+                self.kernel_backend == "triton" or not return_logits):
+            # Position q - 1 + t predicts text token t: the head runs on those T positions only
+            # (the fused kernel in chunks, never storing the (B, T, V) logits).
             hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            hidden = hidden[:, q - 1:-1]  # (B, T, W)
             head = self.language_model.get_output_embeddings()
-            loss = kernels.linear_cross_entropy(hidden[:, :-1], head.weight, full[:, 1:], head.bias, backend="triton")
+            if self.kernel_backend == "triton":
+                loss = kernels.linear_cross_entropy(hidden, head.weight, labels, head.bias, backend="triton")
+            else:
+                loss = F.cross_entropy(head(hidden).float().flatten(0, 1), labels.flatten(), ignore_index=-100)
             return Blip2Output(loss=loss, logits=None)
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q + T, V)
+        full = F.pad(labels, (q, 0), value=-100)  # (B, Q + T)
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), full[:, 1:].flatten(), ignore_index=-100)
         return Blip2Output(loss=loss, logits=logits)
 
@@ -275,6 +292,22 @@ class Blip2(nn.Module):
         questions = [questions] * px.shape[0] if isinstance(questions, str) else list(questions)
         return self._generate_text(px, [prompt_template.format(q) for q in questions], {**VQA_DEFAULTS, **gen})
 
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM ids and mask (B, T) of text prompts: left-padded (decoder-only) or right-padded (T5);
+        without the tokenizer's BOS where the model puts the BOS before the soft prompt."""
+        tok = self._need_tokenizer()
+        rows = tok(list(prompts))["input_ids"]
+        if self.config.bos_before_soft_prompt:
+            bos = self.language_model.config.bos_token_id
+            rows = [r[1:] if r[:1] == [bos] else r for r in rows]
+        t = max(len(r) for r in rows)
+        ids = torch.full((len(rows), t), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=torch.long)
+        mask = torch.zeros(len(rows), t, dtype=torch.long)
+        for i, r in enumerate(rows):
+            cols = slice(0, len(r)) if self.config.is_encoder_decoder else slice(t - len(r), t)
+            ids[i, cols], mask[i, cols] = torch.tensor(r, dtype=torch.long), 1
+        return ids, mask
+
     def _generate_text(self, px: torch.Tensor, prompts: list[str] | None, gen: dict) -> list[str]:
         tok = self._need_tokenizer()
         if "max_new_tokens" in gen and "min_new_tokens" in gen:  # a user's short maximum wins over our default minimum
@@ -283,9 +316,7 @@ class Blip2(nn.Module):
             raise InputError(f"{px.shape[0]} images but {len(prompts)} prompts; give one prompt per image or one for all")
         input_ids = mask = None
         if prompts is not None:
-            side = "right" if self.config.is_encoder_decoder else "left"
-            enc = tok(prompts, padding="longest", return_tensors="pt", padding_side=side)
-            input_ids, mask = enc["input_ids"], enc["attention_mask"]
+            input_ids, mask = self.encode_prompts(prompts)
         ids = self.generate(px, input_ids, mask, **gen)
         return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
 

@@ -59,6 +59,7 @@ _PRESETS: dict[str, dict] = {
         num_query_tokens=16,
         image_text_hidden_size=256,
         with_text_heads=True,
+        bos_before_soft_prompt=True,  # see Blip2Config: SmolLM2 keeps its BOS attention sink
     ),
     "tiny": dict(
         vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -93,4 +94,5 @@ def preset_config(name: str) -> Blip2Config:
         image_text_hidden_size=p.get("image_text_hidden_size", 256),
         with_text_heads=p.get("with_text_heads", False),
         initializer_range=p.get("initializer_range", 0.02),
+        bos_before_soft_prompt=p.get("bos_before_soft_prompt", False),
     )

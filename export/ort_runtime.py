@@ -162,6 +162,8 @@ class OrtBlip2:
         LLMs, right-padded for T5. Returns (ids, mask), both (B, T) int64."""
         c = self.cfg
         rows = [c["tokenizer_prepend_ids"] + self.tokenizer.encode(t).ids + c["tokenizer_append_ids"] for t in texts]
+        if c.get("bos_before_soft_prompt"):  # the BOS already goes before the soft prompt
+            rows = [r[1:] if r[:1] == [c["bos_token_id"]] else r for r in rows]
         t = max(len(r) for r in rows)
         ids = np.full((len(rows), t), c["tokenizer_pad_id"], dtype=np.int64)
         mask = np.zeros((len(rows), t), dtype=np.int64)
@@ -201,9 +203,13 @@ class OrtBlip2:
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         soft = self.image_features(pixel_values)
         b = soft.shape[0]
-        if input_ids is None:
-            bos = self.cfg["bos_token_id"]
-            input_ids = np.full((b, 0 if bos is None else 1), bos or 0, dtype=np.int64)
+        bos = self.cfg["bos_token_id"]
+        bos_first = self.cfg.get("bos_before_soft_prompt", False)  # exports before it have no such key
+        if bos_first:  # [BOS ; soft prompt ; prompt], as Blip2Config.bos_before_soft_prompt
+            soft = np.concatenate([np.broadcast_to(self.embed[bos], (b, 1, soft.shape[2])).astype(soft.dtype), soft], 1)
+        if input_ids is None:  # no prompt: the BOS alone, unless it is already first
+            n = 0 if bos is None or bos_first else 1
+            input_ids = np.full((b, n), bos or 0, dtype=np.int64)
         input_ids = np.asarray(input_ids, dtype=np.int64)
         attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
         if input_ids.shape[0] != b:

@@ -44,3 +44,17 @@ def test_with_a_prompt_generation_starts_from_the_prompt_so_no_bos():
     b = Stage2Collate(_tokenizer(False), False, 16, "a photo of ", " </s>", bos_token_id=1)(_samples()).objective_inputs
     assert b.input_ids[0].tolist() == [3, 6, 7, 3, 4, 5, 2]
     assert b.labels[0].tolist() == [-100, -100, -100, 3, 4, 5, 2]
+
+
+def test_with_the_bos_before_the_soft_prompt_the_text_starts_without_it():
+    """Blip2Config.bos_before_soft_prompt: the model puts the BOS first, so the text has none, from
+    either tokenizer, and its first token is predicted (from the soft prompt's last position)."""
+    for adds_bos in (False, True):
+        b = Stage2Collate(_tokenizer(adds_bos), False, 16, "", " </s>", bos_token_id=1,
+                          bos_before_soft_prompt=True)(_samples()).objective_inputs
+        assert b.input_ids.tolist() == [[3, 4, 5, 2], [3, 5, 2, 0]]
+        assert b.labels.tolist() == [[3, 4, 5, 2], [3, 5, 2, -100]]
+    b = Stage2Collate(_tokenizer(True), False, 16, "a photo of ", " </s>", bos_token_id=1,
+                      bos_before_soft_prompt=True)(_samples()).objective_inputs
+    assert b.input_ids[0].tolist() == [3, 6, 7, 3, 4, 5, 2]
+    assert b.labels[0].tolist() == [-100, -100, -100, 3, 4, 5, 2]

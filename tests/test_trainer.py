@@ -149,6 +149,39 @@ def test_stage2_initialised_from_stage1(toy, tmp_path):
     assert not s2.model.itm_head.weight.requires_grad  # stage 2 trains no text head
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_each_stage_trains_exactly_what_its_loss_reaches(stage):
+    """Oracle: autograd. With everything unfrozen, the parameters of the stage's modules that get
+    a gradient from its loss are the trainable set (stage 2: no Q-Former text FFN, but the
+    cross-attention output projection and the query FFN)."""
+    from blip2rt.model import Blip2
+    from blip2rt.presets import preset_config
+    from blip2rt.training.stage1 import Stage1Batch, Stage1Objective
+    from blip2rt.training.stage2 import Stage2Batch, Stage2Objective
+    from blip2rt.training.trainer import STAGE1_TRAINABLE, STAGE2_TRAINABLE, set_trainable
+
+    torch.manual_seed(0)
+    m = Blip2(preset_config("tiny"))
+    m.train()
+    size = m.config.vision_config.image_size
+    ids = torch.randint(5, 40, (3, 7))
+    if stage == 1:
+        batch = Stage1Batch(ids, torch.ones_like(ids), image_ids=torch.arange(3), pixel_values=torch.randn(3, 3, size, size))
+        loss = Stage1Objective(m, dec_token_id=2, pad_token_id=0)(batch)["loss"]
+    else:
+        batch = Stage2Batch(ids, torch.ones_like(ids), ids.clone(), pixel_values=torch.randn(3, 3, size, size))
+        loss = Stage2Objective(m)(batch)["loss"]
+    loss.backward()
+    owned = STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
+    reached = {n for n, p in m.named_parameters()
+               if n.startswith(owned) and p.grad is not None and p.grad.abs().sum() > 0}
+    trainable = set(set_trainable(m, stage))
+    assert trainable == reached, (sorted(trainable - reached)[:5], sorted(reached - trainable)[:5])
+    if stage == 2:
+        assert "qformer.encoder.layer.0.crossattention.output.dense.weight" in trainable
+        assert "qformer.encoder.layer.0.output.dense.weight" not in trainable
+
+
 def test_webdataset_shards_train_and_skip_a_corrupt_member(toy, tmp_path):
     import io
     import json

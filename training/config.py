@@ -26,6 +26,9 @@ class TrainConfig:
     max_steps: int = 1000  # optimiser steps
     lr: float = 1e-4
     min_lr: float = 1e-5
+    # Stage 2: the peak lr of the language projection, which starts from random while the
+    # Q-Former arrives trained from stage 1 (default: lr). min_lr scales it by the same ratio.
+    projection_lr: float | None = None
     warmup_steps: int = 2000  # paper: 2k (LAVIS stage 1: 5k)
     weight_decay: float = 0.05
     beta1: float = 0.9
@@ -63,6 +66,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise Blip2rtError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.projection_lr is not None and self.projection_lr <= 0:
+            raise Blip2rtError(f"projection_lr must be positive, got {self.projection_lr}")
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise Blip2rtError(f"amp must be auto, bf16, fp16 or none, got {self.amp!r}")
 

@@ -255,14 +255,16 @@ class Stage2Collate:
     """Samples -> Stage2Batch for a decoder-only or an encoder-decoder LLM."""
 
     def __init__(self, tokenizer, encoder_decoder: bool, max_length: int = 32, prompt: str = "",
-                 text_suffix: str | None = None, bos_token_id: int | None = None):
+                 text_suffix: str | None = None, bos_token_id: int | None = None, bos_before_soft_prompt: bool = False):
         """bos_token_id (decoder-only): with no prompt, generation starts from the LLM's BOS after the
         soft prompt (Blip2._default_prompt_ids), so training prepends it, unpredicted, where the
-        tokenizer does not add it itself (Llama-style GGUF tokenizers)."""
+        tokenizer does not add it itself (Llama-style GGUF tokenizers). With bos_before_soft_prompt
+        the model puts the BOS first itself, so a BOS the tokenizer adds is dropped instead."""
         self.tok, self.enc_dec, self.max_length, self.prompt = tokenizer, encoder_decoder, max_length, prompt
         self.suffix = text_suffix if text_suffix is not None else (tokenizer.eos_token or "")
         adds_bos = bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [bos_token_id]
-        self.bos = None if encoder_decoder or adds_bos or prompt else bos_token_id
+        self.drop_first = not encoder_decoder and bos_before_soft_prompt and adds_bos
+        self.bos = None if encoder_decoder or adds_bos or prompt or bos_before_soft_prompt else bos_token_id
 
     def __call__(self, samples: list[Sample]) -> Batch:
         from .stage2 import Stage2Batch, split_for_prefix_lm
@@ -284,13 +286,15 @@ class Stage2Collate:
             enc = self.tok(texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt",
                            padding_side="right")
             ids, mask = enc["input_ids"], enc["attention_mask"]
+            if self.drop_first:  # right-padded: column 0 is every row's BOS
+                ids, mask = ids[:, 1:], mask[:, 1:]
             if self.bos is not None:
                 ids = torch.cat([torch.full_like(ids[:, :1], self.bos), ids], dim=1)
                 mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
             labels = ids.masked_fill(mask == 0, -100)
             n_given = int(self.bos is not None)  # the BOS and the prompt are given, not predicted
             if self.prompt:
-                n_given += len(self.tok(self.prompt)["input_ids"])
+                n_given += len(self.tok(self.prompt)["input_ids"]) - int(self.drop_first)
             labels[:, :n_given] = -100
             batch = Stage2Batch(ids, mask, labels, **images)
         return Batch(batch, len(ok), len(samples) - len(ok))

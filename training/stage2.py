@@ -53,5 +53,6 @@ class Stage2Objective(nn.Module):
             ln = m.vision_model.post_layernorm
             embeds = ln(batch.frozen_features.to(m.device, ln.weight.dtype))
         out = m(batch.pixel_values, batch.input_ids.to(m.device), batch.attention_mask.to(m.device),
-                labels=batch.labels.to(m.device), image_embeds=embeds)
+                labels=batch.labels.to(m.device), image_embeds=embeds,
+                return_logits=False)
         return {"loss": out.loss, "lm": out.loss}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,7 +35,9 @@ log = logging.getLogger(__name__)
 STAGE1_TRAINABLE = ("vision_model.post_layernorm.", "query_tokens", "qformer.", "embeddings.", "vision_projection.",
                     "text_projection.", "itm_head.", "temp", "itg_head.")
 STAGE2_TRAINABLE = ("vision_model.post_layernorm.", "query_tokens", "qformer.", "language_projection.")
-QFORMER_TEXT_FFN = (".intermediate.", ".output.")  # text-only layers of the Q-Former: unused in stage 2
+# The text-only FFN of each Q-Former layer (`layer.N.intermediate.` / `layer.N.output.`, not the
+# attention outputs nor the query FFN): stage 2 has no text in the Q-Former, so it stays frozen.
+QFORMER_TEXT_FFN = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
 
 
 class NonFiniteLossError(Blip2rtError):
@@ -46,23 +49,23 @@ def set_trainable(model: nn.Module, stage: int) -> list[str]:
     prefixes = STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
     names = []
     for name, p in model.named_parameters():
-        train = name.startswith(prefixes)
-        if stage == 2 and name.startswith("qformer.encoder.layer.") and any(t in name for t in QFORMER_TEXT_FFN) \
-                and ".attention." not in name:
-            train = False
+        train = name.startswith(prefixes) and not (stage == 2 and QFORMER_TEXT_FFN.match(name))
         p.requires_grad_(train)
         if train:
             names.append(name)
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on biases, norms and scalars (LAVIS's rule: ndim < 2)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: nn.Module, weight_decay: float, lr: float, projection_lr: float | None = None) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases, norms and scalars (LAVIS's rule: ndim < 2);
+    the language projection in groups of its own when it has its own lr."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            own = projection_lr is not None and name.startswith("language_projection.")
+            groups.setdefault((own, p.ndim >= 2), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": projection_lr if own else lr}
+            for (own, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -120,7 +123,8 @@ class Trainer:
             frozen += [n for n, _ in self.objective.named_buffers() if n.startswith("model.language_model.")]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.objective, frozen)
             self.module = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+        projection_lr = cfg.projection_lr if cfg.stage == 2 else None
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay, cfg.lr, projection_lr), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
         ratio = cfg.min_lr / cfg.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -171,8 +175,9 @@ class Trainer:
             collate = Stage1Collate(m.qformer_tokenizer, cfg.max_text_len)
         else:
             suffix = "\n" if m.config.text_config["model_type"] == "opt" else None  # LAVIS ends OPT text at "\n"
+            bos = None if m.config.is_encoder_decoder else m.config.text_config.get("bos_token_id")
             collate = Stage2Collate(m.tokenizer, m.config.is_encoder_decoder, cfg.max_text_len, cfg.prompt, suffix,
-                                    bos_token_id=None if m.config.is_encoder_decoder else m.config.text_config.get("bos_token_id"))
+                                    bos_token_id=bos, bos_before_soft_prompt=m.config.bos_before_soft_prompt)
         if cfg.shards:
             ds = ShardDataset(cfg.shards, size, cfg.augment, cfg.max_words, cfg.seed, D.rank(), D.world_size(), norm)
             loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate,
