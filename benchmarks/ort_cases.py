@@ -86,4 +86,19 @@ def caption(impl: str, preset: str, batch: int, new_tokens: int = 20) -> Callabl
     if impl == "ort":
         arr = px.numpy()
         return lambda: rt.caption(arr, **gen)
+    if impl == "transformers":  # the same saved weights, through transformers' own Blip2 generate
+        from transformers import Blip2ForConditionalGeneration
+
+        hf = Blip2ForConditionalGeneration.from_pretrained(_saved(preset) / "model").eval()
+        if hf.config.image_token_index is None:  # blip2rt's config.json has no placeholder id: any id in the vocabulary
+            hf.config.image_token_index = hf.config.text_config.vocab_size - 1
+        q = model.config.num_query_tokens
+        ids = torch.cat([torch.full((batch, q), hf.config.image_token_index),
+                         torch.full((batch, 1), hf.config.text_config.bos_token_id)], dim=1)
+
+        def hf_caption():
+            with torch.no_grad():
+                hf.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
+
+        return hf_caption
     return lambda: model.caption(px, **gen)

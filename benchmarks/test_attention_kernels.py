@@ -1,14 +1,20 @@
-"""Q-Former attention at the paper's shapes (GPU, bf16): fused vs eager vs SDPA, fwd and fwd+bwd,
-and the whole Q-Former forward at B = 1.
+"""Layer 1-2: Q-Former attention kernels and the whole Q-Former.
 
-Run: pytest benchmarks/test_attention_kernels.py --benchmark-columns=median,iqr,rounds
+- GPU (bf16, paper shapes): cross-attention and masked self-attention, fused vs eager vs SDPA,
+  fwd and fwd+bwd; the Q-Former over ViT-g tokens at B = 1 and B = 32.
+- CPU (fp32, `tiny` and `mini` shapes): the Q-Former forward and forward+backward, blip2rt's
+  torch path vs transformers' Blip2QFormerModel (the Triton kernels need a GPU).
+
+Run: blip2rt bench -k attention   (or pytest benchmarks/test_attention_kernels.py)
 """
 
 import pytest
 import torch
 
 from attention_cases import PAPER, attention_case, qformer_forward_case
-from timing import run_timed
+from timing import measure, per_second
+
+CPU_PRESETS = ["tiny", "blip2-mini"]
 
 
 @pytest.mark.parametrize("impl", ["fused", "eager", "sdpa"])
@@ -18,15 +24,27 @@ from timing import run_timed
 def test_attention(benchmark, cuda, kind, batch, backward, impl):
     benchmark.group = f"{kind}-attention B={batch} {'fwd+bwd' if backward else 'fwd'}"
     step = attention_case(kind, impl, cuda, torch.bfloat16, batch=batch, backward=backward, **PAPER)
-    peak = run_timed(benchmark, step)
-    benchmark.extra_info.update(peak_mib=round(peak, 1), samples_per_s=round(batch / benchmark.stats.stats.median),
-                                device=torch.cuda.get_device_name())
+    measure(benchmark, step, device=cuda)
+    per_second(benchmark, "samples_per_s", batch)
 
 
 @pytest.mark.parametrize("impl", ["fused", "torch", "transformers"])
-def test_qformer_forward_batch1(benchmark, cuda, impl):
-    """BERT-base Q-Former over ViT-g tokens (257 x 1408) at B = 1: the latency case."""
-    benchmark.group = "qformer forward B=1"
-    step = qformer_forward_case(impl, cuda, torch.bfloat16, "blip2-itm-vit-g", batch=1)
-    peak = run_timed(benchmark, step)
-    benchmark.extra_info.update(peak_mib=round(peak, 1), device=torch.cuda.get_device_name())
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("batch", [1, 32])
+def test_qformer_gpu(benchmark, cuda, batch, backward, impl):
+    """BERT-base Q-Former over ViT-g tokens (257 x 1408); B = 1 is the latency case."""
+    benchmark.group = f"qformer blip2-itm-vit-g B={batch} {'fwd+bwd' if backward else 'fwd'}"
+    step = qformer_forward_case(impl, cuda, torch.bfloat16, "blip2-itm-vit-g", batch=batch, backward=backward)
+    measure(benchmark, step, device=cuda)
+    per_second(benchmark, "images_per_s", batch)
+
+
+@pytest.mark.parametrize("impl", ["torch", "transformers"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("preset", CPU_PRESETS)
+def test_qformer_cpu(benchmark, preset, backward, impl):
+    batch = 8
+    benchmark.group = f"qformer {preset} B={batch} {'fwd+bwd' if backward else 'fwd'} (cpu)"
+    step = qformer_forward_case(impl, torch.device("cpu"), torch.float32, preset, batch=batch, backward=backward)
+    measure(benchmark, step, rounds=10, warmup=2)
+    per_second(benchmark, "images_per_s", batch)

@@ -1,34 +1,58 @@
-"""Training-step throughput at paper shapes (GPU): ViT-g + BERT-base Q-Former (stage 1, B = 64),
-ViT-g + OPT-2.7B (stage 2, B = 32); kernels="triton" vs "torch" vs a LAVIS-style eager step.
+"""Layer 3: one optimiser step of each stage.
 
-Run: pytest benchmarks/test_train_step.py --benchmark-columns=median,rounds
-MFU uses the H100/H200 dense bf16 peak (989 TFLOP/s); the FLOP counts are estimates (see the cases).
+- GPU (paper shapes): ViT-g + BERT-base Q-Former (stage 1, B = 64) and ViT-g + OPT-2.7B
+  (stage 2, B = 32); kernels="triton" vs "torch" vs a LAVIS-style eager stage-1 step. MFU uses
+  the H100/H200 dense bf16 peak (989 TFLOP/s); the FLOP counts are estimates (see the cases).
+- CPU (fp32, `tiny` and `mini` shapes, random weights): "torch" vs the LAVIS-style step.
+
+Run: blip2rt bench -k train_step
 """
 
 import pytest
 import torch
 
-from timing import run_timed
+from timing import measure, per_second
 from train_step_cases import stage1_step, stage2_step
 
 PEAK_BF16 = 989e12
+CPU = torch.device("cpu")
+CPU_CASES = [("tiny", 8), ("blip2-mini", 8)]
+
+
+def _mfu(benchmark, flops):
+    benchmark.extra_info["mfu"] = round(flops / benchmark.stats.stats.median / PEAK_BF16, 3)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch", "lavis"])
-def test_stage1_step(benchmark, cuda, impl):
-    benchmark.group = "stage-1 step, blip2-itm-vit-g, B=64"
+def test_stage1_step_gpu(benchmark, cuda, impl):
+    benchmark.group = "stage-1 step blip2-itm-vit-g B=64"
     step, flops = stage1_step(impl, cuda, "blip2-itm-vit-g", batch=64)
-    peak = run_timed(benchmark, step, rounds=10, warmup=2)
-    t = benchmark.stats.stats.median
-    benchmark.extra_info.update(samples_per_s=round(64 / t, 1), mfu=round(flops / t / PEAK_BF16, 3), peak_mib=round(peak),
-                                device=torch.cuda.get_device_name())
+    measure(benchmark, step, rounds=10, warmup=2, device=cuda)
+    per_second(benchmark, "samples_per_s", 64)
+    _mfu(benchmark, flops)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_stage2_step(benchmark, cuda, impl):
-    benchmark.group = "stage-2 step, blip2-opt-2.7b, B=32"
+def test_stage2_step_gpu(benchmark, cuda, impl):
+    benchmark.group = "stage-2 step blip2-opt-2.7b B=32"
     step, flops = stage2_step(impl, cuda, "blip2-opt-2.7b", batch=32)
-    peak = run_timed(benchmark, step, rounds=10, warmup=2)
-    t = benchmark.stats.stats.median
-    benchmark.extra_info.update(samples_per_s=round(32 / t, 1), mfu=round(flops / t / PEAK_BF16, 3), peak_mib=round(peak),
-                                device=torch.cuda.get_device_name())
+    measure(benchmark, step, rounds=10, warmup=2, device=cuda)
+    per_second(benchmark, "samples_per_s", 32)
+    _mfu(benchmark, flops)
+
+
+@pytest.mark.parametrize("impl", ["torch", "lavis"])
+@pytest.mark.parametrize("preset,batch", CPU_CASES)
+def test_stage1_step_cpu(benchmark, preset, batch, impl):
+    benchmark.group = f"stage-1 step {preset} B={batch} (cpu)"
+    step, _ = stage1_step(impl, CPU, preset, batch=batch, text_len=16)
+    measure(benchmark, step, rounds=5, warmup=1)
+    per_second(benchmark, "samples_per_s", batch)
+
+
+@pytest.mark.parametrize("preset,batch", CPU_CASES)
+def test_stage2_step_cpu(benchmark, preset, batch):
+    benchmark.group = f"stage-2 step {preset} B={batch} (cpu)"
+    step, _ = stage2_step("torch", CPU, preset, batch=batch, text_len=16)
+    measure(benchmark, step, rounds=5, warmup=1)
+    per_second(benchmark, "samples_per_s", batch)

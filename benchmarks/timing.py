@@ -1,19 +1,82 @@
-"""Timing for GPU benchmarks: synchronised inside the timed call, peak memory of one step."""
+"""The one timing helper every benchmark uses.
+
+- warm-up rounds outside the statistics; on CUDA, synchronisation inside the timed call;
+- peak CUDA memory of one step;
+- BLIP2RT_BENCH_QUICK=1: every case runs once (one round, no warm-up): CI's reduced mode,
+  which checks that each case still works, not how fast it is;
+- BLIP2RT_BENCH_DELAY="SUBSTRING:SECONDS": cases whose name holds SUBSTRING sleep that long
+  inside the timed call. It plants a regression, so tests can check that the compare step
+  catches one;
+- BLIP2RT_BENCH_PROFILE=DIR: after timing, one more call runs under torch.profiler and its
+  trace goes to DIR/<case>.json (Chrome / Perfetto format).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 
-def run_timed(benchmark, step, rounds: int = 20, warmup: int = 3) -> float:
-    """Times `step` (synchronised), returns the peak CUDA memory of one step in MiB."""
+def quick_mode() -> bool:
+    return os.environ.get("BLIP2RT_BENCH_QUICK", "") == "1"
 
-    def synced():
+
+def planted_delay(name: str) -> float:
+    spec = os.environ.get("BLIP2RT_BENCH_DELAY", "")
+    if not spec:
+        return 0.0
+    pattern, _, seconds = spec.rpartition(":")
+    return float(seconds) if pattern and pattern in name else 0.0
+
+
+def measure(benchmark, step: Callable[[], object], rounds: int = 20, warmup: int = 3,
+            device: torch.device | str | None = None) -> None:
+    """Times `step` with benchmark.pedantic; writes peak_mib (CUDA) and the device to extra_info."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    delay = planted_delay(benchmark.name)
+
+    def timed():
         step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
+        if delay:
+            time.sleep(delay)
 
-    synced()  # compile and autotune outside the measurement
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    synced()
-    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
-    benchmark.pedantic(synced, rounds=rounds, warmup_rounds=warmup, iterations=1)
-    return peak_mib
+    if quick_mode():
+        rounds, warmup = 1, 0
+    elif cuda:  # compile and autotune outside the measurement, then one step for the peak memory
+        timed()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        timed()
+        benchmark.extra_info["peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+    folder = os.environ.get("BLIP2RT_BENCH_PROFILE")
+    if folder:
+        profile(step, Path(folder) / (re.sub(r"[^\w.=-]+", "_", benchmark.name) + ".json"), cuda)
+
+
+def profile(step: Callable[[], object], path: Path, cuda: bool) -> Path:
+    """One call of `step` under torch.profiler, saved as a Chrome trace (open it in Perfetto)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    prof.export_chrome_trace(str(path))
+    return path
+
+
+def per_second(benchmark, key: str, count: float) -> None:
+    """Throughput from the median (e.g. images_per_s, tokens_per_s) into extra_info."""
+    benchmark.extra_info[key] = round(count / benchmark.stats.stats.median, 2)

@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains blip2-mini (DINOv2-S/14 and SmolLM2-135M frozen, a Q-Former from MiniLM) on easy-vqa "
                     "on this machine: caches the frozen image features, trains stage 1 and evaluates retrieval, "
                     "trains stage 2 and evaluates captioning and zero-shot VQA on the test split, exports to ONNX, "
-                    "captions test images and real photos with ONNX Runtime, and prints a report. About 15 minutes "
-                    "on a 2-core CPU (--quick: a few). A rerun of the same --out resumes where it stopped.")
+                    "captions test images and real photos with ONNX Runtime, and prints a report. About 13 minutes "
+                    "on a 2-core CPU (--quick: about 7). A rerun of the same --out resumes where it stopped.")
     p.add_argument("--out", default="blip2rt-demo", help="folder for checkpoints, export and report "
                                                           "(default: ./blip2rt-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller run (fewer images and steps), as CI runs it")
@@ -128,7 +128,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_demo)
+
+    p = sub.add_parser(
+        "bench", help="run the benchmark suite, save and compare runs, plot them, profile a case",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The pytest-benchmark suite in benchmarks/ (a source checkout): kernels, the Q-Former, the "
+                    "training steps, the visual prefix and captioning, each fast path beside eager PyTorch, "
+                    "transformers and ONNX Runtime in the same run. GPU cases skip without CUDA.",
+        epilog="regression workflow:\n"
+               "  blip2rt bench --save base                  save a baseline (benchmarks/.runs/base.json)\n"
+               "  blip2rt bench --compare base --fail-over 10\n"
+               "                                             run again; exit 1 if a median is >10%% slower\n"
+               "  blip2rt bench --report benchmarks/.runs/latest.json --baseline base --png cmp.png\n"
+               "  blip2rt bench --quick                      every case once (CI's smoke mode, not timings)\n"
+               "  blip2rt bench --profile 'caption and tiny and B=1'   torch.profiler traces of those cases")
+    p.add_argument("-k", dest="select", metavar="EXPR", help="pytest -k expression selecting cases")
+    p.add_argument("--quick", action="store_true", help="run each case once (checks they work; no usable timings)")
+    p.add_argument("--save", metavar="NAME", help="save this run as NAME (benchmarks/.runs/NAME.json)")
+    p.add_argument("--compare", metavar="RUN", help="compare against a saved run (a name or a JSON file)")
+    p.add_argument("--fail-over", type=float, metavar="PCT",
+                   help="with --compare: fail when a case's median is more than PCT%% slower than in RUN")
+    p.add_argument("--json", dest="json_out", metavar="FILE", help="where to write this run (default: "
+                                                                    "benchmarks/.runs/latest.json or NAME.json)")
+    p.add_argument("--storage", metavar="DIR", help="folder of saved runs (default: benchmarks/.runs)")
+    p.add_argument("--profile", metavar="CASE", help="profile the cases matching this -k expression: one "
+                                                     "torch.profiler trace each (Chrome/Perfetto JSON) in --profile-dir")
+    p.add_argument("--profile-dir", default="bench-profiles", help="where the traces go (default: ./bench-profiles)")
+    p.add_argument("--report", metavar="RUN", help="do not run: render RUN (a JSON file or saved name) as a table")
+    p.add_argument("--baseline", metavar="RUN", help="with --report: the run to compare against")
+    p.add_argument("--png", metavar="FILE", help="with --report: also plot it (needs matplotlib)")
+    p.add_argument("--md", metavar="FILE", help="with --report: also write the table to FILE")
+    p.set_defaults(run=_run_bench)
     return parser
+
+
+def _run_bench(args) -> None:
+    from . import bench
+
+    if args.report:
+        runs = Path(args.storage) if args.storage else bench.suite_dir() / ".runs"
+        base = str(bench.resolve_run(args.baseline, runs)) if args.baseline else None
+        print(bench.report(str(bench.resolve_run(args.report, runs)), base, png=args.png, md=args.md))
+        if args.png:
+            print(f"plot: {args.png}")
+        return
+    if args.baseline or args.png or args.md:
+        raise Blip2rtError("--baseline, --png and --md go with --report RUN")
+    if args.profile and args.select:
+        raise Blip2rtError("give the cases once: --profile CASE selects them (as -k)")
+    code = bench.run(select=args.profile or args.select, quick=args.quick or bool(args.profile), save=args.save,
+                     compare=args.compare, fail_over=args.fail_over, json_out=args.json_out,
+                     profile_dir=args.profile_dir if args.profile else None, storage=args.storage)
+    if code != 0:
+        raise SystemExit(code)
 
 
 def _run_export(args) -> None:

@@ -22,7 +22,7 @@ from blip2rt.kernels import AttentionMode
 from .config import Blip2Config
 from .errors import InputError
 from .generation_defaults import CAPTION_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, VQA_DEFAULTS, VQA_PROMPT
-from .images import ImageInput, pixel_values as images_to_pixels
+from .images import pixel_values as images_to_pixels
 from .llm import attention_implementation, build_language_model
 from .qformer import ImageKV, QFormer, QFormerLMHead, QFormerTextEmbeddings
 from .tokenization import QFORMER_TOKENIZER_DIR

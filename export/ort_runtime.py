@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blip2rt.errors import Blip2rtError, CheckpointError, InputError
+from blip2rt.errors import CheckpointError, InputError
 from blip2rt.generation_defaults import CAPTION_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, VQA_DEFAULTS, VQA_PROMPT
 from blip2rt.images import pixel_array
 
@@ -292,9 +292,6 @@ class _Search:
         feeds = {"beam_idx": rows.astype(np.int64), **{f"in.{j}": t for j, t in enumerate(kv)}}
         return self.rt.reorder.run(feeds, host=0), fixed
 
-    def _prompt_len(self, embeds) -> int:
-        return 1 if self.rt.cfg["encoder_decoder"] else embeds.shape[1]
-
     def _block_eos(self, scores: np.ndarray, generated: int) -> None:
         if generated < self.min_new:
             scores[:, self.rt.eos] = -np.inf
@@ -327,7 +324,6 @@ class _Search:
         pad = self.rt.cfg["pad_token_id"]
         fill = pad if pad else (self.rt.eos[0] if self.rt.eos else -1)  # transformers: pad_token_id or eos[0]
         keep = max(2, 1 + len(self.rt.eos)) * nb
-        prompt_len = self._prompt_len(embeds)
         # every beam starts from the same prompt (transformers expands the inputs before the prefill)
         logits, state = self._start(np.repeat(embeds, nb, axis=0), np.repeat(mask, nb, axis=0))
         run_seq = np.full((b, nb, self.max_new), fill, dtype=np.int64)
