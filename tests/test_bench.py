@@ -90,7 +90,7 @@ def test_profile_writes_a_chrome_trace(tmp_path):
     out = _bench("--profile", CASE, "--profile-dir", str(tmp_path / "prof"), "--storage", str(tmp_path / "runs"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     traces = list((tmp_path / "prof").glob("*.json"))
-    assert len(traces) == 1 and CASE_NAME.replace("[", "_") in traces[0].name.replace("[", "_")
+    assert [t.name for t in traces] == ["test_qformer_cpu_tiny-fwd-torch_.json"]  # brackets made file-safe
     events = json.loads(traces[0].read_text())["traceEvents"]
     assert any(str(e.get("name", "")).startswith("aten::") for e in events)  # the ops that ran
 
