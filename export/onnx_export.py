@@ -150,25 +150,34 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
     """One graph; its weights go to `<name>.onnx.data` beside it when they pass `external_over`
     bytes (protobuf cannot hold a file over 2 GB).
 
-    rewrite: run torch.onnx's own graph optimizer (onnxscript's rewriter). Only the offline ORT
-    optimizer needs it: without it that finds no SkipLayerNormalization to fuse. Otherwise it is
-    skipped. On blip2-mini it took 42 s of a 126 s export, and ORT, which optimizes every graph as
-    it loads it, ran the unrewritten graphs at the same speed (prefill B=8 x 24: 273 vs 268 ms;
-    vision B=8 equal within noise), with the same captions and about 0.4 s more load per LLM graph.
+    rewrite: run torch.onnx's own graph optimizer, whose onnxscript rewriter is slow. Only the
+    offline ORT optimizer needs it: without it, that finds no SkipLayerNormalization to fuse.
+    Otherwise only constant folding runs (under a second). It turns the weights' Transposes into
+    initializers and CastLike into Cast, which ORT cannot fold itself and warns about. On
+    blip2-mini the rewriter took 42 s of a 126 s export. ORT optimizes every graph as it loads it,
+    and ran the unrewritten graphs at the same speed (prefill B=8 x 24: 273 vs 268 ms; vision
+    B=8 equal within noise), with the same captions.
     """
     t0 = time.perf_counter()
     module.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in
                        [*module.parameters(), *module.buffers()]}.values())
     kwargs = dict(dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
-                  external_data=weight_bytes > external_over, optimize=rewrite)
+                  optimize=rewrite)
     if opset is not None:
         kwargs["opset_version"] = opset
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # a shared Dim, as intended
-        torch.onnx.export(module, args, str(path), **kwargs)
+        program = torch.onnx.export(module, args, None, **kwargs)
+    if not rewrite:
+        from onnxscript.optimizer import fold_constants, remove_unused_nodes
+
+        fold_constants(program.model)
+        remove_unused_nodes(program.model)
+    external = weight_bytes > external_over
+    program.save(str(path), external_data=external)
     log.info("exported %s in %.1fs (%.0f MB of weights%s)", path.name, time.perf_counter() - t0, weight_bytes / 1e6,
-             ", external data" if kwargs["external_data"] else "")
+             ", external data" if external else "")
 
 
 def _write_reorder_graph(path: Path, tensors: int, dtype: str, opset: int | None) -> None:

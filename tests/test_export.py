@@ -43,6 +43,28 @@ def test_vision_graph_matches_image_features(exported, batch):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_graphs_are_constant_folded(exported, capfd):
+    """Without --optimize only constant folding runs. After it, ORT loads every graph without a
+    warning: it cannot fold CastLike itself and used to warn on every load. And no weight sits
+    behind a Transpose (quantisers need initializers)."""
+    import onnx
+    import onnxruntime as ort
+
+    _, _, out = exported
+    capfd.readouterr()
+    for path in sorted(out.glob("*.onnx")):
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        graph = onnx.load(str(path), load_external_data=False).graph
+        produced_by = {o: n for n in graph.node for o in n.output}
+        inits = {i.name for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "MatMul" and node.input[1] in produced_by:
+                src = produced_by[node.input[1]]
+                assert not (src.op_type == "Transpose" and src.input[0] in inits), (path.name, node.name)
+    logged = capfd.readouterr().err
+    assert "onnxruntime" not in logged, logged[-2000:]
+
+
 @pytest.mark.parametrize("io_binding", [False, True], ids=["numpy", "iobinding"])
 def test_prefill_and_decode_logits_over_past_lengths_0_to_30(exported, io_binding):
     """Decoder-only: prefill then cached decode steps against a full recompute. T5: the first decoder
