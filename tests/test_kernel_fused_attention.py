@@ -114,9 +114,9 @@ def test_packed_image_kv_matches_per_layer_projections_and_follows_weight_update
     m = blip2rt.from_pretrained("tiny", device="cpu")
     img = torch.randn(3, 17, 48)
     kv = m.qformer.image_kv(img)
-    for j, layer in enumerate(m.qformer.cross_layers()):
+    assert len(kv.layers()) == len(m.qformer.cross_layers())
+    for (k, v), layer in zip(kv.layers(), m.qformer.cross_layers()):
         ca = layer.crossattention.attention
-        k, v = kv.layer(j)
         torch.testing.assert_close(k.reshape(3, 17, -1), ca.key(img), atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(v.reshape(3, 17, -1), ca.value(img), atol=1e-6, rtol=1e-6)
     idx = torch.tensor([2, 0, 2])
@@ -124,7 +124,7 @@ def test_packed_image_kv_matches_per_layer_projections_and_follows_weight_update
     with torch.no_grad():  # an in-place update (an optimiser step) must invalidate the inference cache
         m.qformer.cross_layers()[0].crossattention.attention.value.weight.add_(1.0)
         after = m.qformer.image_kv(img)
-    assert not torch.allclose(after.layer(0)[1], kv.layer(0)[1])
+    assert not torch.allclose(after.layers()[0][1], kv.layers()[0][1])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -156,3 +156,26 @@ def test_generation_model_refuses_itm(hf_opt):
     m = blip2rt.from_pretrained(hf_opt.folder, device="cpu")
     with pytest.raises(blip2rt.InputError, match="retrieval heads"):
         m.itm(pixels(1), {"input_ids": torch.ones(1, 3, dtype=torch.long)})
+
+
+def test_qformer_grads_through_the_lm_loss_match_transformers(hf_opt):
+    """The cross-attention K/V come from one packed GEMM and reach each layer as views; their
+    weight grads (and the query tokens') must equal transformers' per-layer projections'."""
+    ref = hf_opt
+    m = blip2rt.from_pretrained(ref.folder, device="cpu", dtype="fp32").eval()
+    cfg = ref.model.config.text_config
+    ids, mask = left_padded_prompts([5, 8], cfg.pad_token_id, cfg.bos_token_id, seed=1)
+    labels = ids.masked_fill(mask == 0, -100)
+    px = pixels(2, seed=1)
+    hf_ids, hf_mask = hf_prompt_inputs(ids, mask)
+    hf_labels = torch.cat([torch.full((2, NUM_QUERIES), -100), labels], dim=1)
+    ref.model.eval().zero_grad()
+    ref.model(pixel_values=px, input_ids=hf_ids, attention_mask=hf_mask, labels=hf_labels).loss.backward()
+    m(px, ids, mask, labels=labels).loss.backward()
+    ours = dict(m.named_parameters())
+    names = [n for n, _ in ref.model.named_parameters() if ".crossattention.attention." in n or n == "query_tokens"]
+    assert len(names) >= 5 and all(n in ours for n in names), [n for n in names if n not in ours]
+    for name in names:
+        want = dict(ref.model.named_parameters())[name].grad
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(ours[name].grad, want, atol=1e-5, rtol=1e-4, msg=name)
