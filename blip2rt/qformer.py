@@ -46,7 +46,7 @@ class ImageKV:
         buffer the size of `packed` and adds it in. unbind's backward stacks the grads once. On
         blip2-mini's Q-Former at B=8 (CPU), indexing cost 7.5 ms of zero-fill per training step.
         """
-        return [(k, v) for k, v in (kv.unbind(2) for kv in self.packed.unbind(2))]  # kv: (B, N, 2, H, d)
+        return [kv.unbind(2) for kv in self.packed.unbind(2)]  # kv: (B, N, 2, H, d) -> (k, v)
 
     def take(self, index: torch.Tensor) -> "ImageKV":
         """The rows of another batch, e.g. hard-negative images: (len(index), N, ...)."""
