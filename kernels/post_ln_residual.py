@@ -2,9 +2,11 @@
 
 Forward: one program per row; statistics in fp32 whatever the input dtype. Only the row's mean
 and 1/std are kept: the backward recomputes the sum and regenerates the dropout mask from the
-seed (Philox, `tl.rand(seed, row * D + col)`), so neither the sum nor the mask is stored.
-Backward: each program walks a block of rows and keeps partial dW/dB in registers; the
-partials are summed in torch (Liger-Kernel's layout).
+seed (Philox, `tl.rand(seed, row * D + col)` with 64-bit offsets), so neither the sum nor the
+mask is stored. The output has the dtype the reference returns (`output_dtype`): fp32 under
+CUDA autocast, as F.layer_norm there.
+Backward: each program walks a block of rows, several rows per step, and keeps partial dW/dB in
+registers; the partials are summed in torch (Liger-Kernel's layout).
 
 NaN contract: a non-finite input makes its row of y non-finite, and every grad it touches;
 nothing is clipped or dropped.
@@ -17,7 +19,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import backward_programs, row_block
+from .launch import autocast_dtype, backward_programs, launch, row_block
+
+
+@triton.jit
+def _keep(seed, offsets, p):
+    """The dropout keep mask at element offsets (int64, row * D + col): Philox, never stored."""
+    return tl.rand(seed, offsets) >= p
 
 
 @triton.jit
@@ -29,8 +37,7 @@ def _fwd_kernel(H, R, W, B, Y, MEAN, RSTD, D, eps, p, seed,
     h = tl.load(H + row * D + cols, mask=m, other=0.0).to(tl.float32)
     r = tl.load(R + row * D + cols, mask=m, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = tl.rand(seed, (row * D + cols).to(tl.int32)) >= p
-        h = tl.where(keep, h / (1.0 - p), 0.0)
+        h = tl.where(_keep(seed, row * D + cols, p), h / (1.0 - p), 0.0)
     s = h + r
     mean = tl.sum(s, axis=0) / D
     xc = tl.where(m, s - mean, 0.0)
@@ -44,46 +51,50 @@ def _fwd_kernel(H, R, W, B, Y, MEAN, RSTD, D, eps, p, seed,
 
 @triton.jit
 def _bwd_kernel(DY, H, R, W, MEAN, RSTD, DRES, DH, DW_PART, DB_PART, M, D, rows_per_program, p, seed,
-                HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A block of rows per program, BLOCK_R rows per step (several rows' loads in flight at once);
+    partial dW/dB stay in registers and are written once per program."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
     w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
-    db = tl.zeros([BLOCK_D], dtype=tl.float32)
-    row_start = pid * rows_per_program
+    dw = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    db = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for row32 in range(row_start, row_end):
-        row = tl.cast(row32, tl.int64)
-        h = tl.load(H + row * D + cols, mask=m, other=0.0).to(tl.float32)
-        r = tl.load(R + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        rm = rows < row_end
+        offs = rows[:, None] * D + cols[None, :]
+        mask = rm[:, None] & m[None, :]
+        h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=rm, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rm, other=0.0)
         if HAS_DROPOUT:
-            keep = tl.rand(seed, (row * D + cols).to(tl.int32)) >= p
+            keep = _keep(seed, offs, p)
             h = tl.where(keep, h / (1.0 - p), 0.0)
-        mean = tl.load(MEAN + row)
-        rstd = tl.load(RSTD + row)
-        xhat = tl.where(m, (h + r - mean) * rstd, 0.0)
-        dy = tl.load(DY + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (h + r - mean[:, None]) * rstd[:, None], 0.0)
         dw += dy * xhat
         db += dy
-        wdy = w * dy
-        c1 = tl.sum(xhat * wdy, axis=0) / D
-        c2 = tl.sum(wdy, axis=0) / D
-        ds = (wdy - (xhat * c1 + c2)) * rstd  # d(loss)/d(residual + dropout(h))
-        tl.store(DRES + row * D + cols, ds.to(DRES.dtype.element_ty), mask=m)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(xhat * wdy, axis=1) / D
+        c2 = tl.sum(wdy, axis=1) / D
+        ds = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]  # d(loss)/d(residual + dropout(h))
+        tl.store(DRES + offs, ds.to(DRES.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
             ds = tl.where(keep, ds / (1.0 - p), 0.0)
-        tl.store(DH + row * D + cols, ds.to(DH.dtype.element_ty), mask=m)
-    tl.store(DW_PART + pid * D + cols, dw, mask=m)
-    tl.store(DB_PART + pid * D + cols, db, mask=m)
+        tl.store(DH + offs, ds.to(DH.dtype.element_ty), mask=mask)
+    tl.store(DW_PART + pid * D + cols, tl.sum(dw, axis=0), mask=m)
+    tl.store(DB_PART + pid * D + cols, tl.sum(db, axis=0), mask=m)
 
 
 @triton.jit
 def _keep_mask_kernel(OUT, D, p, seed, BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    keep = tl.rand(seed, (row * D + cols).to(tl.int32)) >= p
-    tl.store(OUT + row * D + cols, keep.to(tl.int8), mask=cols < D)
+    tl.store(OUT + row * D + cols, _keep(seed, row * D + cols, p).to(tl.int8), mask=cols < D)
 
 
 def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int, device) -> torch.Tensor:
@@ -93,8 +104,23 @@ def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int, device) -> to
     for s in shape[:-1]:
         rows *= s
     out = torch.empty(rows, d, dtype=torch.int8, device=device)
-    _keep_mask_kernel[(rows,)](out, d, p, seed, BLOCK_D=triton.next_power_of_2(d))
+    launch(_keep_mask_kernel, (rows,), out, d, p, seed, BLOCK_D=triton.next_power_of_2(d))
     return out.bool().view(shape)
+
+
+def output_dtype(h: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
+    """What the reference, F.layer_norm(residual + h), returns: CUDA's autocast runs layer_norm in
+    fp32; elsewhere the sum's promoted dtype. The residual stream then keeps one dtype whichever
+    backend runs."""
+    if h.device.type == "cuda" and autocast_dtype(h.device) is not None:
+        return torch.float32
+    return torch.promote_types(h.dtype, residual.dtype)
+
+
+def backward_rows(d: int) -> int:
+    """Rows per step of the backward: about 2048 elements in flight per loaded tensor (4096
+    spilled in fp32 with Triton 3.6)."""
+    return max(1, min(8, 2048 // triton.next_power_of_2(d)))
 
 
 def _launch_forward(h, residual, weight, bias, eps: float, p: float, seed: int):
@@ -102,12 +128,12 @@ def _launch_forward(h, residual, weight, bias, eps: float, p: float, seed: int):
     h2 = h.reshape(-1, d).contiguous()
     r2 = residual.reshape(-1, d).contiguous()
     rows = h2.shape[0]
-    y = torch.empty_like(h2)
+    y = torch.empty(rows, d, dtype=output_dtype(h, residual), device=h.device)
     mean = torch.empty(rows, dtype=torch.float32, device=h.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=h.device)
     block, warps = row_block(d)
-    _fwd_kernel[(rows,)](h2, r2, weight, bias, y, mean, rstd, d, eps, p, seed,
-                         HAS_DROPOUT=p > 0, BLOCK_D=block, num_warps=warps)
+    launch(_fwd_kernel, (rows,), h2, r2, weight, bias, y, mean, rstd, d, eps, p, seed,
+           HAS_DROPOUT=p > 0, BLOCK_D=block, num_warps=warps)
     return y.view(h.shape), mean, rstd
 
 
@@ -123,9 +149,11 @@ def _launch_backward(dy, h, residual, weight, mean, rstd, p: float, seed: int):
     rows_per_program = triton.cdiv(rows, programs)
     dw_part = torch.empty(programs, d, dtype=torch.float32, device=h2.device)
     db_part = torch.empty(programs, d, dtype=torch.float32, device=h2.device)
-    block, warps = row_block(d)
-    _bwd_kernel[(programs,)](dy, h2, r2, weight, mean, rstd, dres, dh, dw_part, db_part, rows, d,
-                             rows_per_program, p, seed, HAS_DROPOUT=p > 0, BLOCK_D=block, num_warps=warps)
+    block, _ = row_block(d)
+    block_r = backward_rows(d)
+    launch(_bwd_kernel, (programs,), dy, h2, r2, weight, mean, rstd, dres, dh, dw_part, db_part, rows, d,
+           rows_per_program, p, seed, HAS_DROPOUT=p > 0, BLOCK_R=block_r, BLOCK_D=block,
+           num_warps=8 if block_r * block >= 2048 else 4)
     return dh.view(h.shape), dres.view(h.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
@@ -140,7 +168,8 @@ def residual_layer_norm_forward_op(h: torch.Tensor, residual: torch.Tensor, weig
 @residual_layer_norm_forward_op.register_fake
 def _(h, residual, weight, bias, eps, p, seed):
     rows = h.numel() // h.shape[-1]
-    return h.new_empty(h.shape), h.new_empty(rows, dtype=torch.float32), h.new_empty(rows, dtype=torch.float32)
+    return (h.new_empty(h.shape, dtype=output_dtype(h, residual)), h.new_empty(rows, dtype=torch.float32),
+            h.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("blip2rt::residual_layer_norm_bwd", mutates_args=())

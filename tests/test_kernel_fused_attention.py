@@ -135,3 +135,30 @@ def test_torch_compile_traces_the_qformer(backend):
     embeds = m.image_embeds(px).detach()
     compiled = torch.compile(m.query_output, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(embeds), m.query_output(embeds), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lq", [4, 20], ids=["one query tile", "several query tiles"])
+def test_offsets_past_two_to_the_31_elements(lq):
+    """The packed image K/V at paper size passes 2^31 elements from about 900 images (257 tokens x
+    9216 per image), so batch offsets must be computed in int64. K/V here are views whose batch
+    stride fits int32 (as it does at paper size) but whose third sample starts past 2^31 elements;
+    the storage is reserved, and only the used slices are touched."""
+    from blip2rt.kernels.fused_attention import _launch_backward
+
+    n, stride_b = 5, 2**30 + 64
+    store = torch.empty(2 * stride_b + 2 * n * H * D, dtype=torch.float16)
+    k = store.as_strided((3, n, H, D), (stride_b, H * D, D, 1))
+    v = store.as_strided((3, n, H, D), (stride_b, H * D, D, 1), n * H * D)
+    assert 2 * stride_b > 2**31 > stride_b
+    g = torch.Generator().manual_seed(11)
+    for t in (*k, *v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    q = torch.randn(3, lq, H, D, generator=g).half()
+    do = torch.randn(3, lq, H, D, generator=g).half()
+    o, lse = _launch_forward(q, k, v, 0, 0, 0, None)
+    dq, dk, dv = _launch_backward(do, q, k, v, o, lse, None, 0, 0, 0)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k.contiguous(), v.contiguous())]
+    ref = kernels.qformer_cross_attention(*leaves, backend="torch")
+    grads = torch.autograd.grad(ref, leaves, do.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (o, dq, dk, dv), (ref, *grads)):
+        torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")

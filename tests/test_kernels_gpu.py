@@ -132,3 +132,91 @@ def test_split_kv_inference_on_gpu(dtype):
     ref = kernels.qformer_cross_attention(q.double(), k.double(), v.double(), backend="torch")
     eager = kernels.qformer_cross_attention(q, k, v, backend="torch")
     assert_matches(out, eager, ref, dtype, "split-kv out")
+
+
+def test_dw_gemm_runs_in_the_input_dtype_with_fp32_accumulation():
+    """The linear+CE weight grad: bf16 operands on the tensor cores into an fp32 sum, not an fp32 GEMM."""
+    from blip2rt.kernels.chunked_cross_entropy import _accumulate, _fp32_accumulate_mode
+
+    assert _fp32_accumulate_mode(torch.device("cuda")) in ("addmm", "mm")
+    a = torch.randn(300, 50, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(300, 70, device="cuda", dtype=torch.bfloat16)
+    acc = torch.randn(50, 70, device="cuda")
+    want = acc.double() + a.double().t() @ b.double()
+    _accumulate(acc, a.t(), b)
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), want, atol=1e-3, rtol=1e-4)
+
+
+def test_layer_norm_under_cuda_autocast_returns_fp32_like_the_reference():
+    """CUDA's autocast runs F.layer_norm in fp32; the fused residual LayerNorm returns fp32 there too."""
+    h = torch.randn(64, 768, device="cuda")
+    r = torch.randn(64, 768, device="cuda")
+    w, b = torch.ones(768, device="cuda"), torch.zeros(768, device="cuda")
+    lin = torch.nn.Linear(768, 768, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sub = lin(h)  # bf16
+        y = residual_layer_norm_triton(sub, r, w, b, 1e-12)
+        ye = residual_layer_norm_reference(sub, r, w, b, 1e-12)
+    assert sub.dtype == torch.bfloat16 and y.dtype == ye.dtype == torch.float32
+    torch.testing.assert_close(y, ye, atol=1e-4, rtol=1e-4)
+
+
+def test_itc_under_cuda_autocast_runs_in_bf16():
+    from blip2rt.kernels import launch
+
+    img = F.normalize(torch.randn(64, 32, 256, device="cuda"), dim=-1)
+    txt = F.normalize(torch.randn(64, 256, device="cuda"), dim=-1)
+    with torch.autocast("cuda", dtype=torch.bfloat16), launch.record() as ran:
+        s = query_max_similarity_triton(img, txt)
+    assert ran[0].arg_dtypes()[:2] == [torch.bfloat16, torch.bfloat16] and s.dtype == torch.float32
+    exact = torch.einsum("iqd,td->itq", img.bfloat16().double(), txt.bfloat16().double()).amax(-1)
+    torch.testing.assert_close(s.double(), exact, atol=1e-5, rtol=1e-5)
+
+
+def test_qformer_under_cuda_bf16_autocast_matches_the_torch_backend():
+    """The CPU test's pass (tests/test_kernel_precision.py) on the GPU: dtypes, values and grads."""
+    import copy
+
+    import blip2rt
+    from blip2rt.kernels import launch
+    from test_kernel_precision import qformer_pass
+
+    m = blip2rt.from_pretrained("tiny", device="cuda", kernels="triton").eval()
+    image = torch.randn(3, 17, m.config.vision_config.hidden_size, device="cuda")
+    ids = torch.randint(5, 40, (3, 9), device="cuda")
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7], device="cuda")
+    weights = torch.randn(3, m.config.num_query_tokens + 9, m.config.qformer_config.hidden_size, device="cuda")
+    names = [n for n, p in m.named_parameters() if n.startswith(("qformer.", "query_tokens")) and p.requires_grad]
+
+    def run(model, backend, dtype, amp):
+        model.set_kernel_backend(backend)
+        params = dict(model.named_parameters())
+        with launch.record() as ran:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out, loss = qformer_pass(model, image.to(dtype), ids, mask, weights.to(dtype))
+            grads = torch.autograd.grad(loss, [params[n] for n in names])
+        return out, grads, ran
+
+    out_t, grads_t, ran = run(m, "triton", torch.float32, True)
+    assert ran, "the fused kernels did not run"
+    out_e, grads_e, _ = run(m, "torch", torch.float32, True)
+    out_64, grads_64, _ = run(copy.deepcopy(m).double(), "torch", torch.float64, False)
+    assert out_t.dtype == out_e.dtype == torch.float32
+    assert_matches(out_t, out_e, out_64, torch.bfloat16, "Q-Former output")
+    for name, a, e, r in zip(names, grads_t, grads_e, grads_64):
+        assert_matches(a, e, r, torch.bfloat16, name)
+
+
+def test_attention_with_more_than_65535_batch_heads():
+    """B*H on the grid's x axis: 6000 samples x 12 heads = 72,000 programs (axis y stops at 65,535)."""
+    from blip2rt import kernels
+
+    b = 6000
+    q = torch.randn(b, 32, 12, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(b, 65, 12, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = kernels.qformer_cross_attention(q, k, k, backend="triton")
+    idx = torch.tensor([0, 4321, b - 1], device="cuda")
+    ref = kernels.qformer_cross_attention(q[idx].double(), k[idx].double(), k[idx].double(), backend="torch")
+    torch.testing.assert_close(out[idx].double(), ref, atol=2e-2, rtol=2e-2)

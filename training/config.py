@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from blip2rt.errors import Blip2rtError
+from blip2rt.kernels.launch import MAX_BATCH
 
 
 @dataclass
@@ -66,6 +67,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise Blip2rtError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size > MAX_BATCH:
+            raise Blip2rtError(f"batch_size is per process and at most {MAX_BATCH} (the largest batch the fused "
+                               f"kernels' launch grids are checked for), got {self.batch_size}; use grad_accum")
         if self.projection_lr is not None and self.projection_lr <= 0:
             raise Blip2rtError(f"projection_lr must be positive, got {self.projection_lr}")
         if self.amp not in ("auto", "bf16", "fp16", "none"):

@@ -1,0 +1,89 @@
+"""The prepared device check (`make gpu-check`) and the onnxruntime-gpu carrier (`make ort-gpu-parts`),
+as far as they run without a GPU: the refusal, the watchdog, the summary, the parts."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_check  # noqa: E402
+import ort_gpu_parts  # noqa: E402
+
+
+@pytest.mark.skipif(gpu_check.no_cuda_reason() is None, reason="this machine has a CUDA GPU")
+def test_gpu_check_refuses_at_once_without_cuda(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run(["make", "-s", "gpu-check", f"OUT={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("gpu-check:")]
+    assert len(ours) == 1 and "needs a CUDA GPU" in ours[0], proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "out").exists()
+    assert time.monotonic() - start < 30
+
+
+def test_a_step_past_its_cap_is_cut_off_and_recorded(tmp_path):
+    """A step that hangs, even silently, is stopped at its cap; what it printed and its status stay."""
+    check = gpu_check.Check(tmp_path, budget=60)
+    start = time.monotonic()
+    code, text = check.run("slow step", [sys.executable, "-c", "import time; print('partial', flush=True); "
+                                                              "time.sleep(60)"], cap=2)
+    assert code is None and text == "partial\n" and time.monotonic() - start < 10
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"]["slow step"]["status"] == "cut off at its time cap"
+    assert "partial" in (tmp_path / "slow-step.log").read_text()
+    assert "| slow step | cut off at its time cap |" in (tmp_path / "summary.md").read_text()
+    code, _ = check.run("quick step", [sys.executable, "-c", "print('ok')"], cap=10)
+    assert code == 0 and json.loads((tmp_path / "summary.json").read_text())["steps"]["quick step"]["status"] == "ok"
+
+
+def test_no_time_left_skips_the_remaining_steps(tmp_path):
+    check = gpu_check.Check(tmp_path, budget=1)
+    time.sleep(1.1)
+    code, _ = check.run("late step", [sys.executable, "-c", "print(1)"], cap=100)
+    assert code is None
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"]["late step"]["status"].startswith("skipped")
+
+
+def test_summary_lists_failed_tests_and_benchmark_tables(tmp_path):
+    check = gpu_check.Check(tmp_path, budget=60)
+    check.summary["tests"] = {"tests/test_kernels_gpu.py::test_a[bf16]": "PASSED",
+                              "tests/test_kernels_gpu.py::test_b[fp32]": "FAILED"}
+    check.summary["benchmarks"]["kernel benchmarks"] = {
+        "table": "| group | impl | median | vs eager |\n|---|---|---|---|\n| itc | fused | 1 ms | 2.00x |",
+        "cases": {"test_itc[fused]": {"extra": {"peak_mib": 12}}}}
+    check.write()
+    text = (tmp_path / "summary.md").read_text()
+    assert "GPU tests: 1 failed, 1 passed" in text
+    assert "- tests/test_kernels_gpu.py::test_b[fp32]: FAILED" in text
+    assert "| itc | fused | 1 ms | 2.00x |" in text and "peak_mib" in text
+
+
+def test_ort_parts_are_under_the_carry_limit_and_join_to_the_wheel(tmp_path):
+    wheel = tmp_path / "onnxruntime_gpu-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl"
+    data = bytes(range(256)) * 9000  # 2.3 MB
+    wheel.write_bytes(data)
+    parts = ort_gpu_parts.split(wheel, 1_000_000)
+    assert [p.stat().st_size for p in parts] == [1_000_000, 1_000_000, 304_000]
+    assert b"".join(p.read_bytes() for p in parts) == data
+    assert len(ort_gpu_parts.split(wheel, 3_000_000)) == 1  # a rerun replaces the old parts
+    assert sorted(tmp_path.glob("*.part-*")) == [tmp_path / f"{wheel.name}.part-00"]
+
+
+def test_ort_device_calls_carry_one_part_each_and_verify_the_join(tmp_path):
+    wheel = tmp_path / "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl"
+    wheel.write_bytes(b"x" * 2500)
+    parts = ort_gpu_parts.split(wheel, 1000)
+    calls = ort_gpu_parts.device_calls(wheel, parts, "3.12")
+    assert [c["carry"] for c in calls[:-1]] == [[str(p)] for p in parts]
+    assert "(3, 12)" in calls[0]["command"] and all("(3, 12)" not in c["command"] for c in calls[1:])
+    assert ort_gpu_parts.sha256(wheel) in calls[-1]["command"] and "sha256sum -c" in calls[-1]["command"]
+    assert f"--target {ort_gpu_parts.INSTALL_ON_DEVICE}" in calls[-1]["command"]
+    assert ort_gpu_parts.INSTALL_ON_DEVICE == gpu_check.ORT_GPU_DIR  # where gpu-check looks for it
+    assert "carry" not in calls[-1] and all(c["timeout_s"] <= 600 for c in calls)

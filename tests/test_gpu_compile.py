@@ -1,0 +1,185 @@
+"""The compile gate: every Triton kernel, configured by its own launcher, compiled for sm_90 and
+sm_80 without a GPU (blip2rt.gpu_compile), against this environment's Triton and the GPU image's.
+
+The gate runs in a subprocess: this test process imported the kernels under Triton's
+interpreter (TRITON_INTERPRET=1), where @triton.jit makes interpreted functions, not compilable
+ones.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blip2rt import gpu_compile as gate
+from blip2rt.gpu_compile import CompileRequest, CompileResult, Row
+from blip2rt.kernels import launch
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+# Where `make test` installs the GPU image's Triton (3.6) beside this environment's (3.8).
+GPU_IMAGE_TRITON = ROOT / ".venv" / "triton-gpu-image"
+
+
+def compiler_env(pythonpath: Path | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def run_gate(tmp_path: Path, pythonpath: Path | None = None) -> tuple[int, str, dict]:
+    out = tmp_path / "gate.json"
+    proc = subprocess.run([sys.executable, "-m", "blip2rt.gpu_compile", "--json", str(out)], cwd=tmp_path,
+                          env=compiler_env(pythonpath), capture_output=True, text=True, timeout=900)
+    assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.returncode, proc.stdout, json.loads(out.read_text())
+
+
+def jit_kernels() -> set[str]:
+    """module.name of every @triton.jit entry point (named *_kernel) in blip2rt.kernels."""
+    import importlib
+    import pkgutil
+
+    import blip2rt.kernels as pkg
+
+    names = set()
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"blip2rt.kernels.{info.name}")
+        for attr in dir(module):
+            obj = getattr(module, attr)
+            if attr.endswith("_kernel") and hasattr(obj, "fn"):
+                names.add(f"{info.name}.{attr}")
+    return names
+
+
+@pytest.fixture(scope="module")
+def gate_run(tmp_path_factory):
+    return run_gate(tmp_path_factory.mktemp("gate"))
+
+
+def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(gate_run):
+    code, stdout, report = gate_run
+    assert report["failures"] == [], "\n".join(report["failures"])
+    assert code == 0, stdout[-3000:]
+    compiled = {c["kernel"] for c in report["compiles"]}
+    assert compiled == jit_kernels(), "every @triton.jit kernel must be in the gate's workloads"
+    assert {c["arch"] for c in report["compiles"]} == {80, 90}
+    uses = {(u[0], u[1]) for c in report["compiles"] for u in c["uses"]}
+    assert uses == {(s, d) for s in ("paper", "tiny", "mini") for d in ("bf16", "fp16", "fp32")}
+    assert all(c["spill_stores"] == 0 == c["spill_loads"] for c in report["compiles"])
+    print(stdout)  # the table (-s shows it)
+
+
+def test_the_gpu_images_triton_compiles_them_too(tmp_path):
+    """The GPU image has Triton 3.6; `make test` installs it beside this environment's 3.8."""
+    if not (GPU_IMAGE_TRITON / "triton").is_dir():
+        pytest.skip(f"the GPU image's Triton is not installed at {GPU_IMAGE_TRITON} (make test installs it)")
+    code, stdout, report = run_gate(tmp_path, GPU_IMAGE_TRITON)
+    assert report["triton"].startswith("3.6"), report["triton"]
+    assert report["failures"] == [], "\n".join(report["failures"])
+    assert code == 0
+
+
+def test_the_gate_reads_spills_and_mma_kind_off_a_real_compile(tmp_path):
+    """The checks can fail: the attention forward as it was (fp32 dots in full IEEE precision, 64x64
+    tiles on 4 warps) spills, runs on the FMA units and is caught; the same tile in bf16 is wgmma."""
+    script = """
+import json, sys
+from blip2rt import gpu_compile as gate
+from blip2rt.kernels import launch
+from blip2rt.kernels import fused_attention as fa
+out = {}
+for name, dtype, precision in (("fp32-ieee", "fp32", "ieee"), ("bf16", "bf16", "tf32")):
+    s = gate.shapes_of("paper")
+    run = dict(gate._workloads(s, gate.DTYPES[dtype]))["self-attention, ITM"]
+    with launch.plan_for(launch.H100) as launches:
+        run()
+    fwd = next(one for one in launches if one.kernel is fa._fwd_kernel)
+    fwd.kwargs.update(PRECISION=precision, BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    fwd.kwargs.pop("maxnreg", None)
+    result = gate.compile_request(gate.bind(fwd, 90))
+    out[name] = dict(spills=result.spill_stores, mma=result.mma, wgmma=result.wgmma_dots, dots=result.dots,
+                     failures=gate.failures([gate.Row(result, [("paper", dtype, "self-attention, ITM")])]))
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=compiler_env(), capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["fp32-ieee"]["spills"] > 1000 and out["fp32-ieee"]["mma"] == "fma"
+    assert any("spills" in f for f in out["fp32-ieee"]["failures"])
+    assert out["bf16"] == dict(spills=0, mma="wgmma", wgmma=2, dots=2, failures=[])
+
+
+def _row(kernel="_fwd_kernel", arch=90, block_m=64, dtype="*bf16", precision="tf32", **result) -> Row:
+    req = CompileRequest("blip2rt.kernels.fused_attention", kernel, arch, (("Q", dtype), ("LSE", "*fp32")),
+                         (("BLOCK_M", block_m), ("BLOCK_N", 64), ("PRECISION", precision)), (),
+                         (("num_warps", 4), ("num_stages", 2)))
+    return Row(CompileResult(req, **{"dots": 2, "wgmma_dots": 2, "mma": "wgmma", **result}), [("paper", "bf16", "op")])
+
+
+def _ce_row(v4_loads, v4_stores, dtype="*bf16", block=4096, warps=8) -> Row:
+    req = CompileRequest("blip2rt.kernels.chunked_cross_entropy", "_ce_rows_kernel", 90, (("LOGITS", dtype),),
+                         (("BLOCK_V", block),), (), (("num_warps", warps), ("num_stages", 3)))
+    return Row(CompileResult(req, v4_loads=v4_loads, v4_stores=v4_stores), [("paper", "bf16", "linear+CE")])
+
+
+def test_each_check_fails_on_what_it_guards():
+    assert gate.failures([_row()]) == []
+    assert "compile failed" in gate.failures([_row(error="PTXASError: boom")])[0]
+    assert "shared memory" in gate.failures([_row(shared=232449)])[0]
+    assert gate.failures([_row(arch=80, shared=166912)]) == []
+    assert "over sm_80" in gate.failures([_row(arch=80, shared=166913)])[0]
+    assert "spills 4 bytes" in gate.failures([_row(spill_stores=4, spill_loads=4)])[0]
+    assert "1 of 2 dots are wgmma" in gate.failures([_row(wgmma_dots=1)])[0]
+    assert gate.failures([_row(arch=80, wgmma_dots=0, mma="mma")]) == []  # sm_80 has no wgmma
+    assert gate.failures([_row(dtype="*fp32", precision="tf32x3", wgmma_dots=0, mma="mma")]) == []  # fp32: not asked
+    assert gate.failures([_row(block_m=32, wgmma_dots=0, mma="mma")]) == []  # listed in WGMMA_EXCEPTIONS
+    assert gate.failures([_row(kernel="_bwd_rows_kernel", block_m=32, dots=5, wgmma_dots=2)]) == []
+    assert "1 of 5 dots" in gate.failures([_row(kernel="_bwd_rows_kernel", block_m=32, dots=5, wgmma_dots=1)])[0]
+    # the CE row kernel: two full passes of 128-bit loads, two of stores (4096 bf16 on 256 threads: 2 each)
+    assert gate.failures([_ce_row(4, 4)]) == []
+    assert "narrower than 128-bit" in gate.failures([_ce_row(3, 4)])[0]
+    assert "narrower than 128-bit" in gate.failures([_ce_row(0, 0)])[0]
+    assert gate.failures([_ce_row(0, 0, block=64, warps=1)]) == []  # 2 logits a thread: no 128-bit access exists
+
+
+def test_the_plan_comes_from_the_launchers_own_choices(monkeypatch):
+    """The gate compiles what the launchers choose: change a launcher's choice and the plan follows."""
+    from blip2rt.kernels import fused_attention as fa
+
+    def planned_blocks():
+        rows = gate.plan(launch.H100, ["paper"], ["bf16"])
+        return {(one.kwargs["BLOCK_M"], one.kwargs["BLOCK_N"]) for _, _, _, one in rows if one.kernel is fa._fwd_kernel}
+
+    assert planned_blocks() == {(32, 64), (64, 64)}
+    original = fa.attention_config
+    monkeypatch.setattr(fa, "attention_config", lambda *a, **k: fa.AttentionConfig(
+        **{**original(*a, **k).__dict__, "block_n": 16}))
+    assert planned_blocks() == {(32, 16), (64, 16)}
+
+
+def test_every_grid_fits_cuda_at_the_largest_batch_the_trainer_accepts():
+    assert gate.check_grids_at_max_batch() == []
+    from blip2rt.training.config import TrainConfig
+
+    with pytest.raises(Exception, match="at most 65536"):
+        TrainConfig(annotations=["a.json"], batch_size=launch.MAX_BATCH + 1).validate()
+
+
+def test_launch_refuses_a_grid_past_cudas_limits():
+    """What a grid with B*H on axis y would do at B >= 5462 (12 heads); every launcher puts B*H on x."""
+    with pytest.raises(ValueError, match="passes CUDA's limit of 65535 blocks on axis y"):
+        launch.check_grid("_fwd_kernel", (1, 65536, 1))
+    launch.check_grid("_fwd_kernel", (2**31 - 1, 65535, 65535))
+    with launch.plan_for(launch.H100) as launches:
+        from blip2rt.kernels import fused_attention as fa
+
+        q = torch.empty(launch.MAX_BATCH * 3, 64, 12, 64, dtype=torch.bfloat16, device="meta")
+        fa._launch_forward(q, q, q, fa.MODE_BIDIRECTIONAL, 32, 0, None)
+    assert launches[0].grid == (launch.MAX_BATCH * 3 * 12, 1, 1)
