@@ -24,7 +24,8 @@ CPU_PRESETS = ["tiny", "blip2-mini"]
 def test_attention(benchmark, cuda, kind, batch, backward, impl):
     benchmark.group = f"{kind}-attention B={batch} {'fwd+bwd' if backward else 'fwd'}"
     step = attention_case(kind, impl, cuda, torch.bfloat16, batch=batch, backward=backward, **PAPER)
-    measure(benchmark, step, device=cuda)
+    kernels = ("fused_attention._fwd_kernel",) + (("fused_attention._bwd_rows_kernel",) if backward else ())
+    measure(benchmark, step, device=cuda, expect=kernels)
     per_second(benchmark, "samples_per_s", batch)
 
 
@@ -35,7 +36,7 @@ def test_qformer_gpu(benchmark, cuda, batch, backward, impl):
     """BERT-base Q-Former over ViT-g tokens (257 x 1408); B = 1 is the latency case."""
     benchmark.group = f"qformer blip2-itm-vit-g B={batch} {'fwd+bwd' if backward else 'fwd'}"
     step = qformer_forward_case(impl, cuda, torch.bfloat16, "blip2-itm-vit-g", batch=batch, backward=backward)
-    measure(benchmark, step, device=cuda)
+    measure(benchmark, step, device=cuda, expect=("fused_attention._fwd_kernel",))
     per_second(benchmark, "images_per_s", batch)
 
 

@@ -19,7 +19,7 @@ NEW_TOKENS = 30
 def test_caption_gpu(benchmark, cuda, batch, impl):
     benchmark.group = f"caption blip2-opt-2.7b B={batch} {NEW_TOKENS} tokens greedy (gpu)"
     step, model = caption_case(impl, cuda, "blip2-opt-2.7b", batch, NEW_TOKENS)
-    measure(benchmark, step, rounds=10, warmup=2, device=cuda)
+    measure(benchmark, step, rounds=10, warmup=2, device=cuda, expect=("fused_attention._fwd_kernel",))
     per_second(benchmark, "tokens_per_s", NEW_TOKENS * batch)
     bw = copy_bandwidth(cuda)
     floor = floor_seconds(model, NEW_TOKENS, bw)

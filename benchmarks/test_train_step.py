@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from timing import measure, per_second
-from train_step_cases import stage1_step, stage2_step
+from train_step_cases import FUSED_STAGE1, FUSED_STAGE2, check_attention_dropout, stage1_step, stage2_step
 
 PEAK_BF16 = 989e12
 CPU = torch.device("cpu")
@@ -27,7 +27,9 @@ def _mfu(benchmark, flops):
 def test_stage1_step_gpu(benchmark, cuda, impl):
     benchmark.group = "stage-1 step blip2-itm-vit-g B=64"
     step, flops = stage1_step(impl, cuda, "blip2-itm-vit-g", batch=64)
-    measure(benchmark, step, rounds=10, warmup=2, device=cuda)
+    ran = measure(benchmark, step, rounds=10, warmup=2, device=cuda, expect=FUSED_STAGE1)
+    if impl == "triton":
+        check_attention_dropout(benchmark, ran)
     per_second(benchmark, "samples_per_s", 64)
     _mfu(benchmark, flops)
 
@@ -36,7 +38,9 @@ def test_stage1_step_gpu(benchmark, cuda, impl):
 def test_stage2_step_gpu(benchmark, cuda, impl):
     benchmark.group = "stage-2 step blip2-opt-2.7b B=32"
     step, flops = stage2_step(impl, cuda, "blip2-opt-2.7b", batch=32)
-    measure(benchmark, step, rounds=10, warmup=2, device=cuda)
+    ran = measure(benchmark, step, rounds=10, warmup=2, device=cuda, expect=FUSED_STAGE2)
+    if impl == "triton":
+        check_attention_dropout(benchmark, ran)
     per_second(benchmark, "samples_per_s", 32)
     _mfu(benchmark, flops)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from timing import measure
-from training_kernel_cases import CASES, PAPER_SHAPES
+from training_kernel_cases import CASES, FUSED_KERNEL, PAPER_SHAPES
 
 
 @pytest.mark.parametrize("impl", ["fused", "eager"])
@@ -16,7 +16,7 @@ from training_kernel_cases import CASES, PAPER_SHAPES
 def test_training_kernel(benchmark, cuda, op, impl):
     benchmark.group = f"{op} {PAPER_SHAPES[op]}"
     case = CASES[op](impl, cuda, torch.bfloat16, **PAPER_SHAPES[op])
-    measure(benchmark, case.step, device=cuda)
+    measure(benchmark, case.step, device=cuda, expect=(FUSED_KERNEL[op],))
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(dtype="bf16", shape=PAPER_SHAPES[op],
                                 tflops=round(case.flops / median / 1e12, 2) if case.flops else None)

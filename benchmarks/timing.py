@@ -8,7 +8,9 @@
   inside the timed call. It plants a regression, so tests can check that the compare step
   catches one;
 - BLIP2RT_BENCH_PROFILE=DIR: after timing, one more call runs under torch.profiler and its
-  trace goes to DIR/<case>.json (Chrome / Perfetto format).
+  trace goes to DIR/<case>.json (Chrome / Perfetto format);
+- the path check: a case labelled fused/triton fails unless Triton kernels ran in its first call,
+  and any other case fails if one did; extra_info["path"] lists the kernels.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from blip2rt.kernels import launch
 
 
 def quick_mode() -> bool:
@@ -34,14 +39,42 @@ def planted_delay(name: str) -> float:
     return float(seconds) if pattern and pattern in name else 0.0
 
 
+FUSED_IMPLS = ("fused", "triton")
+
+
+def check_path(benchmark, launches: list, expect: tuple[str, ...] = ()) -> None:
+    """The case ran what its label says: a fused/triton case launched Triton kernels (every name in
+    `expect` among them), any other case launched none. The path goes into extra_info["path"]."""
+    impl = (getattr(benchmark, "params", None) or {}).get("impl")
+    counts = Counter(one.name for one in launches)
+    if impl in FUSED_IMPLS:
+        assert counts, f"{benchmark.name}: labelled {impl!r}, but no Triton kernel ran"
+        missing = sorted(set(expect) - set(counts))
+        assert not missing, f"{benchmark.name}: labelled {impl!r}, but {missing} did not run (ran: {sorted(counts)})"
+    else:
+        assert not counts, f"{benchmark.name}: labelled {impl!r}, yet Triton kernels ran: {sorted(counts)}"
+    benchmark.extra_info["path"] = ("triton: " + ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
+                                    if counts else f"no Triton kernel ({impl or 'torch'})")
+
+
 def measure(benchmark, step: Callable[[], object], rounds: int = 20, warmup: int = 3,
-            device: torch.device | str | None = None) -> None:
-    """Times `step` with benchmark.pedantic; writes peak_mib (CUDA) and the device to extra_info."""
+            device: torch.device | str | None = None, expect: tuple[str, ...] = ()) -> list:
+    """Times `step` with benchmark.pedantic; writes peak_mib (CUDA), the device and the path to
+    extra_info. The first call (before any timed round, except in quick mode, where the one round is
+    it) records its kernel launches and checks them against the case's impl (`check_path`); they
+    are returned, for checks of their own."""
     cuda = device is not None and torch.device(device).type == "cuda"
     delay = planted_delay(benchmark.name)
+    first: list = []
 
     def timed():
-        step()
+        if not first:
+            with launch.record() as ran:
+                step()
+            check_path(benchmark, ran, expect)
+            first.append(ran)
+        else:
+            step()
         if cuda:
             torch.cuda.synchronize()
         if delay:
@@ -60,6 +93,7 @@ def measure(benchmark, step: Callable[[], object], rounds: int = 20, warmup: int
     folder = os.environ.get("BLIP2RT_BENCH_PROFILE")
     if folder:
         profile(step, Path(folder) / (re.sub(r"[^\w.=-]+", "_", benchmark.name) + ".json"), cuda)
+    return first[0]
 
 
 def profile(step: Callable[[], object], path: Path, cuda: bool) -> Path:

@@ -20,6 +20,19 @@ from blip2rt.training.stage2 import Stage2Batch, Stage2Objective
 from blip2rt.training.trainer import param_groups, set_trainable
 
 
+# What a triton step must launch (the benchmarks check it before timing)
+FUSED_STAGE2 = ("fused_attention._fwd_kernel", "fused_attention._bwd_rows_kernel", "post_ln_residual._fwd_kernel",
+                "post_ln_residual._bwd_kernel")
+FUSED_STAGE1 = FUSED_STAGE2 + ("itc._qmax_fwd_kernel", "chunked_cross_entropy._ce_rows_kernel")
+
+
+def check_attention_dropout(benchmark, launches) -> None:
+    """The steps train with the paper's attention dropout (0.1), inside the fused attention."""
+    attention = [one for one in launches if one.name.startswith("fused_attention.")]
+    assert attention and all(one.kwargs.get("DROPOUT") for one in attention), "the fused attention ran without dropout"
+    benchmark.extra_info["attention_dropout"] = True
+
+
 def _model(preset: str, device, impl: str, stage: int):
     """Random weights at the preset's shapes (blip2-mini too: the step time does not depend on them)."""
     frozen = torch.bfloat16 if device.type == "cuda" else torch.float32

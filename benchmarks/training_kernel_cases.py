@@ -73,6 +73,8 @@ def linear_ce_case(impl: str, device, dtype, tokens: int, hidden: int, vocab: in
 
 
 CASES = {"itc": itc_case, "layer_norm": layer_norm_case, "linear_ce": linear_ce_case}
+FUSED_KERNEL = {"itc": "itc._qmax_fwd_kernel", "layer_norm": "post_ln_residual._fwd_kernel",
+                "linear_ce": "chunked_cross_entropy._ce_rows_kernel"}  # what the fused case must launch
 PAPER_SHAPES = {"itc": ITC_PAPER, "layer_norm": LAYER_NORM_PAPER, "linear_ce": LINEAR_CE_PAPER}
 TINY_SHAPES = {"itc": dict(batch=5, queries=4, dim=16), "layer_norm": dict(rows=7, dim=37),
                "linear_ce": dict(tokens=9, hidden=16, vocab=101)}

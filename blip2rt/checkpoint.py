@@ -117,6 +117,11 @@ _LAVIS_RENAMES = [
 _LAVIS_DROPPED = re.compile(r"(^|\.)position_ids$|^visual_encoder\.blocks\.\d+\.attn\.relative_position")
 
 
+# LAVIS builds ln_vision as nn.LayerNorm(vision width): torch's default eps, where transformers' port
+# (and the ViT's own norms) use 1e-6.
+LAVIS_LN_VISION_EPS = 1e-5
+
+
 def is_lavis_state_dict(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("Qformer.", "visual_encoder.", "ln_vision.")) for k in state)
 

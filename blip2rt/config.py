@@ -41,6 +41,9 @@ class VisionConfig:
     patch_size: int = 14
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
+    # ln_vision's eps; None: layer_norm_eps, as transformers' port. LAVIS builds ln_vision with torch's
+    # default (1e-5), and a model loaded from LAVIS weights computes it so (blip2rt.checkpoint).
+    ln_vision_eps: float | None = None
     qkv_bias: bool = True
     layer_scale: bool = False  # DINOv2: each residual branch scaled by a learned per-channel vector
     position_grid: int | None = None  # the grid the position embeddings were trained at (None: this size)

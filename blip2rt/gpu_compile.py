@@ -113,14 +113,17 @@ def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], No
         kv = packed.view(batch, s.image_tokens, s.cross_layers, 2, h, hd).unbind(2)[0]
         return kv.unbind(2)
 
-    def attention(q, k, v, mode=MODE_NONE, num_queries=0, text=False, grad=True):
+    def attention(q, k, v, mode=MODE_NONE, num_queries=0, text=False, grad=True, dropout=0.1):
+        """Training (grad) runs with the paper's attention dropout; inference without."""
+        p = dropout if grad else 0.0
+
         def run():
             batch, lq = q.shape[:2]
             mask = _meta(batch, k.shape[1] - num_queries, dtype=torch.int64) if text else None
             q_offset = k.shape[1] - lq if mode != MODE_NONE else 0
-            o, lse = fa._launch_forward(q, k, v, mode, num_queries, q_offset, mask, fa.forward_splits(q, k, grad))
+            o, lse = fa._launch_forward(q, k, v, mode, num_queries, q_offset, mask, fa.forward_splits(q, k, grad), p, 1)
             if grad:
-                fa._launch_backward(torch.empty_like(o), q, k, v, o, lse, mask, mode, num_queries, q_offset)
+                fa._launch_backward(torch.empty_like(o), q, k, v, o, lse, mask, mode, num_queries, q_offset, p, 1)
         return run
 
     def post_ln(h_dtype, r_dtype, p):
@@ -147,24 +150,28 @@ def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], No
         return run
 
     kv = image_kv(b)
-    out = [
-        ("cross-attention", attention(heads_view(b, nq), *kv)),
+    training = [  # (op, q/k/v, mode, num_queries, text mask)
+        ("cross-attention", (heads_view(b, nq), *kv), MODE_NONE, 0, False),
+        ("self-attention, queries", tuple(heads_view(b, nq) for _ in range(3)), MODE_BIDIRECTIONAL, nq, False),
+        ("self-attention, text (ITC)", tuple(heads_view(b, t) for _ in range(3)), MODE_BIDIRECTIONAL, 0, True),
+        ("self-attention, ITM", tuple(heads_view(3 * b, nq + t) for _ in range(3)), MODE_BIDIRECTIONAL, nq, True),
+        ("self-attention, unimodal", tuple(heads_view(b, nq + t) for _ in range(3)), MODE_UNIMODAL, nq, True),
+        ("self-attention, ITG", (heads_view(b, t), *(_meta(b, nq + t, h, hd, dtype=dtype) for _ in range(2))),
+         MODE_CAUSAL, nq, True),
+    ]
+    out = [(op, attention(*qkv, mode, n, text=txt)) for op, qkv, mode, n, txt in training]
+    if s.name == "paper":  # training without dropout (eval-mode grads, a dropout-free config): the paper's shapes
+        out += [(f"{op}, no dropout", attention(*qkv, mode, n, text=txt, dropout=0.0))
+                for op, qkv, mode, n, txt in training]
+    out += [
         ("cross-attention, B=1 inference", attention(heads_view(1, nq), *image_kv(1), grad=False)),
-        ("self-attention, queries", attention(*(heads_view(b, nq) for _ in range(3)), MODE_BIDIRECTIONAL, nq)),
-        ("self-attention, text (ITC)", attention(*(heads_view(b, t) for _ in range(3)), MODE_BIDIRECTIONAL, 0,
-                                                 text=True)),
-        ("self-attention, ITM", attention(*(heads_view(3 * b, nq + t) for _ in range(3)), MODE_BIDIRECTIONAL, nq,
-                                          text=True)),
-        ("self-attention, unimodal", attention(*(heads_view(b, nq + t) for _ in range(3)), MODE_UNIMODAL, nq,
-                                               text=True)),
-        ("self-attention, ITG", attention(heads_view(b, t), *(_meta(b, nq + t, h, hd, dtype=dtype) for _ in range(2)),
-                                          MODE_CAUSAL, nq, text=True)),
         ("residual LayerNorm", post_ln(dtype, dtype, 0.1)),
         ("residual LayerNorm, inference", post_ln(dtype, dtype, 0.0)),
         ("ITC", itc_loss),
         *((f"linear+CE {hidden}->{vocab}", linear_ce(hidden, vocab, trainable))
           for hidden, vocab, trainable in s.heads_ce),
         ("dropout keep mask", lambda: ln.dropout_keep_mask((b * nq, d), 0.1, 1, "meta")),
+        ("attention dropout keep mask", lambda: fa.attention_keep_mask(b, h, nq + t, nq + t, 0.1, 1, "meta")),
     ]
     if dtype != torch.float32:  # autocast: 16-bit sublayer output, fp32 residual stream
         out.append(("residual LayerNorm, autocast", post_ln(dtype, torch.float32, 0.1)))
@@ -477,7 +484,7 @@ def _as_json(row: Row) -> dict:
     return {"kernel": row.kernel, "arch": req.arch, "config": _config(req), "dtypes": _dtypes(req),
             "uses": [list(u) for u in row.uses], "error": r.error, "shared": r.shared, "registers": r.registers,
             "spill_stores": r.spill_stores, "spill_loads": r.spill_loads, "dots": r.dots, "wgmma_dots": r.wgmma_dots,
-            "mma": r.mma, "v4_loads": r.v4_loads, "v4_stores": r.v4_stores}
+            "mma": r.mma, "v4_loads": r.v4_loads, "v4_stores": r.v4_stores, "seconds": round(r.seconds, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,8 @@ import torch
 
 from blip2rt.kernels import resolve_backend
 
-from .checkpoint import TEXT_ONLY, is_lavis_state_dict, lavis_to_blip2rt, load_weights, read_hf_folder, read_tensor_file
+from .checkpoint import (LAVIS_LN_VISION_EPS, TEXT_ONLY, is_lavis_state_dict, lavis_to_blip2rt, load_weights,
+                         read_hf_folder, read_tensor_file)
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
 from .model import Blip2
@@ -150,6 +151,9 @@ def apply_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_
     lavis = is_lavis_state_dict(state)
     if lavis:
         state = lavis_to_blip2rt(state)
+        # LAVIS trained (and computes) ln_vision with torch's default eps, not the ViT's
+        model.config.vision_config.ln_vision_eps = LAVIS_LN_VISION_EPS
+        model.vision_model.post_layernorm.eps = LAVIS_LN_VISION_EPS
     # LAVIS saves only what trains; the frozen ViT and LLM may come from a base folder.
     allow = model.frozen_prefixes() if over_base else ()
     stage1 = any(TEXT_ONLY.match(k) for k in state) and not any(k.startswith("language_projection.") for k in state)

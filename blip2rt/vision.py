@@ -116,7 +116,8 @@ class VisionTransformer(nn.Module):
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
         self.encoder = VisionEncoder(cfg)
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # ln_vision
+        eps = cfg.layer_norm_eps if cfg.ln_vision_eps is None else cfg.ln_vision_eps
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps)  # ln_vision
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frozen part: tokens before ln_vision, in the encoder's dtype."""

@@ -29,13 +29,13 @@ def qformer_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            backend: str = "torch") -> torch.Tensor:
     """Masked self-attention over [queries ; text]; q (B, Lq, H, d), k/v (B, K, H, d) -> (B, Lq, H, d).
 
-    The fused kernel has no attention dropout: with dropout_p > 0 the reference runs.
+    Attention dropout runs inside the fused kernel (its mask drawn from a seed, never stored).
     """
-    if backend == "triton" and dropout_p == 0.0:
+    if backend == "triton":
         from .fused_attention import fused_attention
 
         return fused_attention(q, k, v, mode=_MODE_IDS[AttentionMode(mode)], num_queries=num_queries,
-                               text_mask=text_mask)
+                               text_mask=text_mask, dropout_p=dropout_p)
     out = self_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), num_queries, text_mask,
                                    mode, dropout_p)
     return out.transpose(1, 2)
@@ -44,10 +44,10 @@ def qformer_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 def qformer_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, dropout_p: float = 0.0,
                             backend: str = "torch") -> torch.Tensor:
     """Queries attend to image tokens; q (B, Q, H, d), k/v (B, N, H, d) -> (B, Q, H, d)."""
-    if backend == "triton" and dropout_p == 0.0:
+    if backend == "triton":
         from .fused_attention import fused_attention
 
-        return fused_attention(q, k, v)
+        return fused_attention(q, k, v, dropout_p=dropout_p)
     return cross_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p).transpose(1, 2)
 
 

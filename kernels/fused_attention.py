@@ -25,8 +25,11 @@ Tiles per dtype and GPU come from `attention_config`, which the compile gate che
 sm_80 (blip2rt.gpu_compile).
 
 Rows with nothing to see (only when a sample's whole text is padding, in a mode where text
-sees text only) give 0 here; the reference gives the mean of all values. Attention dropout is
-not fused: with dropout the dispatcher uses the reference.
+sees text only) give 0 here; the reference gives the mean of all values.
+
+Attention dropout is fused as FlashAttention fuses it: a counter-based RNG (Philox, `tl.rand`)
+at an offset per (batch, head, row, key), so the mask is never stored and the backward draws the
+same one again from the seed. `attention_keep_mask` materialises it for tests.
 """
 
 from __future__ import annotations
@@ -63,6 +66,15 @@ def _allowed(rows, cols, Lk, NQ, TM, b, T, MODE: tl.constexpr, HAS_TEXT_MASK: tl
 
 
 @triton.jit
+def _keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk):
+    """(BLOCK_M, BLOCK_N) attention-dropout keep mask of rows offs_m and keys offs_n of (batch, head)
+    pid_bh: Philox at offset (pid_bh * Lq + row) * Lk + key, so any program, split or backward draws
+    the same mask again. It is never stored."""
+    offsets = (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
 def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
     """(len(offs), BLOCK_D) tile of head h of sample b from a (B, L, H, d) strided tensor; 0 outside."""
     return tl.load(PTR + b.to(tl.int64) * s_b + offs[:, None] * s_n + h * s_h + offs_d[None, :],
@@ -71,10 +83,13 @@ def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
-                sm_scale, Lq, Lk, NQ, q_offset, T, H, keys_per_split,
+                sm_scale, Lq, Lk, NQ, q_offset, T, H, keys_per_split, dropout_p, seed,
                 s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_om, s_oh,
-                MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+                MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """Online softmax over key blocks. With DROPOUT, the probabilities that multiply V are dropped and
+    scaled by 1/(1 - p) (the normaliser and the log-sum-exp are not): softmax, then dropout, then V."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -104,6 +119,8 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
+        if DROPOUT:
+            p = tl.where(_keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk), p / (1.0 - dropout_p), 0.0)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
     if SPLIT:
@@ -138,23 +155,33 @@ def _row_state(Q, DO, LSE, DELTA, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
 
 
 @triton.jit
-def _bwd_block(q, do, lse, delta, k, v, rows, offs_n, mm, Lk, NQ, TM, b, T, sm_scale,
-               MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (query tile, key block) of the backward: the probabilities p and d(scores) ds, (BLOCK_M, BLOCK_N)."""
+def _bwd_block(q, do, lse, delta, k, v, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh, sm_scale,
+               dropout_p, seed, MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (query tile, key block) of the backward, (BLOCK_M, BLOCK_N) each: the probabilities that
+    multiplied V (dropped and scaled under dropout) for dV, and d(scores) for dQ and dK.
+
+    With dropout, O = (P * Z / (1 - p)) V for the keep mask Z: dP = (dO V^T) * Z / (1 - p) and
+    dS = P * (dP - rowsum(dO * O)), as FlashAttention's backward."""
     s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION) * sm_scale
-    ok = _allowed(rows, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
+    ok = _allowed(q_offset + offs_m, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
     p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
     dp = dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
-    return p, p * (dp - delta[:, None])
+    p_v = p
+    if DROPOUT:
+        keep = _keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        p_v = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+    return p_v, p * (dp - delta[:, None])
 
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
-                     sm_scale, Lq, Lk, NQ, q_offset, T, H,
+                     sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p, seed,
                      s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_gb, s_gn, s_gh,
-                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HEAD_DIM: tl.constexpr):
     """Rows in several tiles: dK and dV of one key block, over every query tile."""
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -173,8 +200,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
         mm = offs_m < Lq
         q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
                                        s_qb, s_qm, s_qh, s_dob, s_dom, s_doh)
-        p, ds = _bwd_block(q, do, lse, delta, k, v, q_offset + offs_m, offs_n, mm, Lk, NQ, TM, b, T, sm_scale,
-                           MODE, HAS_TEXT_MASK, PRECISION, BLOCK_M, BLOCK_N)
+        p, ds = _bwd_block(q, do, lse, delta, k, v, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
+                           sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
         dv = dot(tl.trans(p.to(do.dtype)), do, dv, PRECISION)
         dk = dot(tl.trans(ds.to(q.dtype)), q, dk, PRECISION)
     _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk * sm_scale)
@@ -183,11 +210,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
 
 @triton.jit
 def _bwd_rows_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TM,
-                     sm_scale, Lq, Lk, NQ, q_offset, T, H,
+                     sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p, seed,
                      s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh,
                      s_dqb, s_dqm, s_dqh, s_dkb, s_dkn, s_dkh,
-                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DKDV: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DKDV: tl.constexpr, DROPOUT: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HEAD_DIM: tl.constexpr):
     """dQ of one query tile, over every key block. DKDV (all rows in this one tile): dK and dV in the
     same pass, each key block written by this program alone, so no atomics and K/V read once."""
     pid_bh = tl.program_id(0)
@@ -206,8 +234,8 @@ def _bwd_rows_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TM,
         mn = offs_n < Lk
         k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
         v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-        p, ds = _bwd_block(q, do, lse, delta, k, v, q_offset + offs_m, offs_n, mm, Lk, NQ, TM, b, T, sm_scale,
-                           MODE, HAS_TEXT_MASK, PRECISION, BLOCK_M, BLOCK_N)
+        p, ds = _bwd_block(q, do, lse, delta, k, v, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
+                           sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
         dq = dot(ds.to(k.dtype), k, dq, PRECISION)
         if DKDV:
             zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -236,8 +264,8 @@ class AttentionConfig:
                     HEAD_DIM=head_dim, num_warps=self.warps, num_stages=self.stages, **extra)
 
 
-def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, backward: bool = False
-                     ) -> AttentionConfig:
+def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, backward: bool = False,
+                     dropout: bool = False) -> AttentionConfig:
     """Tiles for Lq rows of head dim d on the target GPU. Every choice made here is compiled for
     sm_90 and sm_80 by the compile gate (blip2rt.gpu_compile), which checks spills, shared memory
     and wgmma; the comments say what it found."""
@@ -245,16 +273,23 @@ def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, 
     precision = dot_precision(dtype, device)
     target = gpu_target(device)
     if target is None:
-        return AttentionConfig(16, 16, block_d, 4, 1, precision)  # the interpreter: small tiles, every edge
+        # the interpreter: its cost is per program and per loop step; tests reach the edges and the
+        # several-tile paths with their shapes (rows and keys past 32)
+        return AttentionConfig(32, 32, block_d, 4, 1, precision)
     if dtype == torch.float32:
-        # tf32x3 holds three operand splits per tile: 32x32 tiles on 8 warps fit registers at d = 64,
-        # 16x16 on 4 warps below; with the full register budget (without it ptxas spilled a few bytes)
+        # tf32x3 holds three operand splits per tile: 32x32 tiles on 8 warps fit registers at d = 64
+        # (32x16 in the dK/dV kernel under dropout, whose Philox state spilled at 32 keys), 16x16 on
+        # 4 warps below; with the full register budget (without it ptxas spilled a few bytes)
         block, warps = (32, 8) if d >= 64 else (16, 4)
-        return AttentionConfig(block, block, block_d, warps, 2, precision, register_budget(warps))
+        keys = 16 if backward and dropout and block == 32 else block
+        return AttentionConfig(block, keys, block_d, warps, 2, precision, register_budget(warps))
     block_m = 64 if lq > 32 else 32  # Q-Former rows: 32 queries, or 32 queries + 32 text
     wide = d >= 32
     if not backward:
-        return AttentionConfig(block_m, 64 if wide or target.arch >= 90 else 32, block_d, 4, 2, precision)
+        keys = 64 if wide or target.arch >= 90 else 32
+        if dropout:  # the Philox draws per (row, key) spilled on 4 warps: 8, with the full register budget
+            return AttentionConfig(block_m, keys, block_d, 8, 2, precision, register_budget(8))
+        return AttentionConfig(block_m, keys, block_d, 4, 2, precision)
     # the backward holds q, dO, dQ and five (rows x keys) tiles at once: 8 warps. On sm_90 wgmma keeps
     # its accumulators lean and 64-key blocks let the dK/dV products be wgmma too. sm_80's mma.sync
     # spilled at 64 keys and 64 rows, so 32 there, with the full register budget (the paper's tile
@@ -281,20 +316,21 @@ def _text_mask_arg(text_mask: torch.Tensor | None, device) -> tuple[torch.Tensor
     return text_mask.to(device=device, dtype=torch.int8).contiguous(), text_mask.shape[1]
 
 
-def _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int = 1):
+def _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int = 1, dropout_p: float = 0.0,
+                    seed: int = 0):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     scale = 1.0 / math.sqrt(d)
-    cfg = attention_config(lq, d, q.dtype, q.device)
+    cfg = attention_config(lq, d, q.dtype, q.device, dropout=dropout_p > 0)
     tm, t = _text_mask_arg(text_mask, q.device)
     m_blocks = triton.cdiv(lq, cfg.block_m)
     o = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
-    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, **cfg.meta(d))
+    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, **cfg.meta(d))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     if splits == 1:
         launch(_fwd_kernel, (b * h, m_blocks, 1), q, k, v, o, lse, lse, lse, tm, scale, lq, lk, num_queries, q_offset,
-               t, h, lk, *strides, *o.stride()[:3], SPLIT=False, **meta)
+               t, h, lk, dropout_p, seed, *strides, *o.stride()[:3], SPLIT=False, **meta)
         return o, lse
     per_split = triton.cdiv(triton.cdiv(lk, splits), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(lk, per_split)
@@ -302,7 +338,7 @@ def _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int
     m_part = torch.empty(b * h, splits, lq, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     launch(_fwd_kernel, (b * h, m_blocks, splits), q, k, v, acc, lse, m_part, l_part, tm, scale, lq, lk, num_queries,
-           q_offset, t, h, per_split, *strides, 0, 0, 0, SPLIT=True, **meta)
+           q_offset, t, h, per_split, dropout_p, seed, *strides, 0, 0, 0, SPLIT=True, **meta)
     # combine the splits' softmax states: (B*H, S, Lq) -> (B*H, Lq)
     m = m_part.amax(dim=1)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
@@ -314,20 +350,21 @@ def _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int
     return o, lse
 
 
-def _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset):
+def _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p: float = 0.0,
+                     seed: int = 0):
     b, lq, h, d = q.shape
     lk = k.shape[1]
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = (do.float() * o.float()).sum(-1).transpose(1, 2).reshape(b * h, lq).contiguous()  # rowsum(dO * O)
-    cfg = attention_config(lq, d, q.dtype, q.device, backward=True)
+    cfg = attention_config(lq, d, q.dtype, q.device, backward=True, dropout=dropout_p > 0)
     tm, t = _text_mask_arg(text_mask, q.device)
     scale = 1.0 / math.sqrt(d)
     dq = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
     dk = torch.empty(b, lk, h, d, dtype=k.dtype, device=q.device)
     dv = torch.empty(b, lk, h, d, dtype=v.dtype, device=q.device)
-    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, **cfg.meta(d))
-    args = (scale, lq, lk, num_queries, q_offset, t, h, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3])
+    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, **cfg.meta(d))
+    args = (scale, lq, lk, num_queries, q_offset, t, h, dropout_p, seed, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *do.stride()[:3])
     one_tile = lq <= cfg.block_m
     if not one_tile:
         launch(_bwd_dkdv_kernel, (b * h, triton.cdiv(lk, cfg.block_n)), q, k, v, do, lse, delta, dk, dv, tm, *args,
@@ -340,12 +377,13 @@ def _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset
 # Registered as custom ops so torch.compile treats the kernels as opaque, differentiable ops.
 @torch.library.custom_op("blip2rt::qformer_attention_fwd", mutates_args=())
 def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_mask: torch.Tensor | None,
-                         mode: int, num_queries: int, q_offset: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits=splits)
+                         mode: int, num_queries: int, q_offset: int, splits: int, dropout_p: float,
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
 
 
 @attention_forward_op.register_fake
-def _(q, k, v, text_mask, mode, num_queries, q_offset, splits):
+def _(q, k, v, text_mask, mode, num_queries, q_offset, splits, dropout_p, seed):
     b, lq, h, d = q.shape
     return q.new_empty(b, lq, h, d), q.new_empty(b * h, lq, dtype=torch.float32)
 
@@ -353,44 +391,58 @@ def _(q, k, v, text_mask, mode, num_queries, q_offset, splits):
 @torch.library.custom_op("blip2rt::qformer_attention_bwd", mutates_args=())
 def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, text_mask: torch.Tensor | None, mode: int, num_queries: int,
-                          q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset)
+                          q_offset: int, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p, seed)
 
 
 @attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset):
+def _(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, text_mask, mode, num_queries, q_offset, _ = inputs
+    q, k, v, text_mask, mode, num_queries, q_offset, _, dropout_p, seed = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, text_mask)
-    ctx.mode, ctx.num_queries, ctx.q_offset = mode, num_queries, q_offset
+    ctx.mode, ctx.num_queries, ctx.q_offset, ctx.dropout_p, ctx.seed = mode, num_queries, q_offset, dropout_p, seed
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, o, lse, text_mask = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset,
+                                       ctx.dropout_p, ctx.seed)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def draw_seed() -> int:
+    """A dropout seed from torch's CPU generator: no device sync, and a checkpoint's saved RNG state
+    brings the same seeds (so the same masks) back on resume."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: int = MODE_NONE,
-                    num_queries: int = 0, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                    num_queries: int = 0, text_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                    seed: int | None = None) -> torch.Tensor:
     """q (B, Lq, H, d), k/v (B, Lk, H, d), strided views with a contiguous last dim -> (B, Lq, H, d).
 
     For self-attention, the rows are the last Lq of the Lk positions (a cached past comes first).
-    Without grad, the keys may be split across programs to fill the GPU.
+    Without grad, the keys may be split across programs to fill the GPU. dropout_p drops attention
+    probabilities inside the kernel (`seed` fixes the mask; by default one is drawn per call).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"fused_attention: {name} needs a contiguous last dimension, got strides {t.stride()}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fused_attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and seed is None:
+        seed = draw_seed()
     q_offset = k.shape[1] - q.shape[1] if mode != MODE_NONE else 0
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return attention_forward_op(q, k, v, text_mask, mode, num_queries, q_offset, forward_splits(q, k, needs_grad))[0]
+    return attention_forward_op(q, k, v, text_mask, mode, num_queries, q_offset, forward_splits(q, k, needs_grad),
+                                float(dropout_p), int(seed or 0))[0]
 
 
 def forward_splits(q: torch.Tensor, k: torch.Tensor, needs_grad: bool) -> int:
@@ -400,3 +452,24 @@ def forward_splits(q: torch.Tensor, k: torch.Tensor, needs_grad: bool) -> int:
     b, lq, h, d = q.shape
     cfg = attention_config(lq, d, q.dtype, q.device)
     return _num_splits(b * h, triton.cdiv(lq, cfg.block_m), k.shape[1], cfg.block_n, q.device)
+
+
+@triton.jit
+def _keep_mask_kernel(OUT, Lq, Lk, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk)
+    out = (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
+    tl.store(OUT + out, keep.to(tl.int8), mask=(offs_m < Lq)[:, None] & (offs_n < Lk)[None, :])
+
+
+def attention_keep_mask(batch: int, heads: int, lq: int, lk: int, dropout_p: float, seed: int,
+                        device) -> torch.Tensor:
+    """The keep mask the kernels draw for (dropout_p, seed): bool (B, H, Lq, Lk), rows being this call's
+    query rows and columns its keys. For tests and debugging (the kernels never store it)."""
+    out = torch.empty(batch * heads, lq, lk, dtype=torch.int8, device=device)
+    block_n = min(512, triton.next_power_of_2(lk))
+    launch(_keep_mask_kernel, (batch * heads, triton.cdiv(lq, 16), triton.cdiv(lk, block_n)), out, lq, lk, dropout_p,
+           seed, BLOCK_M=16, BLOCK_N=block_n)
+    return out.bool().view(batch, heads, lq, lk)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import autocast_dtype, backward_programs, launch, row_block
+from .launch import autocast_dtype, backward_programs, gpu_target, launch, row_block
 
 
 @triton.jit
@@ -29,24 +29,28 @@ def _keep(seed, offsets, p):
 
 
 @triton.jit
-def _fwd_kernel(H, R, W, B, Y, MEAN, RSTD, D, eps, p, seed,
-                HAS_DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _fwd_kernel(H, R, W, B, Y, MEAN, RSTD, M, D, eps, p, seed,
+                HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """BLOCK_R rows per program (1 on a GPU; more in the interpreter, whose cost is per program)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
+    rm = rows < M
     m = cols < D
-    h = tl.load(H + row * D + cols, mask=m, other=0.0).to(tl.float32)
-    r = tl.load(R + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    offs = rows[:, None] * D + cols[None, :]
+    mask = rm[:, None] & m[None, :]
+    h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        h = tl.where(_keep(seed, row * D + cols, p), h / (1.0 - p), 0.0)
+        h = tl.where(_keep(seed, offs, p), h / (1.0 - p), 0.0)
     s = h + r
-    mean = tl.sum(s, axis=0) / D
-    xc = tl.where(m, s - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    mean = tl.sum(s, axis=1) / D
+    xc = tl.where(mask, s - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / D + eps)
     w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(Y + row * D + cols, (xc * rstd * w + b).to(Y.dtype.element_ty), mask=m)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+    tl.store(Y + offs, (xc * rstd[:, None] * w[None, :] + b[None, :]).to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=rm)
+    tl.store(RSTD + rows, rstd, mask=rm)
 
 
 @triton.jit
@@ -132,8 +136,9 @@ def _launch_forward(h, residual, weight, bias, eps: float, p: float, seed: int):
     mean = torch.empty(rows, dtype=torch.float32, device=h.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=h.device)
     block, warps = row_block(d)
-    launch(_fwd_kernel, (rows,), h2, r2, weight, bias, y, mean, rstd, d, eps, p, seed,
-           HAS_DROPOUT=p > 0, BLOCK_D=block, num_warps=warps)
+    block_r = 1 if gpu_target(h.device) is not None else max(1, 4096 // block)
+    launch(_fwd_kernel, (triton.cdiv(rows, block_r),), h2, r2, weight, bias, y, mean, rstd, rows, d, eps, p, seed,
+           HAS_DROPOUT=p > 0, BLOCK_R=block_r, BLOCK_D=block, num_warps=warps)
     return y.view(h.shape), mean, rstd
 
 

@@ -13,6 +13,7 @@ does, so a row with nothing to see stays finite.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 import torch
@@ -66,8 +67,11 @@ def self_attention_reference(
     text_mask: torch.Tensor | None,
     mode: AttentionMode,
     dropout_p: float = 0.0,
+    keep_mask: torch.Tensor | None = None,  # (B, H, Lq, K) bool: this dropout mask instead of a fresh draw
 ) -> torch.Tensor:  # (B, H, Lq, d)
     bias = qformer_attention_bias(num_queries, text_mask, mode, q.shape[2], q.dtype, q.shape[0], q.device)
+    if keep_mask is not None:
+        return attention_with_keep_mask(q, k, v, bias, keep_mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
 
 
@@ -76,5 +80,18 @@ def cross_attention_reference(
     k: torch.Tensor,  # (B, H, N, d) image tokens
     v: torch.Tensor,  # (B, H, N, d)
     dropout_p: float = 0.0,
+    keep_mask: torch.Tensor | None = None,  # (B, H, Q, N) bool
 ) -> torch.Tensor:  # (B, H, Q, d)
+    if keep_mask is not None:
+        return attention_with_keep_mask(q, k, v, None, keep_mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+def attention_with_keep_mask(q, k, v, bias: torch.Tensor | None, keep_mask: torch.Tensor, dropout_p: float):
+    """softmax(q k^T / sqrt(d) + bias), then dropout with a given keep mask (scaled by 1/(1 - p)),
+    then @ v: what SDPA computes with its own draw, written out so a test can fix the draw."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(-1) * keep_mask / (1.0 - dropout_p)
+    return probs @ v

@@ -27,13 +27,13 @@ def mark(rank: int, out: str, stage: str) -> None:
     Path(out).with_name(f"rank{rank}.stage").write_text(stage)
 
 
-def build():
+def build(backend: str = "torch"):
     import blip2rt
     from blip2rt.training.stage1 import Stage1Objective
     from blip2rt.training.trainer import set_trainable
 
     torch.manual_seed(0)
-    m = blip2rt.from_pretrained("tiny", device="cpu", kernels="torch")
+    m = blip2rt.from_pretrained("tiny", device="cpu", kernels=backend)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "norm" not in name.lower():
@@ -46,11 +46,11 @@ def build():
     return m, Stage1Objective(m, tok.convert_tokens_to_ids("[DEC]"), tok.pad_token_id), enc, pixels
 
 
-def run_rank(rank: int, world: int, port: int, out: str) -> None:
+def run_rank(rank: int, world: int, port: int, out: str, backend: str = "torch") -> None:
     from blip2rt.training.stage1 import Stage1Batch
 
     join_group(rank, world, port, out)
-    m, objective, enc, pixels = build()
+    m, objective, enc, pixels = build(backend)
     ddp = torch.nn.parallel.DistributedDataParallel(objective)
     b = len(CAPTIONS) // world
     mine = slice(rank * b, (rank + 1) * b)
@@ -66,15 +66,74 @@ def run_rank(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def run_single() -> dict:
+def run_single(backend: str = "torch") -> dict:
     from blip2rt.training.stage1 import Stage1Batch
 
-    m, objective, enc, pixels = build()
+    m, objective, enc, pixels = build(backend)
     losses = objective(Stage1Batch(enc["input_ids"], enc["attention_mask"], pixel_values=pixels),
                        negatives=(NEG_IMAGE, NEG_TEXT))
     losses["loss"].backward()
     return {"losses": torch.stack([losses[k].detach() for k in ("itc", "itm", "itg")]),
             "grads": {n: p.grad for n, p in m.named_parameters() if p.requires_grad}}
+
+
+IMAGE_IDS = torch.tensor([0, 1, 2, 0])  # the last caption is of the first image (on the other rank)
+UNEQUAL = [3, 1]  # samples per rank
+DRAWS = 2000
+
+
+def negatives_of(objective, batch, rank: int) -> dict:
+    """The real objective's forward, with the sampler's inputs captured; then DRAWS draws of the real
+    sampler on them, counted per row and column."""
+    from blip2rt.training import stage1
+
+    captured = {}
+    real = stage1.sample_hard_negatives
+
+    def spy(sim_i2t, sim_t2i, positives, generator=None):
+        captured.update(sim_i2t=sim_i2t.detach().clone(), sim_t2i=sim_t2i.detach().clone(), positives=positives.clone())
+        return real(sim_i2t, sim_t2i, positives, generator)
+
+    stage1.sample_hard_negatives = spy
+    try:
+        with torch.no_grad():
+            objective(batch)
+    finally:
+        stage1.sample_hard_negatives = real
+    b, width = captured["positives"].shape
+    g = torch.Generator().manual_seed(rank)
+    captured["counts_img"], captured["counts_txt"] = torch.zeros(b, width), torch.zeros(b, width)
+    for _ in range(DRAWS):
+        neg_img, neg_txt = real(captured["sim_i2t"], captured["sim_t2i"], captured["positives"], generator=g)
+        captured["counts_img"][torch.arange(b), neg_img] += 1
+        captured["counts_txt"][torch.arange(b), neg_txt] += 1
+    return captured
+
+
+def negatives_batches(enc, pixels, rows: slice) -> dict:
+    from blip2rt.training.stage1 import Stage1Batch
+
+    return {name: Stage1Batch(enc["input_ids"][rows], enc["attention_mask"][rows], pixel_values=pixels[rows],
+                              image_ids=ids) for name, ids in (("own pairs", None), ("image ids", IMAGE_IDS[rows]))}
+
+
+def run_rank_negatives(rank: int, world: int, port: int, out: str) -> None:
+    """Unequal shards (3 and 1 samples): the positives mask and the hard negatives the real objective
+    draws on each rank, with and without image ids."""
+    join_group(rank, world, port, out)
+    _, objective, enc, pixels = build()
+    start = sum(UNEQUAL[:rank])
+    batches = negatives_batches(enc, pixels, slice(start, start + UNEQUAL[rank]))
+    torch.save({name: negatives_of(objective, batch, rank) for name, batch in batches.items()},
+               Path(out).with_name(f"negatives{rank}.pt"))
+    mark(rank, out, "done")
+    dist.destroy_process_group()
+
+
+def run_single_negatives() -> dict:
+    _, objective, enc, pixels = build()
+    return {name: negatives_of(objective, batch, 0)
+            for name, batch in negatives_batches(enc, pixels, slice(0, len(CAPTIONS))).items()}
 
 
 def stage2_inputs():

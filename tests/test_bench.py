@@ -107,5 +107,8 @@ def test_cpu_suite_runs_every_cpu_case_once(tmp_path):
                  "test_caption[blip2-mini-1-ort]"):
         assert case in names, sorted(names)
     assert "skipped" in out.stdout  # the GPU cases, cleanly
-    assert all(b["stats"]["rounds"] == 1 for b in json.loads((tmp_path / "quick.json").read_text())["benchmarks"])
+    cases = json.loads((tmp_path / "quick.json").read_text())["benchmarks"]
+    assert all(b["stats"]["rounds"] == 1 for b in cases)
+    # every case checked and recorded what it ran: no Triton kernel on the CPU
+    assert all(b["extra_info"]["path"].startswith("no Triton kernel") for b in cases)
     assert Path(tmp_path / "quick.json").stat().st_size > 0

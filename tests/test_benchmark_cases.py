@@ -8,14 +8,50 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from training_kernel_cases import CASES, TINY_SHAPES  # noqa: E402
+from timing import check_path  # noqa: E402
+from training_kernel_cases import CASES, FUSED_KERNEL, TINY_SHAPES  # noqa: E402
+
+from blip2rt.kernels import launch  # noqa: E402
+
+
+class Labelled:
+    """What check_path reads of pytest-benchmark's fixture: the case's params, name and extra_info."""
+
+    def __init__(self, impl):
+        self.params, self.name, self.extra_info = {"impl": impl}, f"case[{impl}]", {}
+
+
+def runs_as_labelled(step, impl, expect=()):
+    """Runs step once, recording its launches, and applies the benchmarks' path check."""
+    with launch.record() as ran:
+        step()
+    bench = Labelled(impl)
+    check_path(bench, ran, expect)
+    return bench, ran
+
+
+def test_the_path_check_fails_on_a_mislabelled_case():
+    with pytest.raises(AssertionError, match="no Triton kernel ran"):
+        check_path(Labelled("fused"), [])
+    from blip2rt import kernels
+
+    h = torch.randn(3, 8)
+    layer_norm = lambda: kernels.residual_layer_norm(h, h, torch.ones(8), torch.zeros(8), 1e-12,  # noqa: E731
+                                                     backend="triton")
+    with pytest.raises(AssertionError, match="did not run"):
+        runs_as_labelled(layer_norm, "fused", ("fused_attention._fwd_kernel",))
+    q = torch.randn(1, 4, 2, 16)
+
+    with pytest.raises(AssertionError, match="yet Triton kernels ran"):
+        runs_as_labelled(lambda: kernels.qformer_cross_attention(q, q, q, backend="triton"), "torch")
 
 
 @pytest.mark.parametrize("impl", ["fused", "eager"])
 @pytest.mark.parametrize("op", list(CASES))
 def test_case_runs(op, impl):
     case = CASES[op](impl, torch.device("cpu"), torch.float32, **TINY_SHAPES[op])
-    case.step()
+    bench, _ = runs_as_labelled(case.step, impl, (FUSED_KERNEL[op],))
+    assert bench.extra_info["path"].startswith("triton: " if impl == "fused" else "no Triton kernel")
     case.step()  # twice: grads are cleared between steps
 
 
@@ -26,7 +62,7 @@ def test_attention_case_runs(kind, impl):
 
     step = attention_case(kind, impl, torch.device("cpu"), torch.float32, batch=2, heads=2, head_dim=16,
                           queries=4, image_tokens=9, text=5, backward=True)
-    step()
+    runs_as_labelled(step, impl, ("fused_attention._fwd_kernel", "fused_attention._bwd_rows_kernel"))
     step()
 
 
@@ -34,21 +70,28 @@ def test_attention_case_runs(kind, impl):
 def test_qformer_forward_case_runs(impl):
     from attention_cases import qformer_forward_case
 
-    qformer_forward_case(impl, torch.device("cpu"), torch.float32, "tiny", batch=1)()
+    runs_as_labelled(qformer_forward_case(impl, torch.device("cpu"), torch.float32, "tiny", batch=1), impl,
+                     ("fused_attention._fwd_kernel",))
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch", "lavis"])
 def test_stage1_step_case_runs(impl):
     from train_step_cases import stage1_step
 
+    from train_step_cases import FUSED_STAGE1, check_attention_dropout
+
     step, flops = stage1_step(impl, torch.device("cpu"), "tiny", batch=3, text_len=6)
-    step()
+    bench, ran = runs_as_labelled(step, impl, FUSED_STAGE1)
+    if impl == "triton":  # the paper's attention dropout, inside the fused attention
+        check_attention_dropout(bench, ran)
     assert flops > 0
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_stage2_step_case_runs(impl):
-    from train_step_cases import stage2_step
+    from train_step_cases import FUSED_STAGE2, check_attention_dropout, stage2_step
 
     step, _ = stage2_step(impl, torch.device("cpu"), "tiny", batch=2, text_len=5)
-    step()
+    bench, ran = runs_as_labelled(step, impl, FUSED_STAGE2)
+    if impl == "triton":
+        check_attention_dropout(bench, ran)

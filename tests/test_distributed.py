@@ -1,5 +1,6 @@
 """Two gloo processes with a global batch of 2B = one process with batch 2B (ITM negatives fixed)."""
 
+import functools
 import socket
 import time
 
@@ -8,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dist_worker
+from sampling_stats import chi_square_z
 
 DEADLINE_S = 240  # the two ranks take about 5 s here; a hang must fail the test, not the whole CI run
 
@@ -52,16 +54,43 @@ def stages(out, world: int) -> dict[int, str]:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_two_processes_equal_one(tmp_path, backend):
+    """Also with the Triton kernels (in the interpreter): the gathered ITC kernels, fused attention."""
     out = tmp_path / "rank0.pt"
-    run_ranks(dist_worker.run_rank, out)
+    run_ranks(functools.partial(dist_worker.run_rank, backend=backend), out)
     dist = torch.load(out, weights_only=True)
-    single = dist_worker.run_single()
+    single = dist_worker.run_single(backend)
     # ITC, ITM, ITG: the mean over ranks of per-rank means equals the global mean (equal shards)
     torch.testing.assert_close(dist["losses"], single["losses"], atol=1e-5, rtol=1e-5)
     assert dist["grads"].keys() == single["grads"].keys()
     for name, g in single["grads"].items():
         torch.testing.assert_close(dist["grads"][name], g, atol=1e-5, rtol=1e-4, msg=lambda s: f"{name}: {s}")
+
+
+@pytest.mark.slow
+def test_hard_negatives_across_two_ranks_with_unequal_shards(tmp_path):
+    """Ranks of 3 and 1 samples: each rank's positives sit at its global offset (and, with image ids,
+    on every row of the same image, on either rank); its similarities are the single process's rows
+    at that offset; and the real sampler's draws follow softmax(similarity) over the non-positives."""
+    run_ranks(dist_worker.run_rank_negatives, tmp_path / "rank0.pt")
+    single = dist_worker.run_single_negatives()
+    ids = dist_worker.IMAGE_IDS
+    for rank, b in enumerate(dist_worker.UNEQUAL):
+        offset = sum(dist_worker.UNEQUAL[:rank])
+        got = torch.load(tmp_path / f"negatives{rank}.pt", weights_only=True)
+        rows = torch.arange(b)
+        own = torch.zeros(b, len(ids), dtype=torch.bool)
+        own[rows, offset + rows] = True
+        assert torch.equal(got["own pairs"]["positives"], own), rank
+        assert torch.equal(got["image ids"]["positives"], ids[offset + rows][:, None] == ids[None, :]), rank
+        for case in ("own pairs", "image ids"):
+            mine, whole = got[case], single[case]
+            for key in ("sim_i2t", "sim_t2i"):  # this rank's rows, every rank's columns, in rank order
+                torch.testing.assert_close(mine[key], whole[key][offset:offset + b], atol=1e-5, rtol=1e-5)
+            for counts, sim in ((mine["counts_img"], mine["sim_t2i"]), (mine["counts_txt"], mine["sim_i2t"])):
+                weights = sim.masked_fill(mine["positives"], float("-inf")).softmax(1)
+                assert abs(chi_square_z(counts, weights)) < 5, (rank, case)
 
 
 @pytest.mark.slow

@@ -37,9 +37,9 @@ def test_qformer_under_bf16_autocast_gives_torchs_dtypes_and_values():
     m = blip2rt.from_pretrained("tiny", device="cpu", kernels="triton").eval()
     g = torch.Generator().manual_seed(3)
     image = torch.randn(3, 17, m.config.vision_config.hidden_size, generator=g)
-    ids = torch.randint(5, 40, (3, 9), generator=g)
-    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 2 + [0] * 7])
-    weights = torch.randn(3, m.config.num_query_tokens + 9, m.config.qformer_config.hidden_size, generator=g)
+    ids = torch.randint(5, 40, (3, 30), generator=g)  # 8 queries + 30 text: rows past one 32-row tile
+    mask = torch.tensor([[1] * 30, [1] * 5 + [0] * 25, [1] * 2 + [0] * 28])
+    weights = torch.randn(3, m.config.num_query_tokens + 30, m.config.qformer_config.hidden_size, generator=g)
     names = [n for n, p in m.named_parameters() if n.startswith(("qformer.", "query_tokens", "embeddings."))
              and p.requires_grad]
 

@@ -1,5 +1,7 @@
 """LAVIS-named state dicts, made here from transformers' weights, load and give transformers' outputs."""
 
+import copy
+
 import pytest
 import torch
 from transformers.models.bert.configuration_bert import BertConfig
@@ -62,14 +64,38 @@ def test_full_lavis_state_dict_matches_transformers(hf_opt, tmp_path):
     torch.save({"model": lavis, "epoch": 3}, path)
     m = blip2rt.from_pretrained(path, config=_config_only(hf_opt.folder, tmp_path), device="cpu")
     px = pixels(2, seed=11)
+    lavis_like = copy.deepcopy(hf_opt.model)  # transformers' model, with ln_vision as LAVIS builds it
+    lavis_like.vision_model.post_layernorm.eps = 1e-5
     with torch.no_grad():
-        want = hf_opt.model.get_image_features(px).pooler_output
+        want = lavis_like.get_image_features(px).pooler_output
     torch.testing.assert_close(m.image_features(px), want, atol=1e-5, rtol=1e-5)
     ids = torch.tensor([[2, 17, 33, 41, 5]])
     with torch.no_grad():
         hf_ids = torch.cat([torch.full((1, 4), 98), ids], 1)
         want_gen = hf_opt.model.generate(pixel_values=px[:1], input_ids=hf_ids, max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(m.generate(px[:1], ids, max_new_tokens=6, min_new_tokens=6), want_gen[:, hf_ids.shape[1]:])
+
+
+def test_a_lavis_checkpoint_computes_ln_vision_as_lavis_and_a_hf_folder_as_transformers(hf_opt, tmp_path):
+    """LAVIS builds ln_vision with torch's default eps (1e-5); transformers' port uses the ViT's 1e-6."""
+    import torch.nn.functional as F
+
+    path = tmp_path / "blip2_opt.pth"
+    torch.save({"model": hf_to_lavis(hf_opt.model.state_dict())}, path)
+    from_lavis = blip2rt.from_pretrained(path, config=_config_only(hf_opt.folder, tmp_path), device="cpu")
+    from_hf = blip2rt.from_pretrained(hf_opt.folder, device="cpu")
+    px = pixels(2, seed=5)
+    with torch.no_grad():
+        frozen = from_hf.vision_model.encode(px)  # the same frozen ViT in both
+        ln = hf_opt.model.vision_model.post_layernorm
+        lavis_tokens = F.layer_norm(frozen, frozen.shape[-1:], ln.weight, ln.bias, 1e-5)
+        hf_tokens = F.layer_norm(frozen, frozen.shape[-1:], ln.weight, ln.bias, 1e-6)
+        assert (lavis_tokens - hf_tokens).abs().max() > 1e-6  # the two eps are told apart at this size
+        torch.testing.assert_close(from_lavis.image_embeds(px), lavis_tokens, atol=1e-7, rtol=0)
+        torch.testing.assert_close(from_hf.image_embeds(px), hf_tokens, atol=1e-7, rtol=0)
+    from_lavis.save_pretrained(tmp_path / "saved")  # the eps travels with the model
+    reloaded = blip2rt.from_pretrained(tmp_path / "saved", device="cpu")
+    assert reloaded.vision_model.post_layernorm.eps == 1e-5 and from_hf.vision_model.post_layernorm.eps == 1e-6
 
 
 def _config_only(folder, tmp_path):

@@ -1,5 +1,6 @@
 """Both stages learn on a toy set of coloured shapes (12 distinct images and captions)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -69,6 +70,26 @@ def test_stage2_loss_falls_through_a_pretrained_frozen_llm(toy, tmp_path):
         opt.step()
     m.save_pretrained(tmp_path / "tiny_lm")
     out = tmp_path / "stage2"
-    Trainer(cfg(toy, out, stage=2, model=str(tmp_path / "tiny_lm")), show_progress=False).run()
+    t = Trainer(cfg(toy, out, stage=2, model=str(tmp_path / "tiny_lm")), show_progress=False)
+    t.run()
     losses = logged(out, "loss")
     assert losses[-1] < 0.8 * losses[0], losses
+    # the captions come from the image: with the images shuffled (a derangement) the captions cost
+    # more, for nearly every image. The tiny tokenizer is character-level, so most of a caption's
+    # characters follow from the text; only its colour and shape depend on the image (measured:
+    # 1.29 nats per token matched, 1.46 shuffled, 11 of 12 images worse; an image-blind model: equal)
+    t.model.eval()
+    batch = next(iter(t.loader)).objective_inputs
+    assert batch.input_ids.shape[0] == len(records)
+    shuffled = torch.roll(torch.arange(len(records)), 1)
+    per_image = {}
+    with torch.no_grad():
+        for name, order in (("matched", torch.arange(len(records))), ("shuffled", shuffled)):
+            per_image[name] = torch.stack([
+                t.objective(dataclasses.replace(batch, input_ids=batch.input_ids[i:i + 1],
+                                                attention_mask=batch.attention_mask[i:i + 1],
+                                                labels=batch.labels[i:i + 1],
+                                                pixel_values=batch.pixel_values[order[i]:order[i] + 1]))["loss"]
+                for i in range(len(records))])
+    assert per_image["shuffled"].mean() > 1.08 * per_image["matched"].mean(), per_image
+    assert (per_image["shuffled"] > per_image["matched"]).sum() >= 10, per_image

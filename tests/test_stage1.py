@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import blip2rt
 from blip2rt.kernels import AttentionMode
 from blip2rt.training.stage1 import Stage1Batch, Stage1Objective, sample_hard_negatives
+from sampling_stats import chi_square_z
 
 CAPTIONS = ["a red circle", "a small blue square on white", "green", "two yellow triangles", "a big black star"]
 
@@ -81,17 +82,24 @@ def test_stage1_losses_match_the_paper_formulas(backend):
 
 
 def test_hard_negatives_never_draw_a_positive_and_follow_similarity():
+    """Both directions follow softmax(similarity) over the non-positives, to a chi-square test tight
+    enough that a temperature off by 1.5x fails (z near 0 here; that plant gave z in the hundreds)."""
     g = torch.Generator().manual_seed(0)
-    b = 6
-    sim = torch.randn(b, b, generator=g) * 3
+    b, n = 6, 3000
+    sim_i2t = torch.randn(b, b, generator=g) * 3
+    sim_t2i = torch.randn(b, b, generator=g) * 3  # unrelated to sim_i2t: the directions cannot be swapped
     positives = torch.eye(b, dtype=torch.bool)
-    counts = torch.zeros(b, b)
-    for _ in range(2000):
-        neg_img, neg_txt = sample_hard_negatives(sim, sim.t(), positives, generator=g)
-        assert (neg_img != torch.arange(b)).all() and (neg_txt != torch.arange(b)).all()
-        counts[torch.arange(b), neg_txt] += 1
-    expected = sim.masked_fill(positives, float("-inf")).softmax(1) * 2000
-    assert (counts - expected).abs().max() < 6 * expected.clamp(min=1).sqrt().max()  # within sampling noise
+    positives[0, 3] = True  # a second caption of image 0 (and so a second image of text 0)
+    counts_img, counts_txt = torch.zeros(b, b), torch.zeros(b, b)
+    for _ in range(n):
+        neg_img, neg_txt = sample_hard_negatives(sim_i2t, sim_t2i, positives, generator=g)
+        assert not positives[torch.arange(b), neg_img].any() and not positives[torch.arange(b), neg_txt].any()
+        counts_img[torch.arange(b), neg_img] += 1  # for each text: an image
+        counts_txt[torch.arange(b), neg_txt] += 1  # for each image: a text
+    for counts, sim in ((counts_img, sim_t2i), (counts_txt, sim_i2t)):
+        weights = sim.masked_fill(positives, float("-inf")).softmax(1)
+        assert abs(chi_square_z(counts, weights)) < 5
+        assert chi_square_z(counts, (1.5 * sim).masked_fill(positives, float("-inf")).softmax(1)) > 20
 
 
 def test_hard_negatives_survive_bf16_masked_rows_and_nan():

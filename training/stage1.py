@@ -36,6 +36,18 @@ class Stage1Batch:
     image_ids: torch.Tensor | None = None  # (B,) for soft ITC targets / negative masking
 
 
+def itm_positives(b: int, offset: int, width: int, device, image_ids: torch.Tensor | None = None,
+                  ids_all: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, B_all) bool: which gathered rows are positives of this rank's B rows, never drawn as ITM
+    negatives. Each row's own pair sits at its global offset; with image ids, every row of the same
+    image (on any rank) is a positive too."""
+    if ids_all is None:
+        positives = torch.zeros(b, width, dtype=torch.bool, device=device)
+        positives[torch.arange(b), offset + torch.arange(b)] = True
+        return positives
+    return image_ids[:, None] == ids_all[None, :]
+
+
 def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positives: torch.Tensor,
                           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """ITM hard negatives, one multinomial draw per direction for the whole batch.
@@ -102,11 +114,8 @@ class Stage1Objective(nn.Module):
             image_ids_all=ids_all, label_smoothing=ITC_LABEL_SMOOTHING, backend=backend)
 
         # ITM: pos, (neg image, pos text), (pos image, neg text)
-        if ids_all is None:
-            positives = torch.zeros_like(sim_i2t, dtype=torch.bool)
-            positives[torch.arange(b), offset + torch.arange(b)] = True
-        else:
-            positives = batch.image_ids.to(m.device)[:, None] == ids_all[None, :]
+        positives = itm_positives(b, offset, sim_i2t.shape[1], m.device,
+                                  None if batch.image_ids is None else batch.image_ids.to(m.device), ids_all)
         neg_image, neg_text = negatives if negatives is not None else sample_hard_negatives(sim_i2t, sim_t2i, positives)
         if D.world_size() == 1:
             kv_neg = image_kv.take(neg_image)

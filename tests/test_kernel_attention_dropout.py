@@ -1,0 +1,140 @@
+"""Attention dropout inside the fused attention (Triton's interpreter): the kernel's mask, drawn from a
+seed and never stored, gives the reference's forward and grads under that same mask (materialised by
+`attention_keep_mask`); its keep fraction is 1 - p; one seed, one mask."""
+
+import pytest
+import torch
+
+import blip2rt
+from blip2rt import kernels
+from blip2rt.kernels import AttentionMode, launch
+from blip2rt.kernels.fused_attention import attention_keep_mask, fused_attention
+from blip2rt.kernels.qformer_attention import cross_attention_reference, self_attention_reference
+from test_kernel_fused_attention import ragged_mask
+from tolerances import assert_matches
+
+H, D = 2, 16
+MODE_IDS = {AttentionMode.BIDIRECTIONAL: 1, AttentionMode.MULTIMODAL_CAUSAL: 2, AttentionMode.UNIMODAL: 3}
+
+
+def leaves(b, lq, lk, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, H, D, generator=g).to(dtype) for n in (lq, lk, lk)]
+
+
+def grads(fn, tensors, g):
+    ts = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*ts)
+    return out, torch.autograd.grad(out, ts, g)
+
+
+def check_against_reference(fused, reference, b, lq, lk, dtype, p, seed):
+    """fused(q, k, v) vs reference(q, k, v, keep_mask) with the kernel's own mask, in dtype and float64."""
+    base = leaves(b, lq, lk, dtype, seed)
+    g = torch.randn(b, lq, H, D, generator=torch.Generator().manual_seed(seed + 1))
+    mask = attention_keep_mask(b, H, lq, lk, p, seed, "cpu")
+    assert 0 < mask.sum() < mask.numel()
+    o, gr = grads(fused, base, g.to(dtype))
+    oe, ge = grads(lambda *t: reference(*t, mask), base, g.to(dtype))
+    o64, g64 = grads(lambda *t: reference(*t, mask), [t.double() for t in base], g.double())
+    assert_matches(o, oe, o64, dtype, "out")
+    for name, a, e, r in zip(("dq", "dk", "dv"), gr, ge, g64):
+        assert_matches(a, e, r, dtype, name)
+    return o
+
+
+def transposed(fn):
+    """The references take (B, H, L, d); the kernels (B, L, H, d)."""
+    return lambda q, k, v, mask: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("lq", [9, 40], ids=["one query tile", "several query tiles"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cross_attention_under_the_kernels_mask(lq, p, dtype):
+    seed = 1234 + lq
+    check_against_reference(lambda q, k, v: fused_attention(q, k, v, dropout_p=p, seed=seed),
+                            transposed(lambda q, k, v, m: cross_attention_reference(q, k, v, p, keep_mask=m)),
+                            3, lq, 37, dtype, p, seed)
+
+
+@pytest.mark.parametrize("mode", list(AttentionMode))
+@pytest.mark.parametrize("t", [5, 30])
+def test_self_attention_every_mode_under_the_kernels_mask(mode, t):
+    nq, b, p, seed = 8, 3, 0.25, 99 + t
+    text = ragged_mask(b, t)
+    check_against_reference(
+        lambda q, k, v: fused_attention(q, k, v, mode=MODE_IDS[mode], num_queries=nq, text_mask=text, dropout_p=p,
+                                        seed=seed),
+        transposed(lambda q, k, v, m: self_attention_reference(q, k, v, nq, text, mode, p, keep_mask=m)),
+        b, nq + t, nq + t, torch.float32, p, seed)
+
+
+def test_itg_rows_behind_a_cached_query_past_under_the_kernels_mask():
+    """Rows are the text only, keys [cached queries ; text]: the mask is indexed by this call's rows."""
+    nq, t, b, p, seed = 8, 7, 3, 0.3, 5
+    text = ragged_mask(b, t)
+    mode = AttentionMode.MULTIMODAL_CAUSAL
+    check_against_reference(
+        lambda q, k, v: fused_attention(q, k, v, mode=MODE_IDS[mode], num_queries=nq, text_mask=text, dropout_p=p,
+                                        seed=seed),
+        transposed(lambda q, k, v, m: self_attention_reference(q, k, v, nq, text, mode, p, keep_mask=m)),
+        b, t, nq + t, torch.float32, p, seed)
+
+
+def test_p_zero_is_the_output_without_dropout():
+    q, k, v = leaves(2, 20, 37, torch.float32, 0)
+    plain = fused_attention(q, k, v)
+    assert torch.equal(fused_attention(q, k, v, dropout_p=0.0, seed=77), plain)
+    assert torch.equal(kernels.qformer_cross_attention(q, k, v, dropout_p=0.0, backend="triton"), plain)
+    assert not torch.allclose(fused_attention(q, k, v, dropout_p=0.1, seed=77), plain)
+
+
+def test_keep_fraction_is_one_minus_p_and_the_draws_are_independent():
+    for p in (0.1, 0.5):
+        mask = attention_keep_mask(4, 12, 64, 257, p, 2024, "cpu").float()  # 789,504 draws
+        n = mask.numel()
+        assert abs(mask.mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+        rows = mask.mean(-1).flatten()  # each row's keep fraction, over 257 keys
+        assert abs(rows.std().item() - (p * (1 - p) / 257) ** 0.5) < 0.25 * (p * (1 - p) / 257) ** 0.5
+        centred = mask - mask.mean()
+        for a, b in ((centred[..., 1:], centred[..., :-1]), (centred[:, :, 1:], centred[:, :, :-1]),
+                     (centred[:, 1:], centred[:, :-1])):  # next key, next row, next head
+            corr = (a * b).mean() / centred.pow(2).mean()
+            assert abs(corr.item()) < 5 / n**0.5
+
+
+def test_one_seed_one_mask_and_other_seeds_other_masks():
+    q, k, v = leaves(2, 20, 37, torch.float32, 1)
+    a = fused_attention(q, k, v, dropout_p=0.1, seed=11)
+    assert torch.equal(fused_attention(q, k, v, dropout_p=0.1, seed=11), a)
+    assert not torch.equal(fused_attention(q, k, v, dropout_p=0.1, seed=12), a)
+    torch.manual_seed(0)
+    drawn = kernels.qformer_cross_attention(q, k, v, dropout_p=0.1, backend="triton")
+    torch.manual_seed(0)  # the seed comes from torch's CPU generator: a checkpoint's RNG state restores it
+    assert torch.equal(kernels.qformer_cross_attention(q, k, v, dropout_p=0.1, backend="triton"), drawn)
+    assert not torch.equal(kernels.qformer_cross_attention(q, k, v, dropout_p=0.1, backend="triton"), drawn)
+
+
+def test_a_stage1_training_step_runs_the_fused_attention_with_the_papers_dropout():
+    from blip2rt.training.stage1 import Stage1Batch, Stage1Objective
+
+    m = blip2rt.from_pretrained("tiny", device="cpu", kernels="triton").train()
+    assert m.config.qformer_config.attention_probs_dropout_prob == 0.1
+    tok = m.qformer_tokenizer
+    enc = tok(["a red circle", "two blue squares"], padding="max_length", max_length=10, truncation=True,
+              return_tensors="pt")
+    objective = Stage1Objective(m, dec_token_id=tok.convert_tokens_to_ids("[DEC]"), pad_token_id=tok.pad_token_id)
+    with launch.record() as ran:
+        loss = objective(Stage1Batch(enc["input_ids"], enc["attention_mask"], pixel_values=torch.randn(2, 3, 56, 56)))
+        loss["loss"].backward()
+    attention = [one for one in ran if one.name.startswith("fused_attention.")]
+    forwards = [one for one in attention if one.name == "fused_attention._fwd_kernel"]
+    # per layer: self-attention in the image pass, the text pass, ITM and ITG, and cross-attention in
+    # every other layer for the image pass and ITM
+    layers = m.config.qformer_config.num_hidden_layers
+    assert len(forwards) == 4 * layers + 2 * len(m.qformer.cross_layers())
+    assert all(one.kwargs["DROPOUT"] and one.args[16] == 0.1 for one in forwards)
+    assert {one.name for one in attention} >= {"fused_attention._bwd_rows_kernel"}
+    assert all(one.kwargs["DROPOUT"] for one in attention)
+    assert all(p.grad is not None for p in m.qformer.parameters() if p.requires_grad)
