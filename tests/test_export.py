@@ -122,6 +122,32 @@ def test_generated_tokens_equal_pytorch(exported, num_beams, io_binding):
     assert rt.caption(px.numpy(), prompt=PROMPTS, **gen) == model.caption(px, prompt=PROMPTS, **gen)
 
 
+@pytest.mark.parametrize("num_beams, length_penalty", [(1, 1.0), (3, 0.5), (3, 2.0)],
+                         ids=["greedy", "beam3-lp0.5", "beam3-lp2"])
+def test_eos_mid_sequence_equals_transformers(exported, num_beams, length_penalty):
+    """EOS chosen as a token the unconstrained search emits at steps 3 to 6 of its output. Both
+    searches run alike until that step, so there a hypothesis ends with EOS mid-way: the finished
+    pool, its length penalty and the padding after EOS then decide the output (greedy: that row
+    simply stops)."""
+    kind, model, out = exported
+    rt = OrtBlip2(out, providers=["CPUExecutionProvider"])
+    px = pixels(3, seed=7)
+    ids, mask = rt.encode(PROMPTS)
+    gen = dict(max_new_tokens=10, num_beams=num_beams, length_penalty=length_penalty)
+    never = model.language_model.config.vocab_size + 5  # an EOS no step can emit
+    free = model.generate(px, torch.from_numpy(ids), torch.from_numpy(mask), eos_token_id=never, **gen).numpy()
+    middle = free[:, 2:6].reshape(-1)
+    eos = int(np.bincount(middle).argmax())  # emitted by some sequence at step 3 to 6
+    want = model.generate(px, torch.from_numpy(ids), torch.from_numpy(mask), eos_token_id=eos, **gen).numpy()
+    rt.eos = [eos]
+    got = rt.generate(px.numpy(), ids, mask, **gen)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    if num_beams == 1:  # greedy: the row that emitted it stops there, padded after
+        ended = [(row == eos).nonzero()[0] for row in want]
+        assert any(len(e) and e[0] < gen["max_new_tokens"] - 1 for e in ended), want
+
+
 def test_export_loads_without_model_code_in_a_fresh_process(exported):
     _, _, out = exported
     code = (

@@ -227,6 +227,21 @@ def test_webdataset_shards_train_and_skip_a_corrupt_member(toy, tmp_path):
     t = Trainer(config(toy, tmp_path / "wds", annotations=[], shards=shards, max_steps=4), show_progress=False)
     last = t.run()
     assert last["skipped_images"] >= 2 and last["loss"] == last["loss"]
+    # every sample pairs its own image with its own caption (the toy captions are distinct)
+    from blip2rt.training.data import ShardDataset, clean_caption, train_transform
+    from blip2rt.images import open_image
+
+    by_caption = {clean_caption(r["caption"]): r["image"] for r in records}
+    size = t.model.config.vision_config.image_size
+    seen = 0
+    for sample in ShardDataset(shards, size, augment=False):
+        if sample.error is not None:
+            assert sample.caption == "a broken sample"
+            continue
+        want = train_transform(open_image(root / by_caption[sample.caption]), size, None, False)
+        assert torch.equal(sample.pixel_values, want), sample.caption
+        seen += 1
+    assert seen == len(records)
 
 
 def test_feature_cache_is_built_once_and_matches_pixels(toy, tmp_path):
@@ -320,11 +335,89 @@ def test_gradient_accumulation_runs_micro_batches_per_step(toy, tmp_path, monkey
     assert last["loss"] == last["loss"]
 
 
-def test_fp16_amp_with_loss_scaling_runs(toy, tmp_path):
-    t = Trainer(config(toy, tmp_path / "fp16", amp="fp16", max_steps=2), show_progress=False)
+def no_dropout(trainer) -> None:
+    """Both runs must compute the same function."""
+    for mod in trainer.model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        if hasattr(mod, "dropout_p"):
+            mod.dropout_p = 0.0
+
+
+def grads_at_the_first_step(trainer, monkeypatch) -> dict:
+    """The grads the optimiser's first step is given (the step itself then runs)."""
+    seen = {}
+    original = trainer.optimizer.step
+
+    def step(*a, **k):
+        if not seen:
+            seen.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        return original(*a, **k)
+
+    monkeypatch.setattr(trainer.optimizer, "step", step)
+    trainer.run()
+    return seen
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch notices the patched optimizer.step
+def test_accumulated_grads_equal_one_big_batchs(toy, tmp_path, monkeypatch):
+    """Stage 2's loss is a mean over caption tokens; with captions of one length, two micro-batches of 3
+    give the grads of one batch of 6 (stage 1's in-batch contrastive terms differ by construction)."""
+    import json
+
+    root, ann = toy
+    records = [r for r in json.loads(ann.read_text()) if "broken" not in r["image"]][:6]
+    same_length = tmp_path / "same_length.json"
+    same_length.write_text(json.dumps([{**r, "caption": f"shape number {i}"} for i, r in enumerate(records)]))
+    grads = []
+    for batch, accum in ((6, 1), (3, 2)):
+        t = Trainer(config(toy, tmp_path / f"b{batch}", stage=2, annotations=[str(same_length)], batch_size=batch,
+                           grad_accum=accum, max_steps=1, grad_clip=0.0, augment=False), show_progress=False)
+        no_dropout(t)
+        grads.append(grads_at_the_first_step(t, monkeypatch))
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch notices the patched optimizer.step
+def test_fp16_amp_scales_the_loss_and_unscales_the_grads(toy, tmp_path, monkeypatch):
+    """The backward sees loss x scale; the optimiser sees the grads divided by it again, equal to the
+    grads of the same fp16-autocast loss without scaling. A step whose scaled grads overflow is skipped
+    and the scale halves."""
+    # stage 2: no random draws in the loss (stage 1's hard negatives would differ between the runs)
+    t = Trainer(config(toy, tmp_path / "fp16", stage=2, amp="fp16", max_steps=1, grad_clip=0.0), show_progress=False)
     assert t.scaler.is_enabled()
-    last = t.run()
-    assert last["loss"] == last["loss"] and t.scaler.get_scale() > 0
+    no_dropout(t)
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)  # no fp16 overflow at this scale
+    params = {n: p for n, p in t.model.named_parameters() if p.requires_grad}
+    batch = next(t._batches())
+    t.position = 0  # the run starts from this same first batch
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = t.module(batch.objective_inputs)["loss"]
+    plain = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+    scaled = {}
+    original_unscale = t.scaler.unscale_
+
+    def unscale(opt):  # the grads as backward left them
+        scaled.update({n: p.grad.clone() for n, p in params.items() if p.grad is not None})
+        return original_unscale(opt)
+
+    monkeypatch.setattr(t.scaler, "unscale_", unscale)
+    unscaled = grads_at_the_first_step(t, monkeypatch)
+    assert scaled.keys() == unscaled.keys() and len(scaled) > 10
+    for name, g in unscaled.items():
+        torch.testing.assert_close(scaled[name], g * 256.0, atol=1e-4, rtol=1e-5)
+        # fp16 rounds the scaled and the unscaled backward differently: within 1% of the grad's range
+        torch.testing.assert_close(g, plain[name], atol=1e-2 * plain[name].abs().max().item() + 1e-6, rtol=0,
+                                   msg=lambda m: f"{name}: {m}")
+
+    t2 = Trainer(config(toy, tmp_path / "fp16_overflow", amp="fp16", max_steps=1), show_progress=False)
+    t2.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # the scaled grads overflow fp16
+    before = {n: p.detach().clone() for n, p in t2.model.named_parameters() if p.requires_grad}
+    t2.run()
+    assert t2.scaler.get_scale() == 2.0**39  # halved
+    assert all(torch.equal(p, before[n]) for n, p in t2.model.named_parameters() if p.requires_grad)  # skipped
 
 
 def test_caption_and_vqa_evaluation(toy):
@@ -343,3 +436,28 @@ def test_caption_and_vqa_evaluation(toy):
     res = evaluate.vqa(m, vqa_records, root, num_beams=1, max_new_tokens=3)
     assert 0.0 <= res["accuracy"] <= 1.0 and len(res["answers"]) == 3
     assert evaluate.normalize_answer("The Red!") == evaluate.normalize_answer("red")
+
+
+def test_vqa_accuracy_equals_the_hand_computed_score(toy):
+    """VQA accuracy: min(1, matching references / 3) with several references, exact with one;
+    answers normalised (case, punctuation, articles)."""
+    from blip2rt.training import evaluate
+
+    class Answers:  # a model that gives these answers, in order
+        def __init__(self, outs):
+            self.outs = list(outs)
+
+        def answer(self, images, questions, **gen):
+            assert len(images) == len(questions)
+            return [self.outs.pop(0) for _ in images]
+
+    root, _ = toy
+    records = [{"image": "images/red_circle_0.png", "question": "q", "answer": ["red", "red", "blue"]},  # 2 of 3
+               {"image": "images/red_circle_0.png", "question": "q", "answer": ["red", "red", "blue"]},  # 1 of 3
+               {"image": "images/red_circle_0.png", "question": "q", "answer": ["red", "red", "red", "red"]},  # 4: 1
+               {"image": "images/red_circle_0.png", "question": "q", "answer": ["red", "red", "blue"]},  # none
+               {"image": "images/red_circle_0.png", "question": "q", "answer": "yes"}]  # one reference: exact
+    outs = ["Red.", "the blue", "red", "green", "Yes!"]
+    res = evaluate.vqa(Answers(outs), records, root, batch_size=2)
+    assert res["answers"] == outs
+    assert res["accuracy"] == pytest.approx((2 / 3 + 1 / 3 + 1 + 0 + 1) / 5)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,12 +23,34 @@ from blip2rt.images import pixel_values
 from .data import clean_caption
 
 
-@torch.no_grad()
+@dataclass
+class RetrievalScores:
+    """Scores over the distinct images (I) and distinct captions (T) of a set of records."""
+
+    images: list[str]
+    texts: list[str]
+    positive: torch.Tensor  # (I, T) bool: the image has the caption
+    itc: torch.Tensor  # (I, T) max-over-queries cosine similarity
+    i2t: torch.Tensor  # (I, T) each image's k best texts by ITC, re-scored ITM + ITC; the rest -inf
+    t2i: torch.Tensor  # (T, I) each text's k best images, the same way
+
+
 def retrieval(model, records: list[dict], image_root: str | Path, k: int = 128, batch_size: int = 32,
               show_progress: bool = False) -> dict[str, float]:
     """R@1/5/10 both ways over the distinct images and the distinct (cleaned) captions: a caption
     shared by several images (easy-vqa's 24, COCO's rare duplicates) is one text, and each of
     those images counts it as its own."""
+    s = retrieval_scores(model, records, image_root, k, batch_size, show_progress)
+    metrics = recall_at_k(s.i2t, s.t2i, s.positive)
+    metrics["itc_i2t_r1"] = recall_at_k(s.itc, s.itc.T, s.positive, ks=(1,))["i2t_r1"]  # before ITM re-ranking
+    metrics["images"], metrics["texts"] = len(s.images), len(s.texts)
+    return metrics
+
+
+@torch.no_grad()
+def retrieval_scores(model, records: list[dict], image_root: str | Path, k: int = 128, batch_size: int = 32,
+                     show_progress: bool = False) -> RetrievalScores:
+    """ITC over every (image, caption) pair, then ITM + ITC re-ranking of each one's k best (BLIP-2)."""
     images = list(dict.fromkeys(r["image"] for r in records))
     img_index = {name: i for i, name in enumerate(images)}
     texts = list(dict.fromkeys(clean_caption(r["caption"]) for r in records))
@@ -36,7 +59,6 @@ def retrieval(model, records: list[dict], image_root: str | Path, k: int = 128, 
     for r in records:
         positive[img_index[r["image"]], txt_index[clean_caption(r["caption"])]] = True
     vc = model.config.vision_config
-
     embeds, feats = [], []
     for s in tqdm(range(0, len(images), batch_size), desc="retrieval: images", disable=not show_progress):
         e = model.image_embeds(pixel_values([Path(image_root) / n for n in images[s: s + batch_size]],
@@ -70,10 +92,7 @@ def retrieval(model, records: list[dict], image_root: str | Path, k: int = 128, 
         t2i.append(rerank(sims[:, t], lambda top, t=t: (top, torch.full_like(top, t))))
         bar.update(1)
     bar.close()
-    metrics = recall_at_k(torch.stack(i2t), torch.stack(t2i), positive)
-    metrics["itc_i2t_r1"] = recall_at_k(sims, sims.T, positive, ks=(1,))["i2t_r1"]  # before ITM re-ranking
-    metrics["images"], metrics["texts"] = len(images), len(texts)
-    return metrics
+    return RetrievalScores(images, texts, positive, sims, torch.stack(i2t), torch.stack(t2i))
 
 
 def recall_at_k(i2t: torch.Tensor, t2i: torch.Tensor, positive: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
