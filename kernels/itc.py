@@ -8,9 +8,10 @@ query index directly, so the (B_i, B_t, Q) similarity tensor is never stored. It
 each gradient to the argmax query only, which is what autograd does through `max`. The
 cross-entropy runs in torch on the small (B, B_all) matrix.
 
-Distributed (DESIGN.md §2): each rank scores its B images against all gathered texts and its B
-texts against all gathered images; the gathered copies carry no gradient, and the targets are
-`offset + arange(B)` (offset = rank * B for equal batches). Single process: the same features on both sides, with gradient.
+Distributed: each rank scores its B images against all gathered texts and its B texts against all
+gathered images; the gathered copies carry no gradient (as LAVIS's all-gather), and the targets are
+`offset + arange(B)` (offset = rank * B for equal batches). One process (no gathered features, or
+the local ones themselves): the same features on both sides, with gradient, as LAVIS on one GPU.
 
 NaN contract: a NaN in the features makes the similarities it touches NaN (the running max keeps
 a NaN once seen) and so the loss NaN; it is never skipped by the max.
@@ -190,8 +191,10 @@ def query_max_similarity_triton(img: torch.Tensor, txt: torch.Tensor) -> torch.T
 
 
 def query_max_similarity_reference(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch: materialises (B_i, B_t, Q); grads flow through the argmax query."""
-    return torch.einsum("iqd,td->itq", img, txt).max(dim=-1).values.float()
+    """Plain PyTorch: materialises (B_i, B_t, Q); grads flow through the argmax query. fp32 out for
+    16-bit and fp32 features; float64 stays float64."""
+    s = torch.einsum("iqd,td->itq", img, txt).max(dim=-1).values
+    return s.to(torch.promote_types(s.dtype, torch.float32))
 
 
 def itc_loss(
@@ -210,7 +213,9 @@ def itc_loss(
     """Returns (loss, sim_i2t, sim_t2i); the sims are (B, B * world), temperature applied."""
     qmax = query_max_similarity_triton if fused else query_max_similarity_reference
     b = img.shape[0]
-    if img_all is None and txt_all is None:
+    if (img_all is None or img_all is img) and (txt_all is None or txt_all is txt):
+        # one process (the "gathered" features are these very tensors): the full gradient, both ways,
+        # as LAVIS on one GPU
         raw = qmax(img, txt)  # (B, B)
         sim_i2t, sim_t2i = raw / temp, raw.t() / temp
     else:

@@ -67,11 +67,19 @@ def run_rank(rank: int, world: int, port: int, out: str, backend: str = "torch")
 
 
 def run_single(backend: str = "torch") -> dict:
+    """One process with the whole batch, its ITC "gather" a copy without gradient, as a real
+    all-gather's is: the distributed gradient (one process alone keeps the full one, as LAVIS)."""
+    from blip2rt.training import distributed as D
     from blip2rt.training.stage1 import Stage1Batch
 
     m, objective, enc, pixels = build(backend)
-    losses = objective(Stage1Batch(enc["input_ids"], enc["attention_mask"], pixel_values=pixels),
-                       negatives=(NEG_IMAGE, NEG_TEXT))
+    real = D.gather_no_grad
+    D.gather_no_grad = lambda x, sizes=None: x.detach().clone()
+    try:
+        losses = objective(Stage1Batch(enc["input_ids"], enc["attention_mask"], pixel_values=pixels),
+                           negatives=(NEG_IMAGE, NEG_TEXT))
+    finally:
+        D.gather_no_grad = real
     losses["loss"].backward()
     return {"losses": torch.stack([losses[k].detach() for k in ("itc", "itm", "itg")]),
             "grads": {n: p.grad for n, p in m.named_parameters() if p.requires_grad}}

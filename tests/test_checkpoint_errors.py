@@ -46,16 +46,27 @@ def test_unexpected_key_is_named(hf_opt, tmp_path):
         blip2rt.from_pretrained(d, device="cpu")
 
 
-class NotATensor:
+class WritesAFile:
+    """Unpickling this would create `path`: open(path, "w") runs at load time."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
     def __reduce__(self):
-        return (print, ("this would run at load time",))
+        return (open, (self.path, "w"))
 
 
-def test_pickle_with_code_is_refused(hf_opt, tmp_path):
+def test_pickle_with_code_is_refused_and_never_runs(hf_opt, tmp_path):
+    marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pth"
-    torch.save({"model": {"query_tokens": torch.zeros(1, 4, 32)}, "payload": NotATensor()}, path)
+    torch.save({"model": {"query_tokens": torch.zeros(1, 4, 32)}, "payload": WritesAFile(marker)}, path)
+    import pickle
+
+    pickle.loads(pickle.dumps(WritesAFile(tmp_path / "control"))).close()  # the payload works when unpickled
+    assert (tmp_path / "control").exists()
     with pytest.raises(blip2rt.CheckpointError, match="refusing to unpickle"):
         blip2rt.from_pretrained(path, config=hf_opt.folder, device="cpu")
+    assert not marker.exists()
 
 
 def test_state_dict_with_non_tensor_values_is_refused(hf_opt, tmp_path):

@@ -10,6 +10,7 @@ from blip2rt import kernels
 from blip2rt.kernels import AttentionMode, launch
 from blip2rt.kernels.fused_attention import attention_keep_mask, fused_attention
 from blip2rt.kernels.qformer_attention import cross_attention_reference, self_attention_reference
+from formulas import attention64, qformer_allowed
 from test_kernel_fused_attention import ragged_mask
 from tolerances import assert_matches
 
@@ -28,15 +29,16 @@ def grads(fn, tensors, g):
     return out, torch.autograd.grad(out, ts, g)
 
 
-def check_against_reference(fused, reference, b, lq, lk, dtype, p, seed):
-    """fused(q, k, v) vs reference(q, k, v, keep_mask) with the kernel's own mask, in dtype and float64."""
+def check_against_reference(fused, reference, b, lq, lk, dtype, p, seed, allowed=None):
+    """fused(q, k, v) vs the package's reference(q, k, v, keep_mask) with the kernel's own mask, in
+    dtype, and vs attention written from its definition in float64 (tests/formulas.py)."""
     base = leaves(b, lq, lk, dtype, seed)
     g = torch.randn(b, lq, H, D, generator=torch.Generator().manual_seed(seed + 1))
     mask = attention_keep_mask(b, H, lq, lk, p, seed, "cpu")
     assert 0 < mask.sum() < mask.numel()
     o, gr = grads(fused, base, g.to(dtype))
     oe, ge = grads(lambda *t: reference(*t, mask), base, g.to(dtype))
-    o64, g64 = grads(lambda *t: reference(*t, mask), [t.double() for t in base], g.double())
+    o64, g64 = grads(lambda *t: attention64(*t, allowed, keep=mask, p=p), [t.double() for t in base], g.double())
     assert_matches(o, oe, o64, dtype, "out")
     for name, a, e, r in zip(("dq", "dk", "dv"), gr, ge, g64):
         assert_matches(a, e, r, dtype, name)
@@ -67,7 +69,7 @@ def test_self_attention_every_mode_under_the_kernels_mask(mode, t):
         lambda q, k, v: fused_attention(q, k, v, mode=MODE_IDS[mode], num_queries=nq, text_mask=text, dropout_p=p,
                                         seed=seed),
         transposed(lambda q, k, v, m: self_attention_reference(q, k, v, nq, text, mode, p, keep_mask=m)),
-        b, nq + t, nq + t, torch.float32, p, seed)
+        b, nq + t, nq + t, torch.float32, p, seed, qformer_allowed(mode.value, nq, text, nq + t, nq + t))
 
 
 def test_itg_rows_behind_a_cached_query_past_under_the_kernels_mask():
@@ -79,7 +81,7 @@ def test_itg_rows_behind_a_cached_query_past_under_the_kernels_mask():
         lambda q, k, v: fused_attention(q, k, v, mode=MODE_IDS[mode], num_queries=nq, text_mask=text, dropout_p=p,
                                         seed=seed),
         transposed(lambda q, k, v, m: self_attention_reference(q, k, v, nq, text, mode, p, keep_mask=m)),
-        b, t, nq + t, torch.float32, p, seed)
+        b, t, nq + t, torch.float32, p, seed, qformer_allowed(mode.value, nq, text, t, nq + t))
 
 
 def test_p_zero_is_the_output_without_dropout():

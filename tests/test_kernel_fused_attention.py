@@ -7,6 +7,7 @@ import blip2rt
 from blip2rt import kernels
 from blip2rt.kernels import AttentionMode
 from blip2rt.kernels.fused_attention import _launch_forward
+from formulas import attention64, qformer_allowed
 from tolerances import assert_matches
 
 DTYPES = [torch.float32, torch.float16]
@@ -24,12 +25,15 @@ def run(fn, leaves, g):
     return out, torch.autograd.grad(out, leaves, g)
 
 
-def compare(fused_fn, ref_fn, b, lq, lk, dtype, seed=0):
+def compare(fused_fn, ref_fn, b, lq, lk, dtype, seed=0, allowed=None):
+    """fused vs the package's reference (eager, same dtype) vs attention written from its definition in
+    float64 over the `allowed` (B, Lq, Lk) keys (tests/formulas.py)."""
     leaves = qkv(b, lq, lk, dtype, seed)
     g = torch.randn(b, lq, H, D, generator=torch.Generator().manual_seed(seed + 1))
     o, gr = run(fused_fn, leaves, g.to(dtype))
     oe, ge = run(ref_fn, [t.detach().requires_grad_() for t in leaves], g.to(dtype))
-    o64, g64 = run(ref_fn, [t.detach().double().requires_grad_() for t in leaves], g.double())
+    o64, g64 = run(lambda q, k, v: attention64(q, k, v, allowed), [t.detach().double().requires_grad_() for t in leaves],
+                   g.double())
     assert o.shape == (b, lq, H, D) and o.dtype == dtype
     assert_matches(o, oe, o64, dtype, "out")
     for name, a, e, r in zip(("dq", "dk", "dv"), gr, ge, g64):
@@ -63,7 +67,8 @@ def test_self_attention_every_mode(t, b, mode, dtype):
         return lambda q, k, v: kernels.qformer_self_attention(q, k, v, num_queries=nq, text_mask=mask, mode=mode,
                                                               backend=backend)
 
-    compare(call("triton"), call("torch"), b, nq + t, nq + t, dtype, seed=t)
+    compare(call("triton"), call("torch"), b, nq + t, nq + t, dtype, seed=t,
+            allowed=qformer_allowed(mode.value, nq, mask, nq + t, nq + t))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -76,7 +81,8 @@ def test_self_attention_with_cached_query_past(dtype):
         return lambda q, k, v: kernels.qformer_self_attention(q, k, v, num_queries=nq, text_mask=mask,
                                                               mode=AttentionMode.MULTIMODAL_CAUSAL, backend=backend)
 
-    compare(call("triton"), call("torch"), b, t, nq + t, dtype)
+    compare(call("triton"), call("torch"), b, t, nq + t, dtype,
+            allowed=qformer_allowed("multimodal_causal", nq, mask, t, nq + t))
 
 
 def test_queries_only_and_text_only_passes():
@@ -87,7 +93,8 @@ def test_queries_only_and_text_only_passes():
             return lambda q, k, v: kernels.qformer_self_attention(q, k, v, num_queries=nq, text_mask=mask,
                                                                   mode=AttentionMode.BIDIRECTIONAL, backend=backend)
 
-        compare(call("triton"), call("torch"), 2, nq + t, nq + t, torch.float32)
+        compare(call("triton"), call("torch"), 2, nq + t, nq + t, torch.float32,
+                allowed=None if mask is None else qformer_allowed("bidirectional", nq, mask, nq + t, nq + t))
 
 
 @pytest.mark.parametrize("splits", [2, 3, 7])

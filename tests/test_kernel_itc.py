@@ -34,6 +34,15 @@ def test_query_max_similarity_forward_and_grads(b, q, d, dtype):
         assert_matches(a, e, r, dtype, name)
 
 
+def test_the_reference_similarity_stays_float64():
+    img, txt = features(3, 4, 16, torch.float64)
+    s = query_max_similarity_reference(img, txt)
+    assert s.dtype == torch.float64
+    want = torch.tensor([[max(float(img[i, q] @ txt[t]) for q in range(4)) for t in range(3)] for i in range(3)],
+                        dtype=torch.float64)
+    torch.testing.assert_close(s, want, atol=1e-14, rtol=1e-14)
+
+
 def paper_itc64(img, txt, temp, targets, eps=0.1):
     """BLIP-2 ITC in float64, written from the formula: s = max_q <img_q, txt> / temp, CE both ways."""
     s = torch.einsum("iqd,td->itq", img.double(), txt.double()).max(-1).values / temp

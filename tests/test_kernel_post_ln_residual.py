@@ -5,6 +5,7 @@ import torch
 
 from blip2rt.kernels.post_ln_residual import (dropout_keep_mask, residual_layer_norm_reference,
                                               residual_layer_norm_triton)
+from formulas import residual_layer_norm64
 from tolerances import assert_matches
 
 SHAPES = [(1, 1, 7), (3, 5, 37), (17, 768), (2, 3, 1023)]
@@ -33,7 +34,7 @@ def test_forward_and_all_grads_match_reference(shape, dtype, p):
     y_eager = residual_layer_norm_reference(h, r, w, b, 1e-12, p, keep_mask=mask)
     grads_eager = torch.autograd.grad(y_eager, (h, r, w, b), g)
     leaves64 = [t.detach().double().requires_grad_() for t in (h, r, w, b)]
-    y64 = residual_layer_norm_reference(*leaves64, 1e-12, p, keep_mask=mask)
+    y64 = residual_layer_norm64(*leaves64, 1e-12, keep=mask, p=p)
     grads64 = torch.autograd.grad(y64, leaves64, g.double())
 
     assert y.dtype == dtype

@@ -220,3 +220,33 @@ def test_attention_with_more_than_65535_batch_heads():
     idx = torch.tensor([0, 4321, b - 1], device="cuda")
     ref = kernels.qformer_cross_attention(q[idx].double(), k[idx].double(), k[idx].double(), backend="torch")
     torch.testing.assert_close(out[idx].double(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("kind", ["cross", "itm", "itg"])
+def test_attention_dropout_on_gpu(kind, dtype):
+    """The paper's attention dropout inside the kernels: forward and grads equal the reference's under
+    the kernel's own mask (materialised by attention_keep_mask), at paper shapes."""
+    from blip2rt.kernels import AttentionMode
+    from blip2rt.kernels.fused_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, attention_keep_mask, fused_attention
+    from blip2rt.kernels.qformer_attention import attention_with_keep_mask, qformer_attention_bias
+
+    b, nq, t, p, seed = 6, 32, 32, 0.1, 1234
+    lengths = torch.tensor([32, 20, 1, 31, 7, 16], device="cuda")
+    mask = (torch.arange(t, device="cuda")[None] < lengths[:, None]).long()
+    lq, lk, mode, ref_mode = {"cross": (nq, 257, 0, None), "itm": (nq + t, nq + t, MODE_BIDIRECTIONAL, AttentionMode.BIDIRECTIONAL),
+                              "itg": (t, nq + t, MODE_CAUSAL, AttentionMode.MULTIMODAL_CAUSAL)}[kind]
+    keep = attention_keep_mask(b, 12, lq, lk, p, seed, "cuda")
+
+    def fused(q, k, v):
+        if kind == "cross":
+            return fused_attention(q, k, v, dropout_p=p, seed=seed)
+        return fused_attention(q, k, v, mode=mode, num_queries=nq, text_mask=mask, dropout_p=p, seed=seed)
+
+    def reference(q, k, v):
+        bias = None if kind == "cross" else qformer_attention_bias(nq, mask, ref_mode, lq, q.dtype, b, q.device)
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        return attention_with_keep_mask(q, k, v, bias, keep, p).transpose(1, 2)
+
+    _attention_check(fused, reference, [(b, lq, 12, 64), (b, lk, 12, 64), (b, lk, 12, 64)], dtype)
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01

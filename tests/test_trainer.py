@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import blip2rt
 from blip2rt.tokenization import tiny_llm_tokenizer
 from blip2rt.training.checkpoint import latest_checkpoint, trainable_state
 from blip2rt.training.config import TrainConfig
@@ -101,6 +102,45 @@ def test_killed_while_checkpointing_resumes_from_the_previous_checkpoint(toy, tm
     full = Trainer(config(toy, tmp_path / "full", save_every=2), show_progress=False)
     full.run()
     assert_same_weights(weights(full), weights(resumed))
+
+
+class WritesAFile:
+    """A pickle payload: unpickling it would create `path` (open(path, "w"))."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_corrupt_trainer_state_falls_back_to_the_checkpoint_before(toy, tmp_path, caplog):
+    """The newest state.pt garbled, then replaced by a pickle that would run code: each time the
+    resume reports it and continues from the checkpoint before, ending where an uninterrupted run
+    ends. The payload never runs. With no readable checkpoint left: one clear error."""
+    full = Trainer(config(toy, tmp_path / "full", max_steps=4), show_progress=False)
+    full.run()
+    out = tmp_path / "part"
+    Trainer(config(toy, out, max_steps=4, save_every=1), show_progress=False).run(until=3)
+    newest = out / "checkpoints" / "step_00000003" / "state.pt"
+    marker = tmp_path / "payload-ran"
+    for corrupt in (lambda: newest.write_bytes(b"\x80\x04garbage"),
+                    lambda: torch.save({"step": 3, "payload": WritesAFile(marker)}, newest)):
+        corrupt()
+        with caplog.at_level("WARNING", logger="blip2rt.training.trainer"):
+            resumed = Trainer(config(toy, out, max_steps=4, save_every=1), show_progress=False)
+        assert resumed.step == 2  # from step_00000002
+        assert "cannot resume from" in caplog.text and "step_00000003" in caplog.text
+        assert not marker.exists()  # the pickle payload never ran
+        caplog.clear()
+    resumed.run()
+    assert_same_weights(weights(full), weights(resumed))
+    kept = sorted((out / "checkpoints").glob("step_*/state.pt"))
+    assert len(kept) == 2  # keep_checkpoints
+    for state in kept:  # every checkpoint unreadable now
+        state.write_bytes(b"not a pickle")
+    with pytest.raises(blip2rt.CheckpointError, match="no checkpoint in .* could be read"):
+        Trainer(config(toy, out, max_steps=4), show_progress=False)
 
 
 def test_non_finite_steps_are_skipped_then_training_stops(toy, tmp_path, monkeypatch):

@@ -99,28 +99,35 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
     return final
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint, or None. Half-written `*.tmp` folders are removed."""
+def complete_checkpoints(out_dir: str | Path) -> list[Path]:
+    """The complete checkpoints, newest first (the one `latest` names leads). Half-written `*.tmp`
+    folders are removed."""
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
     for stale in root.glob("*.tmp"):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    complete = sorted((p for p in root.glob("step_*") if (p / "state.pt").is_file()
+                       and (p / "trainable.safetensors").is_file()), reverse=True)
     pointer = root / LATEST
-    if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "state.pt").is_file() and (path / "trainable.safetensors").is_file():
-            return path
-    complete = sorted(p for p in root.glob("step_*") if (p / "state.pt").is_file())
-    return complete[-1] if complete else None
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    return sorted(complete, key=lambda p: p != named)  # stable: the named one first, then newest first
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    complete = complete_checkpoints(out_dir)
+    return complete[0] if complete else None
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
-    """Loads the trainable weights into `model` and returns the trainer state."""
+    """Loads the trainable weights into `model` and returns the trainer state. The state is read
+    first: a checkpoint that fails leaves the model as it was."""
     path = Path(path)
-    frozen = tuple(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)  # not saved
-    load_weights(model, read_tensor_file(path / "trainable.safetensors"), str(path), allow_missing_prefixes=frozen)
     try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors of many kinds; the reason is in the message
         raise CheckpointError(f"{path / 'state.pt'} could not be read as a trainer state ({e})") from None
+    frozen = tuple(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)  # not saved
+    load_weights(model, read_tensor_file(path / "trainable.safetensors"), str(path), allow_missing_prefixes=frozen)
+    return state

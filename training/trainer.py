@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 import blip2rt
-from blip2rt.errors import Blip2rtError
+from blip2rt.errors import Blip2rtError, CheckpointError
 from blip2rt.pretrained import DTYPES, apply_state
 
 from . import distributed as D
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import CaptionDataset, ResumableSampler, ShardDataset, Stage1Collate, Stage2Collate
 from .feature_cache import FeatureCache
@@ -135,10 +135,27 @@ class Trainer:
         self.step, self.epoch, self.position = 0, 0, 0
         self.nonfinite_total = self.nonfinite_run = self.skipped_images = 0
         if cfg.resume:
-            ckpt = latest_checkpoint(self.out_dir)
-            if ckpt is not None:
-                self._restore(load_checkpoint(ckpt, self.model))
-                log.info("resumed from %s at step %d", ckpt, self.step)
+            self._resume()
+
+    def _resume(self) -> None:
+        """From the newest checkpoint that reads; an unreadable one (a corrupt state.pt, say) is
+        reported and the one before it used, so nothing but the steps since is lost."""
+        failed = []
+        for ckpt in complete_checkpoints(self.out_dir):
+            try:
+                state = load_checkpoint(ckpt, self.model)
+            except CheckpointError as e:
+                log.warning("cannot resume from %s: %s; trying the checkpoint before it", ckpt, e)
+                failed.append(f"{ckpt.name}: {e}")
+                continue
+            self._restore(state)
+            log.info("resumed from %s at step %d", ckpt, self.step)
+            if failed:
+                log.warning("resumed from %s, an older checkpoint: %d newer could not be read", ckpt, len(failed))
+            return
+        if failed:
+            raise CheckpointError(f"no checkpoint in {self.out_dir / 'checkpoints'} could be read:\n  " +
+                                  "\n  ".join(failed) + "\nmove the folder aside to start afresh, or set resume=false")
 
     # ---- setup ----------------------------------------------------------------------------
 
