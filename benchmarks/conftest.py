@@ -5,10 +5,16 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import subprocess
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# `python -m pytest` puts the repository root first on sys.path, where the source folder blip2rt/
+# (without its kernels/, training/ and export/ subpackages) would shadow the installed package
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ results into OUT as soon as it ends, so a call cut off by its limit still return
 5. the training steps (stage 1 and 2) at the paper's shapes;
 6. ONNX Runtime on CUDA, when onnxruntime-gpu is importable (see `make ort-gpu-parts`).
 
-OUT gets summary.md (ready to paste into RESULTS.md), summary.json, one log per step and the
-benchmark JSON files. Exit status: 0 when every step ran and every test passed.
+OUT gets summary.md (ready to paste into RESULTS.md), summary.json and details.tar.gz (one log
+per step and the benchmark JSON files). Exit status: 0 when every step ran and every test passed.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import os
 import re
 import shutil
 import signal
+import site
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -59,6 +61,9 @@ def no_cuda_reason() -> str | None:
 class Check:
     def __init__(self, out: Path, budget: float):
         self.out = out
+        # logs and benchmark JSON: packed into OUT/details.tar.gz after every step (the device tool
+        # brings back 8 files at most, so OUT holds three)
+        self.details = Path(tempfile.mkdtemp(prefix="blip2rt-gpu-check-"))
         self.start = time.monotonic()
         self.deadline = self.start + budget
         self.summary: dict = {"steps": {}, "machine": {}, "tests": {}, "benchmarks": {}}
@@ -75,17 +80,21 @@ class Check:
         self.write()
 
     def write(self) -> None:
-        """summary.json and summary.md, replaced atomically after every step."""
+        """summary.json, summary.md and details.tar.gz, replaced atomically after every step."""
         for name, text in (("summary.json", json.dumps(self.summary, indent=1)), ("summary.md", self.markdown())):
             tmp = self.out / f".{name}.tmp"
             tmp.write_text(text)
             tmp.replace(self.out / name)
+        tmp = self.out / ".details.tar.gz.tmp"
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(self.details, arcname="details")
+        tmp.replace(self.out / "details.tar.gz")
 
     def run(self, step: str, cmd: list[str], cap: float, env: dict | None = None,
             on_line=None) -> tuple[int | None, str]:
         """Runs cmd with its output in OUT/<step>.log; None as the code when it was cut off."""
         timeout = min(cap, self.left())
-        log_path = self.out / (re.sub(r"\W+", "-", step) + ".log")
+        log_path = self.details / (re.sub(r"\W+", "-", step) + ".log")
         if self.left() < 5:
             self.record(step, status="skipped: no time left", seconds=0)
             return None, ""
@@ -146,13 +155,21 @@ class Check:
         self.write()
 
     def install(self) -> None:
-        """A venv over the machine's packages; blip2rt editable, no deps. Else: the checkout on PYTHONPATH."""
+        """A venv over the machine's packages; blip2rt editable, no deps. Else (pip fails, or the venv does
+        not see the machine's packages): the checkout on PYTHONPATH."""
         venv = Path(tempfile.gettempdir()) / "blip2rt-gpu-check-venv"
+        # where the machine's python is itself a venv, --system-site-packages reaches only the base
+        # interpreter's packages: a .pth file adds the machine's own site-packages
+        machine_sites = "\\n".join(site.getsitepackages())
         code, _ = self.run("install", ["bash", "-c",
                                        f"rm -rf {venv} && {sys.executable} -m venv --system-site-packages {venv} && "
+                                       f"printf '{machine_sites}\\n' > $({venv}/bin/python -c 'import site; "
+                                       f"print(site.getsitepackages()[0])')/machine-packages.pth && "
                                        f"{venv}/bin/python -m pip install --quiet --no-deps --no-build-isolation "
                                        f"--no-index -e {ROOT}"], cap=dict(STEPS)["install"])
-        if code == 0:
+        # the machine's python may itself be a venv, whose packages a nested venv does not see
+        probe = ["-c", "import torch, triton, transformers, pytest, pytest_benchmark, blip2rt"]
+        if code == 0 and subprocess.run([str(venv / "bin" / "python"), *probe], capture_output=True).returncode == 0:
             self.python = str(venv / "bin" / "python")
             self.record("install", method="pip install --no-deps --no-build-isolation -e . (venv over the "
                                           "machine's site-packages)")
@@ -166,7 +183,7 @@ class Check:
             (shim / "blip2rt" / sub).symlink_to(ROOT / sub)
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), self.env.get("PYTHONPATH")]))
         self.record("install", status="ok (fallback)",
-                    method=f"pip could not install it (see install.log); the checkout is on PYTHONPATH via {shim}")
+                    method=f"the venv could not be used (see install.log); the checkout is on PYTHONPATH via {shim}")
 
     def gpu_tests(self, files: list[str] | None = None) -> int | None:
         results = self.summary["tests"]
@@ -186,7 +203,7 @@ class Check:
         return code
 
     def benchmark(self, step: str, select: list[str], keyword: str | None = None) -> None:
-        out = self.out / (re.sub(r"\W+", "-", step) + ".json")
+        out = self.details / (re.sub(r"\W+", "-", step) + ".json")
         cmd = [self.python, "-m", "pytest", *select, "-p", "no:cacheprovider", "-q", "-rs", "-o",
                "testpaths=benchmarks", "--benchmark-columns=median,iqr,rounds", "--benchmark-group-by=group",
                f"--benchmark-json={out}"] + (["-k", keyword] if keyword else [])

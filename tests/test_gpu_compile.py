@@ -114,7 +114,9 @@ print(json.dumps(out))
                           timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["fp32-ieee"]["spills"] > 1000 and out["fp32-ieee"]["mma"] == "fma"
+    # FMA tiles at 64x64 spill (13-32 KB per thread in one build of ptxas, 400 B in another): any
+    # spill is what the gate must read and refuse
+    assert out["fp32-ieee"]["spills"] > 0 and out["fp32-ieee"]["mma"] == "fma"
     assert any("spills" in f for f in out["fp32-ieee"]["failures"])
     assert out["bf16"] == dict(spills=0, mma="wgmma", wgmma=2, dots=2, failures=[])
 
