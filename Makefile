@@ -44,7 +44,7 @@ gpu-check:
 	@$(PYTHON) benchmarks/gpu_check.py $(OUT) $(ARGS)
 
 # onnxruntime-gpu for the GPU machine, in parts the device tool can carry; prints the device calls
-PY ?= 3.11
+PY ?= 3.12
 ort-gpu-parts:
 	$(PYTHON) benchmarks/ort_gpu_parts.py --python $(PY)
 

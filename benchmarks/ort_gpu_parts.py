@@ -11,7 +11,7 @@ onnxruntime, through the device tool's 64 MiB-per-call carry.
    packages stay as they are) and runs the ONNX Runtime CUDA tests and benchmarks, which find it
    there (`gpu_check.py --only onnxruntime`).
 
-    python benchmarks/ort_gpu_parts.py [--python 3.11] [--part-mb 60]
+    python benchmarks/ort_gpu_parts.py [--python 3.12] [--part-mb 60]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def device_calls(wheel: Path, parts: list[Path], python: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--python", default="3.11", help="the GPU machine's Python (gpu-check's summary says; default 3.11)")
+    ap.add_argument("--python", default="3.12", help="the GPU machine's Python (the H200 image: 3.12.3; default 3.12)")
     ap.add_argument("--part-mb", type=float, default=60.0, help="largest part in MB (10^6 bytes; default 60)")
     args = ap.parse_args(argv)
     wheel = download(args.python, ROOT / DEST)

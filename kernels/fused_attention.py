@@ -18,8 +18,11 @@ Backward: when all rows fit one tile (Lq <= BLOCK_M: the 32 queries, or 32 queri
 one program per (batch, head) makes dQ, dK and dV in one pass over the keys, reading K/V once
 and needing no atomics. Longer rows use two kernels (dK/dV per key block, dQ per query tile).
 
-Split-KV: for inference at small B*H (B = 1 is 12 programs), the keys are split across
-programs and the partial softmax states combined, so the GPU fills.
+Split-KV: for inference at small B*H (B = 1 is 12 programs) over more than 512 keys, the keys
+are split across programs and the partial softmax states combined, so the GPU fills.
+
+Eager calls reach the launchers through an autograd.Function; torch.compile sees custom ops
+(opaque to its tracer) that call the same launchers.
 
 Tiles per dtype and GPU come from `attention_config`, which the compile gate checks on sm_90 and
 sm_80 (blip2rt.gpu_compile).
@@ -34,6 +37,7 @@ same one again from the seed. `attention_keep_mask` materialises it for tests.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import gpu_target, launch, register_budget
+from .launch import GpuTarget, gpu_target, launch, register_budget
 from .tile_ops import dot, dot_precision
 
 MODE_NONE, MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_UNIMODAL = 0, 1, 2, 3
@@ -266,12 +270,17 @@ class AttentionConfig:
 
 def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, backward: bool = False,
                      dropout: bool = False) -> AttentionConfig:
-    """Tiles for Lq rows of head dim d on the target GPU. Every choice made here is compiled for
-    sm_90 and sm_80 by the compile gate (blip2rt.gpu_compile), which checks spills, shared memory
-    and wgmma; the comments say what it found."""
+    """Tiles for Lq rows of head dim d on the target GPU (worked out once per shape and GPU)."""
+    return _attention_config(lq, d, dtype, gpu_target(device), dot_precision(dtype, device), backward, dropout)
+
+
+@functools.lru_cache(maxsize=256)
+def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | None, precision: str, backward: bool,
+                      dropout: bool) -> AttentionConfig:
+    """Every choice made here is compiled for sm_90 and sm_80 by the compile gate
+    (blip2rt.gpu_compile), which checks spills, shared memory and wgmma; the comments say what it
+    found."""
     block_d = max(16, triton.next_power_of_2(d))
-    precision = dot_precision(dtype, device)
-    target = gpu_target(device)
     if target is None:
         # the interpreter: its cost is per program and per loop step; tests reach the edges and the
         # several-tile paths with their shapes (rows and keys past 32)
@@ -299,10 +308,17 @@ def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, 
     return AttentionConfig(block_m, 32, block_d, 8, 2, precision, register_budget(8))
 
 
+# Up to this many keys a row is not split: the split's partial states are combined by about 20
+# small torch ops, whose launches cost more than the programs it saves. On an H200 the split
+# cross-attention at B = 1 over 257 keys took 348 us, against 127 us unsplit at B = 32
+# (benchmarks/RESULTS.md).
+MAX_KEYS_UNSPLIT = 512
+
+
 def _num_splits(bh: int, m_blocks: int, lk: int, block_n: int, device: torch.device) -> int:
-    """Key splits so that B*H*(query blocks)*splits covers the SMs (inference only)."""
+    """Key splits so that B*H*(query blocks)*splits covers the SMs (inference over long key sets only)."""
     target = gpu_target(device)
-    if target is None:
+    if target is None or lk <= MAX_KEYS_UNSPLIT:
         return 1
     programs = bh * m_blocks
     if programs >= target.sm_count:
@@ -417,6 +433,25 @@ def _backward(ctx, do, _dlse):
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same launchers as the custom ops, for eager mode: a custom op's Python dispatch costs
+    more host time per call than the kernel takes at the Q-Former's sizes (benchmarks/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, text_mask, mode, num_queries, q_offset, splits, dropout_p, seed):
+        o, lse = _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, text_mask)
+        ctx.mode, ctx.num_queries, ctx.q_offset, ctx.dropout_p, ctx.seed = mode, num_queries, q_offset, dropout_p, seed
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, text_mask = ctx.saved_tensors
+        dq, dk, dv = _launch_backward(do, q, k, v, o, lse, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset,
+                                      ctx.dropout_p, ctx.seed)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
 def draw_seed() -> int:
     """A dropout seed from torch's CPU generator: no device sync, and a checkpoint's saved RNG state
     brings the same seeds (so the same masks) back on resume."""
@@ -441,8 +476,11 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: 
         seed = draw_seed()
     q_offset = k.shape[1] - q.shape[1] if mode != MODE_NONE else 0
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return attention_forward_op(q, k, v, text_mask, mode, num_queries, q_offset, forward_splits(q, k, needs_grad),
-                                float(dropout_p), int(seed or 0))[0]
+    args = (q, k, v, text_mask, mode, num_queries, q_offset, forward_splits(q, k, needs_grad), float(dropout_p),
+            int(seed or 0))
+    if torch.compiler.is_compiling():
+        return attention_forward_op(*args)[0]
+    return _EagerAttention.apply(*args)
 
 
 def forward_splits(q: torch.Tensor, k: torch.Tensor, needs_grad: bool) -> int:

@@ -206,12 +206,36 @@ def _backward(ctx, dy, _dmean, _drstd):
 residual_layer_norm_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerResidualLayerNorm(torch.autograd.Function):
+    """The same launchers as the custom ops, for eager mode: a custom op's Python dispatch costs
+    more host time per call than the kernel takes at the Q-Former's sizes (benchmarks/RESULTS.md)."""
+
+    @staticmethod
+    def forward(ctx, h, residual, weight, bias, eps, p, seed):
+        y, mean, rstd = _launch_forward(h, residual, weight, bias, eps, p, seed)
+        ctx.save_for_backward(h, residual, weight, mean, rstd)
+        ctx.p, ctx.seed = p, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, residual, weight, mean, rstd = ctx.saved_tensors
+        dh, dres, dw, db = _launch_backward(dy, h, residual, weight, mean, rstd, ctx.p, ctx.seed)
+        return dh, dres, dw, db, None, None, None
+
+
 def residual_layer_norm_triton(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                eps: float, p: float = 0.0, seed: int | None = None) -> torch.Tensor:
-    """Fused LayerNorm(residual + dropout(h, p)); h, residual (..., D). `seed` fixes the dropout mask."""
+    """Fused LayerNorm(residual + dropout(h, p)); h, residual (..., D). `seed` fixes the dropout mask.
+
+    Eager mode calls the launchers through an autograd.Function; under torch.compile the custom
+    op keeps the kernels opaque to the tracer. Both run the same launchers."""
     if p > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the CPU generator: no device sync
-    return residual_layer_norm_forward_op(h, residual, weight, bias, float(eps), float(p), int(seed or 0))[0]
+    args = (h, residual, weight, bias, float(eps), float(p), int(seed or 0))
+    if torch.compiler.is_compiling():
+        return residual_layer_norm_forward_op(*args)[0]
+    return _EagerResidualLayerNorm.apply(*args)
 
 
 def residual_layer_norm_reference(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

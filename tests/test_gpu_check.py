@@ -4,6 +4,7 @@ as far as they run without a GPU: the refusal, the watchdog, the summary, the pa
 import json
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def test_a_step_past_its_cap_is_cut_off_and_recorded(tmp_path):
     assert code is None and text == "partial\n" and time.monotonic() - start < 10
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"]["slow step"]["status"] == "cut off at its time cap"
-    assert "partial" in (tmp_path / "slow-step.log").read_text()
+    with tarfile.open(tmp_path / "details.tar.gz") as tar:  # every log, packed: OUT stays at three files
+        assert "partial" in tar.extractfile("details/slow-step.log").read().decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["details.tar.gz", "summary.json", "summary.md"]
     assert "| slow step | cut off at its time cap |" in (tmp_path / "summary.md").read_text()
     code, _ = check.run("quick step", [sys.executable, "-c", "print('ok')"], cap=10)
     assert code == 0 and json.loads((tmp_path / "summary.json").read_text())["steps"]["quick step"]["status"] == "ok"

@@ -169,3 +169,46 @@ def test_offsets_past_two_to_the_31_elements(lq):
     grads = torch.autograd.grad(ref, leaves, do.double())
     for name, got, want in zip(("out", "dq", "dk", "dv"), (o, dq, dk, dv), (ref, *grads)):
         torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("mode", [None, AttentionMode.UNIMODAL], ids=["cross", "unimodal"])
+def test_eager_path_equals_the_custom_op_that_torch_compile_traces(mode):
+    """Eager calls go through an autograd.Function (less host time); torch.compile sees the custom
+    op. Both must run the same launches: the same output and grads, bit for bit, dropout included."""
+    from blip2rt.kernels import fused_attention as fa
+    from blip2rt.kernels import launch
+
+    nq, t, b = 4, 5, 2
+    lq = lk = nq + t if mode else nq
+    q, k, v = qkv(b, lq, lk if mode else 40, torch.float32)
+    mask = torch.tensor([[1] * t, [1, 1, 0, 0, 0]]) if mode else None
+    mode_id = fa.MODE_UNIMODAL if mode else fa.MODE_NONE
+    g = torch.randn(b, lq, H, D, generator=torch.Generator().manual_seed(3))
+    with launch.record() as eager_launches:
+        eager = fa.fused_attention(q, k, v, mode=mode_id, num_queries=nq if mode else 0, text_mask=mask,
+                                   dropout_p=0.25, seed=9)
+        eager_grads = torch.autograd.grad(eager, (q, k, v), g)
+    with launch.record() as op_launches:
+        op = fa.attention_forward_op(q, k, v, mask, mode_id, nq if mode else 0, 0, 1, 0.25, 9)[0]
+        op_grads = torch.autograd.grad(op, (q, k, v), g)
+    assert [one.name for one in eager_launches] == [one.name for one in op_launches] == \
+        ["fused_attention._fwd_kernel", "fused_attention._bwd_rows_kernel"]
+    assert torch.equal(eager, op)
+    for a, c in zip(eager_grads, op_grads):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_inference_splits_keys_only_past_512(dtype):
+    """Measured on an H200: splitting 257 keys at B = 1 cost more (its torch combine) than it saved."""
+    from blip2rt.kernels import fused_attention as fa
+    from blip2rt.kernels import launch
+
+    q = torch.empty(1, 32, 12, 64, dtype=dtype, device="meta")
+    keys = {n: torch.empty(1, n, 12, 64, dtype=dtype, device="meta") for n in (257, 512, 513, 1025)}
+    with launch.plan_for(launch.H100):
+        splits = {n: fa.forward_splits(q, k, needs_grad=False) for n, k in keys.items()}
+        assert fa.forward_splits(q, keys[1025], needs_grad=True) == 1  # training never splits
+    assert splits[257] == splits[512] == 1 and splits[513] > 1 and splits[1025] > 1
+    cpu_q, cpu_k = torch.empty(1, 32, 12, 64, dtype=dtype), torch.empty(1, 1025, 12, 64, dtype=dtype)
+    assert fa.forward_splits(cpu_q, cpu_k, needs_grad=False) == 1  # the interpreter

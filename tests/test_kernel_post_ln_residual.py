@@ -67,3 +67,24 @@ def test_non_finite_input_poisons_only_its_row():
     y = residual_layer_norm_triton(h, r, w.detach(), b.detach(), 1e-12)
     assert torch.isnan(y[2]).all() and not torch.isfinite(y[0]).any()
     assert torch.isfinite(y[[1, 3]]).all()
+
+
+def test_eager_path_equals_the_custom_op_that_torch_compile_traces():
+    """Eager calls go through an autograd.Function (less host time); torch.compile sees the custom
+    op. Both run the same launches: the same output and grads, bit for bit, dropout included."""
+    from blip2rt.kernels import launch
+    from blip2rt.kernels.post_ln_residual import residual_layer_norm_forward_op
+
+    h, r, w, b = make((3, 5, 37), torch.float32)
+    g = torch.randn(3, 5, 37, generator=torch.Generator().manual_seed(1))
+    with launch.record() as eager_launches:
+        y = residual_layer_norm_triton(h, r, w, b, 1e-12, 0.2, seed=4)
+        grads = torch.autograd.grad(y, (h, r, w, b), g)
+    with launch.record() as op_launches:
+        y_op = residual_layer_norm_forward_op(h, r, w, b, 1e-12, 0.2, 4)[0]
+        grads_op = torch.autograd.grad(y_op, (h, r, w, b), g)
+    assert [one.name for one in eager_launches] == [one.name for one in op_launches] == \
+        ["post_ln_residual._fwd_kernel", "post_ln_residual._bwd_kernel"]
+    assert torch.equal(y, y_op)
+    for a, c in zip(grads, grads_op):
+        assert torch.equal(a, c)

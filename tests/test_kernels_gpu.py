@@ -123,12 +123,15 @@ def test_self_attention_on_gpu(mode, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_split_kv_inference_on_gpu(dtype):
-    """B = 1: 12 programs without splitting; the split path must give the same output."""
+    """B = 1 over 1,025 keys: 12 programs without splitting, so the keys are split; the split path
+    must give the reference's output."""
     from blip2rt import kernels
+    from blip2rt.kernels import launch
 
-    q, k, v = (torch.randn(1, n, 12, 64, device="cuda", dtype=dtype) for n in (32, 257, 257))
-    with torch.no_grad():
+    q, k, v = (torch.randn(1, n, 12, 64, device="cuda", dtype=dtype) for n in (32, 1025, 1025))
+    with torch.no_grad(), launch.record() as launches:
         out = kernels.qformer_cross_attention(q, k, v, backend="triton")  # split chosen from the SM count
+    assert [one.grid[2] > 1 for one in launches] == [True]
     ref = kernels.qformer_cross_attention(q.double(), k.double(), v.double(), backend="torch")
     eager = kernels.qformer_cross_attention(q, k, v, backend="torch")
     assert_matches(out, eager, ref, dtype, "split-kv out")
