@@ -39,7 +39,7 @@ def planted_delay(name: str) -> float:
     return float(seconds) if pattern and pattern in name else 0.0
 
 
-FUSED_IMPLS = ("fused", "triton")
+FUSED_IMPLS = ("fused", "triton", "fused-op")
 
 
 def check_path(benchmark, launches: list, expect: tuple[str, ...] = ()) -> None:
