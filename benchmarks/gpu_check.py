@@ -11,9 +11,10 @@ results into OUT as soon as it ends, so a call cut off by its limit still return
 
 1. kernel correctness: every GPU test (`pytest -m gpu tests/`), pass/fail per test;
 2. kernel ratios: the fused kernels vs eager at the paper's shapes (benchmarks, saved);
-3. caption latency: ViT-g + OPT-2.7B, B = 1 and 8, against transformers and the bandwidth floor;
-4. the LLM's attention kernels by name, from a profile (FlashAttention or not);
-5. the training steps (stage 1 and 2) at the paper's shapes;
+3. host vs device: wall time against summed CUDA kernel time per step, fused and torch;
+4. the training steps (stage 1 and 2) at the paper's shapes;
+5. caption latency: ViT-g + OPT-2.7B, B = 1 and 8, against transformers and the bandwidth floor,
+   and the LLM's attention kernels by name, from a profile (FlashAttention or not);
 6. ONNX Runtime on CUDA, when onnxruntime-gpu is importable (see `make ort-gpu-parts`).
 
 OUT gets summary.md (ready to paste into RESULTS.md), summary.json and details.tar.gz (one log
@@ -41,8 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 400  # of the 7 minutes; the rest is the summary and a margin
 ORT_GPU_DIR = "/tmp/blip2rt-ort-gpu"  # where the ort-gpu-parts commands install onnxruntime-gpu
 # (name, seconds cap): the order is the priority
-STEPS = [("install", 60), ("gpu tests", 170), ("kernel benchmarks", 130), ("caption latency", 80),
-         ("llm attention kernels", 40), ("train steps", 90), ("onnxruntime cuda", 60)]
+STEPS = [("install", 60), ("gpu tests", 170), ("kernel benchmarks", 130), ("host vs device", 60),
+         ("train steps", 90), ("caption latency", 80), ("llm attention kernels", 40), ("onnxruntime cuda", 60)]
 
 
 def no_cuda_reason() -> str | None:
@@ -224,6 +225,15 @@ class Check:
         else:
             self.record(step, render_error=got.stderr[-500:])
 
+    def host_vs_device(self) -> None:
+        """Wall time against summed CUDA kernel time per step, fused and torch (host_device_split.py)."""
+        code, text = self.run("host vs device", [self.python, "benchmarks/host_device_split.py"],
+                              cap=dict(STEPS)["host vs device"])
+        found = [line for line in text.splitlines() if line.startswith("RESULT ")]
+        if found:
+            self.summary["host_vs_device"] = json.loads(found[-1][len("RESULT "):])
+            self.write()
+
     def llm_attention_kernels(self) -> None:
         """Which CUDA kernels run the LLM's attention (OPT-2.7B's shapes, bf16, 64 tokens)."""
         script = (
@@ -289,6 +299,14 @@ class Check:
                       if any(k in c["extra"] for k in ("x_floor", "floor_ms", "mfu", "peak_mib"))}
             if extras:
                 lines += ["", "extra_info: " + "; ".join(f"{n} {json.dumps(e)}" for n, e in extras.items())]
+        split = self.summary.get("host_vs_device")
+        if split:
+            lines += ["", "## host vs device (per step: wall time, summed CUDA kernel time)", "",
+                      "| case | wall ms | kernel ms | kernels | device busy | top kernel |", "|---|---|---|---|---|---|"]
+            for name, r in split.items():
+                top = r.get("top_kernels") or [["-", ""]]
+                lines.append(f"| {name} | {r['wall_ms']} | {r.get('kernel_ms')} | {r.get('kernels_per_step', '')} | "
+                             f"{r.get('device_busy', r.get('note', ''))} | {top[0][0]} |")
         return "\n".join(lines) + "\n"
 
 
@@ -321,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     tests_code = check.gpu_tests()
     check.benchmark("kernel benchmarks", ["benchmarks/test_training_kernels.py", "benchmarks/test_attention_kernels.py"],
                     keyword="not cpu")
+    check.host_vs_device()
+    check.benchmark("train steps", ["benchmarks/test_train_step.py"], keyword="gpu")
     check.benchmark("caption latency", ["benchmarks/test_caption_gpu.py"])
     check.llm_attention_kernels()
-    check.benchmark("train steps", ["benchmarks/test_train_step.py"], keyword="gpu")
     check.onnxruntime_cuda()
     check.write()
     print((out / "summary.md").read_text())

@@ -90,3 +90,18 @@ def test_ort_device_calls_carry_one_part_each_and_verify_the_join(tmp_path):
     assert f"--target {ort_gpu_parts.INSTALL_ON_DEVICE}" in calls[-1]["command"]
     assert ort_gpu_parts.INSTALL_ON_DEVICE == gpu_check.ORT_GPU_DIR  # where gpu-check looks for it
     assert "carry" not in calls[-1] and all(c["timeout_s"] <= 600 for c in calls)
+
+
+def test_host_vs_device_split_runs_and_lands_in_the_summary(tmp_path):
+    """The profile step's script on the CPU (torch path, tiny): every case timed; its RESULT line
+    renders as a table in summary.md."""
+    proc = subprocess.run([sys.executable, "benchmarks/host_device_split.py", "--device", "cpu", "--preset", "tiny",
+                           "--rounds", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    assert sorted(result) == ["layer_norm fwd+bwd eager", "qformer B=1 fwd torch", "qformer B=32 fwd+bwd torch"]
+    assert all(r["wall_ms"] > 0 and r["kernel_ms"] == 0 for r in result.values())  # no CUDA kernels on a CPU
+    check = gpu_check.Check(tmp_path, budget=60)
+    check.summary["host_vs_device"] = result
+    check.write()
+    assert "| qformer B=32 fwd+bwd torch | " in (tmp_path / "summary.md").read_text()
