@@ -3,7 +3,7 @@
 the memory-bandwidth floor (LLM bytes x tokens / measured copy bandwidth) and the ratio to it.
 
 Run: blip2rt bench -k caption_gpu
-Targets (issue 8): B = 1 fused >= 3x transformers, and within 2x of the floor.
+Targets: B = 1 fused >= 3x transformers, and within 2x of the floor.
 """
 
 import pytest

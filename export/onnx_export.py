@@ -12,7 +12,7 @@ The three-graph layout of onnxruntime-genai's vision-language models:
 Plus the tokenizer files, `blip2rt_export.json` (the runtime's config) and `manifest.json`
 (versions and the I/O names and shapes of every graph).
 
-Exporter notes (DESIGN.md §5): dynamo export, `external_data=False` below 2 GB, explicit
+Exporter notes: dynamo export, `external_data=False` below 2 GB, explicit
 position_ids, and varargs dynamic shapes as one tuple.
 """
 

@@ -1,7 +1,7 @@
 """Q-Former attention: masked self-attention over [queries ; text] and query cross-attention.
 
 The torch functions here are the reference: the fallback path and the oracle for the fused
-kernels. Masks follow BLIP-2 (DESIGN.md §2), with absolute positions: the first `num_queries`
+kernels. Masks follow the BLIP-2 paper's three modes, with absolute positions: the first `num_queries`
 keys are query positions, the rest are text positions 0..T-1.
 
 - bidirectional (ITM): every position sees every non-padded position;

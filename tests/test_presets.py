@@ -1,5 +1,5 @@
 """Presets carry the published shapes: checked key for key against transformers' Blip2 built from
-the same config (on the meta device, so no memory is spent), and against DESIGN.md's numbers."""
+the same config (on the meta device, so no memory is spent), and against the paper's shapes and parameter count."""
 
 import pytest
 import torch
