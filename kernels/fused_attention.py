@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import GpuTarget, gpu_target, launch, register_budget
+from .launch import GpuTarget, draw_seed, gpu_target, launch, register_budget
 from .tile_ops import dot, dot_precision
 
 MODE_NONE, MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_UNIMODAL = 0, 1, 2, 3
@@ -454,12 +454,6 @@ class _EagerAttention(torch.autograd.Function):
         dq, dk, dv = _launch_backward(do, q, k, v, o, lse, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset,
                                       ctx.dropout_p, ctx.seed)
         return dq, dk, dv, None, None, None, None, None, None, None
-
-
-def draw_seed() -> int:
-    """A dropout seed from torch's CPU generator: no device sync, and a checkpoint's saved RNG state
-    brings the same seeds (so the same masks) back on resume."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: int = MODE_NONE,

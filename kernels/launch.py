@@ -146,6 +146,12 @@ def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind)
 
 
+def draw_seed() -> int:
+    """A dropout seed for the fused kernels, from torch's CPU generator: no device sync, and a
+    checkpoint's saved RNG state brings the same seeds (so the same masks) back on resume."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
 def interpreting(device: torch.device | str) -> bool:
     """True when launches on `device` run in Triton's CPU interpreter (bf16 dots need help there)."""
     return gpu_target(device) is None

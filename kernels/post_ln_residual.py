@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import autocast_dtype, backward_programs, gpu_target, launch, row_block
+from .launch import autocast_dtype, backward_programs, draw_seed, gpu_target, launch, row_block
 
 
 @triton.jit
@@ -231,7 +231,7 @@ def residual_layer_norm_triton(h: torch.Tensor, residual: torch.Tensor, weight: 
     Eager mode calls the launchers through an autograd.Function; under torch.compile the custom
     op keeps the kernels opaque to the tracer. Both run the same launchers."""
     if p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # from the CPU generator: no device sync
+        seed = draw_seed()
     args = (h, residual, weight, bias, float(eps), float(p), int(seed or 0))
     if torch.compiler.is_compiling():
         return residual_layer_norm_forward_op(*args)[0]
