@@ -32,6 +32,28 @@ TEXT_ONLY = re.compile(
 
 # ---- reading files -----------------------------------------------------------------------
 
+QUESTION_IN_QFORMER_KEY = "blip2rt_question_in_qformer"  # safetensors metadata of a VQA fine-tuning checkpoint
+
+
+def tensor_file_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file ({} for anything else)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several kinds; the reason is in the message
+        raise CheckpointError(f"weights file {path} is not a readable safetensors file ({e})") from None
+
+
+def marks_question_in_qformer(path: str | Path) -> bool:
+    """Whether a weights file was written by VQA fine-tuning with the question in the Q-Former."""
+    return tensor_file_metadata(path).get(QUESTION_IN_QFORMER_KEY) == "true"
+
+
 def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     """One weights file: *.safetensors, or a torch pickle read with weights_only=True."""
     path = Path(path)

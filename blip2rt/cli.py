@@ -120,13 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains blip2-mini (DINOv2-S/14 and SmolLM2-135M frozen, a Q-Former from MiniLM) on easy-vqa "
                     "on this machine: caches the frozen image features, trains stage 1 and evaluates retrieval, "
                     "trains stage 2 and evaluates captioning and zero-shot VQA on the test split, exports to ONNX, "
-                    "captions test images and real photos with ONNX Runtime, and prints a report. About 13 minutes "
-                    "on a 2-core CPU (--quick: about 7). A rerun of the same --out resumes where it stopped.")
+                    "captions test images and real photos with ONNX Runtime, and prints a report (11.4 minutes on "
+                    "a 2-core CPU without native bf16). --with-vqa then fine-tunes for VQA with the question in "
+                    "the Q-Former. The exporter's log goes to --out/export.log. A rerun of the same --out resumes "
+                    "where it stopped.")
     p.add_argument("--out", default="blip2rt-demo", help="folder for checkpoints, export and report "
                                                           "(default: ./blip2rt-demo)")
     p.add_argument("--quick", action="store_true", help="a smaller run (fewer images and steps), as CI runs it")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--with-vqa", action="store_true",
+                   help="then fine-tune for VQA as BLIP-2 does (the question into the Q-Former and the frozen LLM) "
+                        "and report its accuracy on the test questions; about 8 more minutes on a 2-core CPU")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="train in fp32 even where the CPU has native bf16 (what a CPU without it runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_demo)
 
@@ -288,7 +295,8 @@ def _run_demo(args) -> None:
         if not (Path(args.out) / "demo_state.json").is_file():
             raise Blip2rtError(f"--fresh would delete {args.out}, which is not a demo folder; give another --out")
         shutil.rmtree(args.out)
-    report = run_demo(args.out, quick=args.quick, device=args.device, show_progress=not args.no_progress)
+    report = run_demo(args.out, quick=args.quick, device=args.device, show_progress=not args.no_progress,
+                      bf16=not args.no_bf16, with_vqa=args.with_vqa)
     print()
     print(format_report(report))
 

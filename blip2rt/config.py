@@ -109,6 +109,10 @@ class Blip2Config:
     # prompt first, SmolLM2-135M's stage-2 loss stayed near 5 nats and no caption depended on
     # the image (blip2rt/embedded/demo.py).
     bos_before_soft_prompt: bool = False
+    # VQA fine-tuning (BLIP-2 §4.2): the question's WordPiece tokens also enter the Q-Former, where
+    # they meet the queries in self-attention (bidirectional; only the queries cross-attend to the
+    # image), so the soft prompt is conditioned on the question. Needs the text embeddings.
+    question_in_qformer: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.vision_config, dict):
@@ -126,6 +130,9 @@ class Blip2Config:
         if self.bos_before_soft_prompt and (self.is_encoder_decoder or self.text_config is None
                                             or self.text_config.get("bos_token_id") is None):
             raise CheckpointError("bos_before_soft_prompt needs a decoder-only LLM with a bos_token_id")
+        if self.question_in_qformer and not (self.with_text_heads and self.with_llm):
+            raise CheckpointError("question_in_qformer needs an LLM and the Q-Former's text embeddings "
+                                  "(with_text_heads): start VQA fine-tuning from a model trained in stage 1")
 
     @property
     def with_llm(self) -> bool:
@@ -155,6 +162,7 @@ class Blip2Config:
             with_text_heads=retrieval or bool(d.get("blip2rt_with_text_heads", False)),
             initializer_range=d.get("initializer_range", 0.02),
             bos_before_soft_prompt=bool(d.get("blip2rt_bos_before_soft_prompt", False)),
+            question_in_qformer=bool(d.get("blip2rt_question_in_qformer", False)),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -168,6 +176,7 @@ class Blip2Config:
             "initializer_range": self.initializer_range,
             "blip2rt_with_text_heads": self.with_text_heads,
             "blip2rt_bos_before_soft_prompt": self.bos_before_soft_prompt,
+            "blip2rt_question_in_qformer": self.question_in_qformer,
         }
         if self.text_config is not None:
             d["text_config"] = copy.deepcopy(self.text_config)

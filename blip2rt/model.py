@@ -25,10 +25,9 @@ from .generation_defaults import CAPTION_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, VQA_D
 from .images import pixel_values as images_to_pixels
 from .llm import attention_implementation, build_language_model
 from .qformer import ImageKV, QFormer, QFormerLMHead, QFormerTextEmbeddings
-from .tokenization import QFORMER_TOKENIZER_DIR
+from .tokenization import QFORMER_MAX_TEXT_TOKENS, QFORMER_TOKENIZER_DIR
 from .vision import VisionTransformer
 
-QFORMER_MAX_TEXT_TOKENS = 32  # BLIP-2 pre-training text length
 # Causal LMs whose logits are exactly lm_head(base_model(...)): no logit scaling or soft-capping,
 # so the fused head may take their hidden states.
 PLAIN_LM_HEAD = frozenset({"opt", "llama", "mistral", "qwen2", "qwen3"})
@@ -144,38 +143,79 @@ class Blip2(nn.Module):
 
     # ---- image side -----------------------------------------------------------------------
 
-    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N, Dv) image tokens after ln_vision, in the Q-Former's dtype."""
-        frozen = not self.vision_model.encoder.layers[0].mlp.fc1.weight.requires_grad
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            x = self.vision_model.encode(pixel_values.to(self.device))
+    def image_embeds(self, pixel_values: torch.Tensor | None = None, *,
+                     frozen_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, Dv) image tokens after ln_vision, in the Q-Former's dtype: from pixels (B, 3, H, W)
+        through the frozen ViT, or from `frozen_features`, the ViT's output cached before ln_vision
+        (training/feature_cache.py)."""
+        if frozen_features is None:
+            frozen = not self.vision_model.encoder.layers[0].mlp.fc1.weight.requires_grad
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                frozen_features = self.vision_model.encode(pixel_values.to(self.device))
         ln = self.vision_model.post_layernorm
-        return ln(x.to(ln.weight.dtype))
+        return ln(frozen_features.to(self.device, ln.weight.dtype))
 
-    def query_output(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, N, Dv) -> (B, Q, D): the queries after the Q-Former (no text)."""
+    def query_output(self, image_embeds: torch.Tensor, question_ids: torch.Tensor | None = None,
+                     question_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N, Dv) -> (B, Q, D): the queries after the Q-Former.
+
+        With a question, (B, Tq) Q-Former WordPiece ids and mask, its tokens join the queries in
+        self-attention (bidirectional, as in ITM; only the queries cross-attend to the image): the
+        question-conditioned Q-Former of BLIP-2's VQA fine-tuning."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        out, _ = self.qformer(queries, num_queries=queries.shape[1], image_embeds=image_embeds)
-        return out
+        nq = queries.shape[1]
+        if question_ids is None:
+            out, _ = self.qformer(queries, num_queries=nq, image_embeds=image_embeds)
+            return out
+        if question_mask is None:
+            question_mask = torch.ones_like(question_ids)
+        text = self.embeddings(question_ids.to(self.device)).to(queries.dtype)
+        out, _ = self.qformer(torch.cat([queries, text], dim=1), num_queries=nq, text_mask=question_mask.to(self.device),
+                              mode=AttentionMode.BIDIRECTIONAL, image_embeds=image_embeds)
+        return out[:, :nq]
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, Q, LLM width): the soft visual prompt (HF get_image_features().pooler_output)."""
+    def image_features(self, pixel_values: torch.Tensor, question_ids: torch.Tensor | None = None,
+                       question_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, Q, LLM width): the soft visual prompt (HF get_image_features().pooler_output);
+        conditioned on the question's Q-Former ids where the model was fine-tuned so."""
         self._need_llm("image_features")
-        return self.language_projection(self.query_output(self.image_embeds(pixel_values)))
+        return self.language_projection(self.query_output(self.image_embeds(pixel_values),
+                                                          *self._question(question_ids, question_mask)))
 
-    def soft_prompt(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The soft prompt in the LLM's dtype, ready to prepend to its input embeddings."""
-        return self.image_features(pixel_values).to(self.language_model.dtype)
+    def soft_prompt(self, pixel_values: torch.Tensor | None, question_ids: torch.Tensor | None = None,
+                    question_mask: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """The soft prompt in the LLM's dtype, ready to prepend to its input embeddings; from pixels,
+        or from image tokens after ln_vision (`image_embeds`, e.g. cached frozen features)."""
+        self._need_llm("soft_prompt")
+        if image_embeds is None:
+            image_embeds = self.image_embeds(pixel_values)
+        out = self.query_output(image_embeds, *self._question(question_ids, question_mask))
+        return self.language_projection(out).to(self.language_model.dtype)
+
+    def _question(self, ids: torch.Tensor | None, mask: torch.Tensor | None) -> tuple:
+        """(ids, mask) of the question for the Q-Former, or (None, None) where it takes none."""
+        if ids is None:
+            return None, None
+        if not self.config.question_in_qformer:
+            raise InputError("this model's Q-Former takes no question (it was not fine-tuned for VQA with "
+                             "question_in_qformer); pass no qformer_input_ids")
+        return ids, mask
+
+    def question_ids(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """Q-Former ids and mask (B, Tq) of the questions where the model conditions its soft prompt
+        on them (config.question_in_qformer), else (None, None)."""
+        if not self.config.question_in_qformer:
+            return None, None
+        return self._qformer_text(list(questions))
 
     # ---- LLM side -------------------------------------------------------------------------
 
-    def _llm_inputs(self, pixel_values, input_ids, attention_mask, image_embeds=None):
+    def _llm_inputs(self, pixel_values, input_ids, attention_mask, image_embeds=None, question_ids=None,
+                    question_mask=None):
         """[soft prompt ; prompt embeddings] (B, Q + T, W) and its mask, or with
         config.bos_before_soft_prompt [BOS ; soft prompt ; prompt embeddings] (B, 1 + Q + T, W)."""
-        if image_embeds is None:
-            prompt = self.soft_prompt(pixel_values)
-        else:  # image tokens after ln_vision, e.g. from cached frozen features
-            prompt = self.language_projection(self.query_output(image_embeds)).to(self.language_model.dtype)
+        prompt = self.soft_prompt(pixel_values, question_ids, question_mask, image_embeds=image_embeds)
         b = prompt.shape[0]
         if input_ids is None:
             input_ids = self._default_prompt_ids(b)
@@ -212,13 +252,16 @@ class Blip2(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,  # (B, N, Dv) after ln_vision, instead of pixel_values
         return_logits: bool = True,
+        qformer_input_ids: torch.Tensor | None = None,  # (B, Tq) the question's Q-Former ids (question_in_qformer)
+        qformer_attention_mask: torch.Tensor | None = None,  # (B, Tq)
     ) -> Blip2Output:
         """LM loss of the text behind the soft prompt (query positions never count).
 
         return_logits=False (training): where the LM head is a plain linear layer, only the T
         positions that predict the text go through it, and no logits are returned."""
         self._need_llm("forward")
-        embeds, mask, _ = self._llm_inputs(pixel_values, input_ids, attention_mask, image_embeds)
+        embeds, mask, _ = self._llm_inputs(pixel_values, input_ids, attention_mask, image_embeds, qformer_input_ids,
+                                           qformer_attention_mask)
         if self.config.is_encoder_decoder:
             out = self.language_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
                                       decoder_attention_mask=decoder_attention_mask, labels=labels)
@@ -237,7 +280,9 @@ class Blip2(nn.Module):
             if self.kernel_backend == "triton":
                 loss = kernels.linear_cross_entropy(hidden, head.weight, labels, head.bias, backend="triton")
             else:
-                loss = F.cross_entropy(head(hidden).float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+                # flattened first: a strided (B, T, W) slice would make the head a batched matmul
+                # over B copies of its weight, several times slower on CPU than one (B*T, W) matmul
+                loss = F.cross_entropy(head(hidden.flatten(0, 1)).float(), labels.flatten(), ignore_index=-100)
             return Blip2Output(loss=loss, logits=None)
         logits = self.language_model(inputs_embeds=embeds, attention_mask=mask).logits  # (B, Q + T, V)
         full = F.pad(labels, (q, 0), value=-100)  # (B, Q + T)
@@ -245,17 +290,23 @@ class Blip2(nn.Module):
         return Blip2Output(loss=loss, logits=logits)
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, **gen) -> torch.Tensor:
+    def generate(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *, qformer_input_ids: torch.Tensor | None = None,
+                 qformer_attention_mask: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
+                 **gen) -> torch.Tensor:
         """Token ids of the new text only (B, T). `gen` takes transformers' generate arguments.
 
         input_ids: the prompt as the LLM's tokenizer gives it (BOS included where it adds one),
-        left-padded for decoder-only LLMs; the soft prompt is prepended here.
+        left-padded for decoder-only LLMs; the soft prompt is prepended here. qformer_input_ids /
+        qformer_attention_mask: the question in the Q-Former's tokens, for a model fine-tuned with
+        question_in_qformer (see `question_ids`). image_embeds: (B, N, Dv) after ln_vision (see
+        `image_embeds`), instead of pixel_values.
         """
         self._need_llm("generate")
         if "max_new_tokens" not in gen and "max_length" not in gen:
             gen["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
-        embeds, mask, input_ids = self._llm_inputs(pixel_values, input_ids, attention_mask)
+        embeds, mask, input_ids = self._llm_inputs(pixel_values, input_ids, attention_mask, image_embeds,
+                                                   qformer_input_ids, qformer_attention_mask)
         lm = self.language_model
         if self.config.is_encoder_decoder:
             out = lm.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
@@ -280,17 +331,40 @@ class Blip2(nn.Module):
 
     # ---- text in, text out ----------------------------------------------------------------
 
-    def caption(self, images, prompt: str | Sequence[str] | None = None, **gen) -> list[str]:
-        """Captions; `prompt` (e.g. "a photo of") is continued, one for all or one per image."""
-        px = self._pixels(images)
-        prompts = None if prompt is None else ([prompt] * px.shape[0] if isinstance(prompt, str) else list(prompt))
-        return self._generate_text(px, prompts, {**CAPTION_DEFAULTS, **gen})
+    def caption(self, images=None, prompt: str | Sequence[str] | None = None, *,
+                image_embeds: torch.Tensor | None = None, **gen) -> list[str]:
+        """Captions of images (paths, PIL images or pixel values), or of their `image_embeds`;
+        `prompt` (e.g. "a photo of") is continued, one for all or one per image. A model fine-tuned
+        with question_in_qformer also gives the prompt ("" for none) to its Q-Former."""
+        image = self._image_input(images, image_embeds)
+        b = next(iter(image.values())).shape[0]
+        prompts = None if prompt is None else ([prompt] * b if isinstance(prompt, str) else list(prompt))
+        qids, qmask = self.question_ids(prompts or [""] * b)
+        return self._generate_text(image, prompts, {**CAPTION_DEFAULTS, **gen}, qformer_input_ids=qids,
+                                   qformer_attention_mask=qmask)
 
-    def answer(self, images, questions: str | Sequence[str], prompt_template: str = VQA_PROMPT, **gen) -> list[str]:
-        """Zero-shot VQA: one question per image (or one for all), "Question: {q} Answer:" by default."""
-        px = self._pixels(images)
-        questions = [questions] * px.shape[0] if isinstance(questions, str) else list(questions)
-        return self._generate_text(px, [prompt_template.format(q) for q in questions], {**VQA_DEFAULTS, **gen})
+    def answer(self, images, questions: str | Sequence[str], prompt_template: str = VQA_PROMPT, *,
+               image_embeds: torch.Tensor | None = None, **gen) -> list[str]:
+        """VQA: one question per image (or one for all), "Question: {q} Answer:" by default. A model
+        fine-tuned with question_in_qformer also gives the question to its Q-Former. `images` may be
+        None where `image_embeds` are given."""
+        image = self._image_input(images, image_embeds)
+        b = next(iter(image.values())).shape[0]
+        questions = [questions] * b if isinstance(questions, str) else list(questions)
+        if len(questions) != b:
+            raise InputError(f"{b} images but {len(questions)} questions; give one question per image "
+                             "or one for all")
+        qids, qmask = self.question_ids(questions)
+        return self._generate_text(image, [prompt_template.format(q) for q in questions], {**VQA_DEFAULTS, **gen},
+                                   qformer_input_ids=qids, qformer_attention_mask=qmask)
+
+    def _image_input(self, images, image_embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """{"pixel_values": ...} from images, or {"image_embeds": ...}: generate's image argument."""
+        if (images is None) == (image_embeds is None):
+            raise InputError("give images or image_embeds, one of the two")
+        if image_embeds is not None:
+            return {"image_embeds": image_embeds.to(self.device)}
+        return {"pixel_values": self._pixels(images)}
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """LLM ids and mask (B, T) of text prompts: left-padded (decoder-only) or right-padded (T5);
@@ -308,16 +382,20 @@ class Blip2(nn.Module):
             ids[i, cols], mask[i, cols] = torch.tensor(r, dtype=torch.long), 1
         return ids, mask
 
-    def _generate_text(self, px: torch.Tensor, prompts: list[str] | None, gen: dict) -> list[str]:
+    def _generate_text(self, image: dict, prompts: list[str] | None, gen: dict, **question) -> list[str]:
         tok = self._need_tokenizer()
         if "max_new_tokens" in gen and "min_new_tokens" in gen:  # a user's short maximum wins over our default minimum
             gen["min_new_tokens"] = min(gen["min_new_tokens"], gen["max_new_tokens"])
-        if prompts is not None and len(prompts) != px.shape[0]:
-            raise InputError(f"{px.shape[0]} images but {len(prompts)} prompts; give one prompt per image or one for all")
+        if gen.get("num_beams", 1) == 1:  # the VQA default's length penalty only weighs beams
+            gen.pop("length_penalty", None)
+        b = next(iter(image.values())).shape[0]
+        if prompts is not None and len(prompts) != b:
+            raise InputError(f"{b} images but {len(prompts)} prompts; give one prompt per image or one for all")
         input_ids = mask = None
         if prompts is not None:
             input_ids, mask = self.encode_prompts(prompts)
-        ids = self.generate(px, input_ids, mask, **gen)
+        ids = self.generate(image.get("pixel_values"), input_ids, mask, image_embeds=image.get("image_embeds"),
+                            **question, **gen)
         return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
 
     # ---- retrieval: ITM and ITC -----------------------------------------------------------

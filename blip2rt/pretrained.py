@@ -5,7 +5,9 @@
   `*.pth` beside the config; tokenizer files at its root are loaded too.
 - A weights file (`.pth`, `.pt`, `.bin`, `.safetensors`): LAVIS or blip2rt names; `config=`
   says which model it fits (a preset or a folder). When that folder has weights, they load
-  first and the file overlays them: LAVIS saves only the trainable parts.
+  first and the file overlays them: LAVIS saves only the trainable parts. `blip2-mini` is such
+  a base too (its real parts), so a trainer checkpoint of it loads with config="blip2-mini".
+  A VQA fine-tuning checkpoint (marked in its metadata) turns on question_in_qformer.
 
 dtype applies to the frozen parts (ViT, LLM); the trainable parts (ln_vision, Q-Former,
 queries, projections, heads) stay in `trainable_dtype`, fp32 by default, as LAVIS and
@@ -22,7 +24,7 @@ import torch
 from blip2rt.kernels import resolve_backend
 
 from .checkpoint import (LAVIS_LN_VISION_EPS, TEXT_ONLY, is_lavis_state_dict, lavis_to_blip2rt, load_weights,
-                         read_hf_folder, read_tensor_file)
+                         marks_question_in_qformer, read_hf_folder, read_tensor_file)
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
 from .model import Blip2
@@ -132,7 +134,13 @@ def _base_for(config, frozen_dtype: torch.dtype) -> tuple[Blip2, bool, Path | No
         return Blip2(config, frozen_dtype), False, None
     cpath = Path(config)
     if not cpath.exists() and str(config) in PRESET_NAMES:
-        return Blip2(preset_config(str(config)), frozen_dtype), False, None
+        model = Blip2(preset_config(str(config)), frozen_dtype)
+        if str(config) == "blip2-mini":  # its real parts (and tokenizers), from the asset packages
+            from .embedded.mini import load_parts
+
+            load_parts(model)
+            return model, True, None
+        return model, False, None
     if cpath.is_file() and cpath.name.endswith(".json"):
         return Blip2(Blip2Config.from_json_file(cpath), frozen_dtype), False, cpath.parent
     if cpath.is_dir():
@@ -144,6 +152,11 @@ def _base_for(config, frozen_dtype: torch.dtype) -> tuple[Blip2, bool, Path | No
         apply_state(model, state, str(cpath))
         return model, True, cpath
     raise CheckpointError(f"config={config!r} is neither a preset, a config.json, nor a folder")
+
+
+# What VQA fine-tuning leaves as it was: the retrieval and ITG heads (and the last layer's text
+# FFN, whose output nothing reads)
+VQA_UNTRAINED = ("vision_projection.", "text_projection.", "itm_head.", "temp", "itg_head.")
 
 
 def apply_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_base: bool = False) -> None:
@@ -159,8 +172,17 @@ def apply_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_
     stage1 = any(TEXT_ONLY.match(k) for k in state) and not any(k.startswith("language_projection.") for k in state)
     if over_base and stage1 and model.config.with_llm:
         allow += ("language_projection.",)  # a stage-1 checkpoint has none; the base's stays
+    vqa = marks_question_in_qformer(source)  # a VQA fine-tuning checkpoint
+    if vqa and not model.config.with_text_heads:
+        raise CheckpointError(f"{source} was fine-tuned for VQA with the question in the Q-Former, which needs "
+                              "the Q-Former's text embeddings; load it over a model that has them")
+    if vqa and over_base:  # it holds what VQA trains; the retrieval heads stay the base's
+        last = model.config.qformer_config.num_hidden_layers - 1
+        allow += VQA_UNTRAINED + (f"qformer.encoder.layer.{last}.intermediate.", f"qformer.encoder.layer.{last}.output.")
     # a model without the Q-Former text path (stage 2) cannot hold a stage-1 checkpoint's text parts
     load_weights(model, state, source, allow_missing_prefixes=allow, drop_text_only=not model.config.with_text_heads)
+    if vqa:
+        model.config.question_in_qformer = True
 
 
 def _attach_tokenizers(model: Blip2, folder: Path) -> None:

@@ -15,6 +15,7 @@ from .errors import CheckpointError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model")
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+QFORMER_MAX_TEXT_TOKENS = 32  # the Q-Former's text is truncated here (BLIP-2 pre-training's length)
 
 _TINY_CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,?!'-:")
 _TINY_LLM_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]

@@ -2,7 +2,9 @@
 
 The three-graph layout of onnxruntime-genai's vision-language models:
 - `vision.onnx`: pixel_values (B, 3, S, S) -> soft_prompt (B, Q, W): ViT + ln_vision + Q-Former
-  + projection;
+  + projection; a model fine-tuned for VQA with the question in the Q-Former also takes
+  qformer_input_ids / qformer_attention_mask (B, Tq), and the export carries the Q-Former's
+  tokenizer as `qformer_tokenizer.json`;
 - decoder-only LLMs: `embed_tokens.npy` (the input embedding table), `prefill.onnx`
   (inputs_embeds, attention_mask, position_ids -> logits of the last position + the KV cache)
   and `decode.onnx` (one token, mask, position, past KV -> logits + present KV);
@@ -12,8 +14,8 @@ The three-graph layout of onnxruntime-genai's vision-language models:
 Plus the tokenizer files, `blip2rt_export.json` (the runtime's config) and `manifest.json`
 (versions and the I/O names and shapes of every graph).
 
-Exporter notes: dynamo export, `external_data=False` below 2 GB, explicit
-position_ids, and varargs dynamic shapes as one tuple.
+Exporter notes: TorchScript's exporter (one trace; see _export), explicit position_ids, weights
+in external data past 1.8 GB, and dynamic axes named by torch.export Dims.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from torch import nn
 from blip2rt.errors import Blip2rtError
 from blip2rt.model import Blip2
 
-from .ort_runtime import EXPORT_CONFIG, kv_names
+from blip2rt.tokenization import QFORMER_MAX_TEXT_TOKENS
+
+from .ort_runtime import EXPORT_CONFIG, QFORMER_TOKENIZER_FILE, kv_names
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,9 @@ class VisualPrefix(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.image_features(pixel_values)
+    def forward(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.image_features(pixel_values, qformer_input_ids, qformer_attention_mask)
 
 
 def _cache_tensors(cache, layers: int) -> list[torch.Tensor]:
@@ -150,34 +155,77 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
     """One graph; its weights go to `<name>.onnx.data` beside it when they pass `external_over`
     bytes (protobuf cannot hold a file over 2 GB).
 
-    rewrite: run torch.onnx's own graph optimizer, whose onnxscript rewriter is slow. Only the
-    offline ORT optimizer needs it: without it, that finds no SkipLayerNormalization to fuse.
-    Otherwise only constant folding runs (under a second). It turns the weights' Transposes into
-    initializers and CastLike into Cast, which ORT cannot fold itself and warns about. On
-    blip2-mini the rewriter took 42 s of a 126 s export. ORT optimizes every graph as it loads it,
-    and ran the unrewritten graphs at the same speed (prefill B=8 x 24: 273 vs 268 ms; vision
-    B=8 equal within noise), with the same captions.
+    TorchScript's exporter traces the module once and folds its constants: for blip2-mini's LLM
+    graphs it takes seconds where the dynamo exporter took over a minute each (benchmarks/RESULTS.md).
+    `dynamic_shapes` names each input's dynamic axes with torch.export Dims (their names become the
+    graph's dimension names); outputs take the axes of the inputs they follow (see _output_axes).
+
+    rewrite: also run onnxscript's optimizer over the graph; only the offline ORT optimizer needs
+    it (without it, that finds no SkipLayerNormalization to fuse). ORT optimizes every graph as it
+    loads it, and ran the unrewritten graphs at the same speed, with the same captions.
     """
     t0 = time.perf_counter()
     module.eval()
-    weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in
-                       [*module.parameters(), *module.buffers()]}.values())
-    kwargs = dict(dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names, output_names=output_names,
-                  optimize=rewrite)
-    if opset is not None:
-        kwargs["opset_version"] = opset
+    axes = _input_axes(input_names, dynamic_shapes)
+    axes.update(_output_axes(output_names, axes))
+    tmp = path.with_name(path.name + ".tmp")
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")  # a shared Dim, as intended
-        program = torch.onnx.export(module, args, None, **kwargs)
-    if not rewrite:
-        from onnxscript.optimizer import fold_constants, remove_unused_nodes
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # shape reads, traced as intended
+        # torch recommends its dynamo exporter instead; it exports these graphs right, 10x slower
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        # transformers' attention masks index with aranges, never negative: the padded-batch tests
+        # check the graphs' logits and tokens against PyTorch
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
+        torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=input_names, output_names=output_names,
+                          dynamic_axes=axes, opset_version=opset or DEFAULT_OPSET, do_constant_folding=True)
+    import onnx
 
-        fold_constants(program.model)
-        remove_unused_nodes(program.model)
+    model = onnx.load(str(tmp))
+    tmp.unlink()
+    if rewrite:
+        import onnxscript
+
+        model = onnxscript.optimizer.optimize(model)
+    weight_bytes = sum(np.prod(t.dims, dtype=np.int64) * _ELEMENT_BYTES.get(t.data_type, 4) for t in model.graph.initializer)
     external = weight_bytes > external_over
-    program.save(str(path), external_data=external)
+    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+              location=path.name + ".data" if external else None)
     log.info("exported %s in %.1fs (%.0f MB of weights%s)", path.name, time.perf_counter() - t0, weight_bytes / 1e6,
              ", external data" if external else "")
+
+
+DEFAULT_OPSET = 18
+_ELEMENT_BYTES = {1: 4, 10: 2, 16: 2, 7: 8, 6: 4, 11: 8, 9: 1, 2: 1, 3: 1}  # onnx TensorProto types
+
+
+def _dim_name(d) -> str:
+    return getattr(d, "__name__", None) or str(d).replace(" ", "")
+
+
+def _input_axes(input_names: list[str], dynamic_shapes) -> dict[str, dict[int, str]]:
+    """{input name: {axis: dimension name}} from the Dims of `dynamic_shapes` (a tuple with one entry
+    per argument; a varargs argument's entry is itself a tuple)."""
+    flat = []
+    for entry in dynamic_shapes:
+        flat.extend(entry if isinstance(entry, tuple) else [entry])
+    if len(flat) != len(input_names):
+        raise ValueError(f"{len(flat)} dynamic-shape entries for {len(input_names)} inputs")
+    return {name: {axis: _dim_name(d) for axis, d in spec.items()} for name, spec in zip(input_names, flat) if spec}
+
+
+def _output_axes(output_names: list[str], axes: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
+    """Outputs' dynamic axes: the batch of the first input on every output; the soft prompt's and
+    the logits' other axes are fixed; a KV output's length axis (2) takes the cache's name."""
+    batch = next(iter(axes.values()))[0] if axes else "batch"
+    out = {}
+    for name in output_names:
+        out[name] = {0: batch}
+        if name.startswith(("present.", "cross.")):
+            out[name][2] = f"{name.split('.')[0]}_length"
+        elif name == "encoder_hidden_states":
+            out[name][1] = "seq"
+    return out
 
 
 def _write_reorder_graph(path: Path, tensors: int, dtype: str, opset: int | None) -> None:
@@ -212,6 +260,27 @@ def _optimize(path: Path, model_type: str) -> dict[str, int]:
     large = path.with_name(path.name + ".data").exists()
     m.save_model_to_file(str(path), use_external_data_format=large)
     return {k: v for k, v in m.get_fused_operator_statistics().items() if v}
+
+
+def _write_qformer_tokenizer(tok, path: Path) -> None:
+    """The Q-Former's WordPiece tokenizer as one tokenizer.json, for the runtime's questions, without
+    the truncation or padding a call may have left set on it (the runtime sets its own); checked to
+    give transformers' ids ([CLS] ... [SEP]) on a sample question."""
+    import tempfile
+
+    from tokenizers import Tokenizer
+
+    if tok is None or not getattr(tok, "is_fast", False):
+        raise Blip2rtError("exporting a model with the question in the Q-Former needs its fast Q-Former tokenizer")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        raw = Tokenizer.from_file(str(Path(tmp) / "tokenizer.json"))
+    raw.no_truncation()
+    raw.no_padding()
+    raw.save(str(path))
+    probe = "is there a red circle in the image, or is there not?"
+    if Tokenizer.from_file(str(path)).encode(probe).ids != tok(probe)["input_ids"]:
+        raise Blip2rtError("the Q-Former tokenizer's tokenizer.json does not reproduce its Python tokenizer")
 
 
 def _io(path: Path) -> dict:
@@ -276,7 +345,16 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
     graphs = {}
 
     px = torch.randn(2, 3, size, size, dtype=float_dtype)
-    _export(VisualPrefix(model), (px,), out / "vision.onnx", ["pixel_values"], ["soft_prompt"], ({0: batch},), opset, external_over, optimize)
+    if model.config.question_in_qformer:  # the soft prompt is conditioned on the question
+        qlen = torch.export.Dim("question", min=2, max=QFORMER_MAX_TEXT_TOKENS)
+        qids, qmask = model.question_ids(["what colour?", "which shape is it?"])
+        _export(VisualPrefix(model), (px, qids.cpu(), qmask.cpu()), out / "vision.onnx",
+                ["pixel_values", "qformer_input_ids", "qformer_attention_mask"], ["soft_prompt"],
+                ({0: batch}, {0: batch, 1: qlen}, {0: batch, 1: qlen}), opset, external_over, optimize)
+        _write_qformer_tokenizer(model.qformer_tokenizer, out / QFORMER_TOKENIZER_FILE)
+    else:
+        _export(VisualPrefix(model), (px,), out / "vision.onnx", ["pixel_values"], ["soft_prompt"], ({0: batch},),
+                opset, external_over, optimize)
     graphs["vision"] = "vision.onnx"
 
     width = lm.get_input_embeddings().embedding_dim
@@ -353,6 +431,7 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
         "decoder_start_token_id": getattr(cfg, "decoder_start_token_id", None),
         "tokenizer_prepend_ids": prepend, "tokenizer_append_ids": append,
         "tokenizer_pad_id": model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0,
+        "question_in_qformer": model.config.question_in_qformer,
         "graphs": graphs,
     }
     (out / EXPORT_CONFIG).write_text(json.dumps(runtime, indent=2))

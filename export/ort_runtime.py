@@ -24,8 +24,10 @@ import numpy as np
 from blip2rt.errors import CheckpointError, InputError
 from blip2rt.generation_defaults import CAPTION_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, VQA_DEFAULTS, VQA_PROMPT
 from blip2rt.images import pixel_array
+from blip2rt.tokenization import QFORMER_MAX_TEXT_TOKENS
 
 EXPORT_CONFIG = "blip2rt_export.json"
+QFORMER_TOKENIZER_FILE = "qformer_tokenizer.json"  # exports whose soft prompt takes the question
 NEG = -1.0e9
 
 
@@ -112,7 +114,10 @@ class OrtBlip2:
         g = c["graphs"]
         past = kv_names("past", c["num_layers"])
         self.past_names = past
-        self.vision = _Session(self.dir / g["vision"], self.providers, ["pixel_values"], ["soft_prompt"])
+        self.question_in_qformer = bool(c.get("question_in_qformer", False))
+        vision_inputs = ["pixel_values"] + (["qformer_input_ids", "qformer_attention_mask"]
+                                            if self.question_in_qformer else [])
+        self.vision = _Session(self.dir / g["vision"], self.providers, vision_inputs, ["soft_prompt"])
         if c["encoder_decoder"]:
             if "decoder_with_past" not in g:
                 raise CheckpointError(f"{self.dir} was exported by an older blip2rt (no decoder_with_past graph); "
@@ -154,6 +159,14 @@ class OrtBlip2:
         if n > self.cfg["vocab_size"]:
             raise CheckpointError(f"the tokenizer in {self.dir} has {n} tokens but the exported LLM only "
                                   f"{self.cfg['vocab_size']}: it belongs to another model")
+        self.qformer_tokenizer = None
+        if self.question_in_qformer:
+            qpath = self.dir / QFORMER_TOKENIZER_FILE
+            if not qpath.is_file():
+                raise CheckpointError(f"{self.dir} takes the question in its vision graph but has no {QFORMER_TOKENIZER_FILE}")
+            self.qformer_tokenizer = Tokenizer.from_file(str(qpath))
+            self.qformer_tokenizer.no_padding()
+            self.qformer_tokenizer.enable_truncation(QFORMER_MAX_TEXT_TOKENS)
 
     # ---- text ---------------------------------------------------------------------------
 
@@ -174,6 +187,20 @@ class OrtBlip2:
                 ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
         return ids, mask
 
+    def question_ids(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+        """The questions in the Q-Former's WordPiece ids and mask (B, Tq), right-padded, as the
+        PyTorch model makes them; (None, None) for an export whose soft prompt takes no question."""
+        if self.qformer_tokenizer is None:
+            return None, None
+        rows = [e.ids for e in self.qformer_tokenizer.encode_batch(list(questions))]
+        t = max(len(r) for r in rows)
+        pad = self.qformer_tokenizer.token_to_id("[PAD]") or 0
+        ids = np.full((len(rows), t), pad, dtype=np.int64)
+        mask = np.zeros((len(rows), t), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        return ids, mask
+
     def decode_text(self, ids: np.ndarray) -> list[str]:
         return [self.tokenizer.decode([int(t) for t in row], skip_special_tokens=True).strip() for row in ids]
 
@@ -190,18 +217,29 @@ class OrtBlip2:
         norm = (c["image_mean"], c["image_std"]) if "image_mean" in c else ()  # older exports: CLIP's
         return pixel_array(images, c["image_size"], *norm).astype(self.float)
 
-    def image_features(self, pixel_values) -> np.ndarray:
-        """(B, 3, S, S) -> (B, Q, LLM width) soft prompt."""
-        return self.vision.run({"pixel_values": self._pixels(pixel_values)})[0]
+    def image_features(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None) -> np.ndarray:
+        """(B, 3, S, S) -> (B, Q, LLM width) soft prompt; an export fine-tuned with the question in
+        the Q-Former also needs the question's Q-Former ids and mask (B, Tq) (see `question_ids`)."""
+        feeds = {"pixel_values": self._pixels(pixel_values)}
+        if self.question_in_qformer:
+            if qformer_input_ids is None:
+                raise InputError("this export's soft prompt is conditioned on a question: pass qformer_input_ids "
+                                 "(OrtBlip2.question_ids)")
+            ids = np.asarray(qformer_input_ids, dtype=np.int64)
+            mask = np.ones_like(ids) if qformer_attention_mask is None else np.asarray(qformer_attention_mask, np.int64)
+            feeds.update(qformer_input_ids=ids, qformer_attention_mask=mask)
+        elif qformer_input_ids is not None:
+            raise InputError("this export's soft prompt takes no question; pass no qformer_input_ids")
+        return self.vision.run(feeds)[0]
 
     def generate(self, pixel_values, input_ids=None, attention_mask=None, max_new_tokens: int | None = None,
                  min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0, do_sample: bool = False,
-                 **unsupported) -> np.ndarray:
+                 qformer_input_ids=None, qformer_attention_mask=None, **unsupported) -> np.ndarray:
         """Token ids of the new text only, (B, T), like the PyTorch model's generate."""
         if do_sample or unsupported:
             raise InputError(f"the ONNX pipeline supports greedy and beam search; not {sorted(unsupported) or 'sampling'}")
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-        soft = self.image_features(pixel_values)
+        soft = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask)
         b = soft.shape[0]
         bos = self.cfg["bos_token_id"]
         bos_first = self.cfg.get("bos_before_soft_prompt", False)  # exports before it have no such key
@@ -223,19 +261,26 @@ class OrtBlip2:
         px = self._pixels(images)
         gen = {**CAPTION_DEFAULTS, **gen}
         gen["min_new_tokens"] = min(gen["min_new_tokens"], gen["max_new_tokens"])
-        if prompt is None:
-            return self.decode_text(self.generate(px, **gen))
-        prompts = [prompt] * px.shape[0] if isinstance(prompt, str) else list(prompt)
+        prompts = None if prompt is None else ([prompt] * px.shape[0] if isinstance(prompt, str) else list(prompt))
+        qids, qmask = self.question_ids(prompts or [""] * px.shape[0])  # the prompt is the Q-Former's text
+        if prompts is None:
+            return self.decode_text(self.generate(px, qformer_input_ids=qids, qformer_attention_mask=qmask, **gen))
         ids, mask = self.encode(prompts)
-        return self.decode_text(self.generate(px, ids, mask, **gen))
+        return self.decode_text(self.generate(px, ids, mask, qformer_input_ids=qids, qformer_attention_mask=qmask,
+                                              **gen))
 
     def answer(self, images, questions: str | Sequence[str], prompt_template: str = VQA_PROMPT, **gen) -> list[str]:
         px = self._pixels(images)
         questions = [questions] * px.shape[0] if isinstance(questions, str) else list(questions)
         gen = {**VQA_DEFAULTS, **gen}
         gen["min_new_tokens"] = min(gen["min_new_tokens"], gen["max_new_tokens"])
+        if len(questions) != px.shape[0]:
+            raise InputError(f"{px.shape[0]} images but {len(questions)} questions; give one question per image "
+                             "or one for all")
         ids, mask = self.encode([prompt_template.format(q) for q in questions])
-        return self.decode_text(self.generate(px, ids, mask, **gen))
+        qids, qmask = self.question_ids(questions)
+        return self.decode_text(self.generate(px, ids, mask, qformer_input_ids=qids, qformer_attention_mask=qmask,
+                                              **gen))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -245,4 +245,4 @@ def residual_layer_norm_reference(h: torch.Tensor, residual: torch.Tensor, weigh
         h = h * keep_mask / (1.0 - p)
     elif p > 0:
         h = F.dropout(h, p, training=True)
-    return F.layer_norm(residual + h, (h.shape[-1],), weight, bias, eps)
+    return F.layer_norm(residual + h, (int(weight.shape[0]),), weight, bias, eps)  # a constant width when traced

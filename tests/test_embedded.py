@@ -95,6 +95,26 @@ def test_blip2_mini_preset_holds_the_three_parts(tmp_path):
         torch.testing.assert_close(again.itm(px, ["a red circle", "a blue square"]),
                                    m.itm(px, ["a red circle", "a blue square"]))
 
+    # a VQA fine-tuning checkpoint (what that stage trains, marked in its metadata) loads over the
+    # blip2-mini preset as base: the file's tensors over the real parts, the question in the Q-Former
+    from safetensors.torch import save_file
+
+    from blip2rt.checkpoint import QUESTION_IN_QFORMER_KEY
+    from blip2rt.training.trainer import VQA_STAGE, set_trainable
+
+    names = set(set_trainable(m, VQA_STAGE))
+    tuned = {n: (p.detach() + 0.01).contiguous() for n, p in m.named_parameters() if n in names}
+    save_file(tuned, str(tmp_path / "vqa.safetensors"), metadata={QUESTION_IN_QFORMER_KEY: "true"})
+    vqa = blip2rt.from_pretrained(tmp_path / "vqa.safetensors", config="blip2-mini", device="cpu")
+    assert vqa.config.question_in_qformer and vqa.tokenizer is not None and vqa.qformer_tokenizer is not None
+    state = vqa.state_dict()
+    torch.testing.assert_close(state["qformer.encoder.layer.0.output.dense.weight"],
+                               tuned["qformer.encoder.layer.0.output.dense.weight"], rtol=0, atol=0)
+    last = f"qformer.encoder.layer.{m.config.qformer_config.num_hidden_layers - 1}.output.dense.weight"
+    assert last not in tuned  # VQA leaves it; the base's (MiniLM's) stays
+    torch.testing.assert_close(state[last], m.state_dict()[last], rtol=0, atol=0)
+    torch.testing.assert_close(state["language_model.lm_head.weight"], m.state_dict()["language_model.lm_head.weight"])
+
 
 def test_missing_or_corrupt_assets_give_clear_errors(tmp_path, monkeypatch):
     bad = tmp_path / "bad.gguf"

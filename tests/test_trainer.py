@@ -209,16 +209,16 @@ def test_stage2_initialised_from_stage1(toy, tmp_path):
     assert not s2.model.itm_head.weight.requires_grad  # stage 2 trains no text head
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_each_stage_trains_exactly_what_its_loss_reaches(stage):
     """Oracle: autograd. With everything unfrozen, the parameters of the stage's modules that get
     a gradient from its loss are the trainable set (stage 2: no Q-Former text FFN, but the
-    cross-attention output projection and the query FFN)."""
+    cross-attention output projection and the query FFN; VQA: the question's text path too)."""
     from blip2rt.model import Blip2
     from blip2rt.presets import preset_config
     from blip2rt.training.stage1 import Stage1Batch, Stage1Objective
     from blip2rt.training.stage2 import Stage2Batch, Stage2Objective
-    from blip2rt.training.trainer import STAGE1_TRAINABLE, STAGE2_TRAINABLE, set_trainable
+    from blip2rt.training.trainer import STAGE1_TRAINABLE, STAGE2_TRAINABLE, VQA_TRAINABLE, set_trainable
 
     torch.manual_seed(0)
     m = Blip2(preset_config("tiny"))
@@ -229,10 +229,15 @@ def test_each_stage_trains_exactly_what_its_loss_reaches(stage):
         batch = Stage1Batch(ids, torch.ones_like(ids), image_ids=torch.arange(3), pixel_values=torch.randn(3, 3, size, size))
         loss = Stage1Objective(m, dec_token_id=2, pad_token_id=0)(batch)["loss"]
     else:
-        batch = Stage2Batch(ids, torch.ones_like(ids), ids.clone(), pixel_values=torch.randn(3, 3, size, size))
+        question = {}
+        if stage == 3:
+            m.config.question_in_qformer = True
+            question = dict(qformer_input_ids=torch.randint(5, 40, (3, 6)), qformer_attention_mask=torch.ones(3, 6))
+        batch = Stage2Batch(ids, torch.ones_like(ids), ids.clone(), pixel_values=torch.randn(3, 3, size, size),
+                            **question)
         loss = Stage2Objective(m)(batch)["loss"]
     loss.backward()
-    owned = STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
+    owned = {1: STAGE1_TRAINABLE, 2: STAGE2_TRAINABLE, 3: VQA_TRAINABLE}[stage]
     reached = {n for n, p in m.named_parameters()
                if n.startswith(owned) and p.grad is not None and p.grad.abs().sum() > 0}
     trainable = set(set_trainable(m, stage))
@@ -240,6 +245,9 @@ def test_each_stage_trains_exactly_what_its_loss_reaches(stage):
     if stage == 2:
         assert "qformer.encoder.layer.0.crossattention.output.dense.weight" in trainable
         assert "qformer.encoder.layer.0.output.dense.weight" not in trainable
+    if stage == 3:  # the question reaches the text FFN and the word embeddings; no retrieval head trains
+        assert {"qformer.encoder.layer.0.output.dense.weight", "embeddings.word_embeddings.weight"} <= trainable
+        assert not any(n.startswith(("itm_head.", "text_projection.", "itg_head.")) for n in trainable)
 
 
 def test_webdataset_shards_train_and_skip_a_corrupt_member(toy, tmp_path):
@@ -316,8 +324,8 @@ def test_feature_cache_is_built_once_and_matches_pixels(toy, tmp_path):
             trainer.model.vision_model.post_layernorm.bias.copy_(shift)
         from_pixels, from_cache = next(iter(plain.loader)), next(iter(cached.loader))
         assert torch.equal(from_pixels.objective_inputs.input_ids, from_cache.objective_inputs.input_ids)
-        want = plain.objective.image_embeds(from_pixels.objective_inputs)
-        got = cached.objective.image_embeds(from_cache.objective_inputs)
+        want = plain.model.image_embeds(from_pixels.objective_inputs.pixel_values)
+        got = cached.model.image_embeds(frozen_features=from_cache.objective_inputs.frozen_features)
         torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)  # after LayerNorm: about unit scale
     assert torch.isfinite(torch.tensor(cached.run()["loss"]))
     stamp = cache.stat().st_mtime_ns
@@ -501,3 +509,33 @@ def test_vqa_accuracy_equals_the_hand_computed_score(toy):
     res = evaluate.vqa(Answers(outs), records, root, batch_size=2)
     assert res["answers"] == outs
     assert res["accuracy"] == pytest.approx((2 / 3 + 1 / 3 + 1 + 0 + 1) / 5)
+
+
+def test_evaluation_reads_cached_features_as_it_reads_pixels(toy, tmp_path):
+    """Captions, answers and retrieval scores from an fp32 feature cache of the images equal those
+    computed through the ViT from their pixels."""
+    import json
+
+    import numpy as np
+
+    import blip2rt
+    from blip2rt.training import evaluate
+    from blip2rt.training.feature_cache import FeatureCache
+
+    root, ann = toy
+    records = [r for r in json.loads(ann.read_text()) if "broken" not in r["image"]][:6]
+    m = blip2rt.from_pretrained("tiny", device="cpu", kernels="torch")
+    cache = FeatureCache.build(m, [r["image"] for r in records], root, tmp_path / "cache", show_progress=False,
+                               dtype=np.float32)
+    gen = dict(num_beams=1, max_new_tokens=4, min_new_tokens=2)
+    assert (evaluate.captioning(m, records, root, batch_size=4, features=cache, **gen)["captions"]
+            == evaluate.captioning(m, records, root, batch_size=4, **gen)["captions"])
+    questions = [{"image": r["image"], "question": "what colour?", "answer": "red"} for r in records]
+    assert (evaluate.vqa(m, questions, root, features=cache, **gen)["answers"]
+            == evaluate.vqa(m, questions, root, **gen)["answers"])
+    cached = evaluate.retrieval_scores(m, records, root, k=3, features=cache)
+    plain = evaluate.retrieval_scores(m, records, root, k=3)
+    torch.testing.assert_close(cached.i2t, plain.i2t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached.t2i, plain.t2i, atol=1e-5, rtol=1e-5)
+    with pytest.raises(blip2rt.Blip2rtError, match="no row in the feature cache"):
+        evaluate.captioning(m, [{"image": "images/elsewhere.png", "caption": "x"}], root, features=cache, **gen)

@@ -1,23 +1,30 @@
-"""`blip2rt train stage1|stage2` and `blip2rt eval ...`: argument wiring for the trainer."""
+"""`blip2rt train stage1|stage2|vqa` and `blip2rt eval ...`: argument wiring for the trainer."""
 
 from __future__ import annotations
 
 import argparse
 
+STAGES = {"stage1": 1, "stage2": 2, "vqa": 3}  # `vqa` is stage 3 in a config file
+
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser(
-        "train", help="train the Q-Former: stage 1 (ITC+ITM+ITG) or stage 2 (through the frozen LLM)",
+        "train", help="train the Q-Former: stage 1 (ITC+ITM+ITG), stage 2 (through the frozen LLM), or VQA "
+                      "fine-tuning",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train BLIP-2. Settings come from --config (JSON or TOML) and --key value overrides of any\n"
-                    "TrainConfig field (see blip2rt/training/config.py), e.g. --batch-size 64 --max-steps 5000.\n"
+                    "TrainConfig field (see training/config.py), e.g. --batch-size 64 --max-steps 5000.\n"
+                    "vqa: fine-tunes a stage-2 model on {image, question, answer} annotations; the question goes\n"
+                    "into the Q-Former and, after the soft prompt, into the frozen LLM (BLIP-2 section 4.2).\n"
                     "Multi-GPU: torchrun --nproc-per-node N -m blip2rt train stage1 --config FILE",
         epilog="examples:\n"
                "  blip2rt train stage1 --config stage1.json\n"
                "  blip2rt train stage2 --model ./blip2-opt --init runs/s1/checkpoints/step_00010000 \\\n"
                "      --annotations coco.json --image-root coco/images --out-dir runs/s2\n"
+               "  blip2rt train vqa --model blip2-mini --init runs/s2/checkpoints/step_00000250 \\\n"
+               "      --annotations vqa_train.json --image-root images --out-dir runs/vqa\n"
                "A run resumes from its out_dir's latest checkpoint (--resume false to start over).")
-    p.add_argument("stage", choices=["stage1", "stage2"])
+    p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--config", default=None, help="JSON or TOML file of TrainConfig fields")
     p.set_defaults(run=_run_train, accepts_overrides=True)
 
@@ -26,7 +33,7 @@ def _run_train(args, overrides: list[str]) -> None:
     from .config import load_config
     from .trainer import Trainer
 
-    cfg = load_config(args.config, ["--stage", args.stage[-1], *overrides])
+    cfg = load_config(args.config, ["--stage", str(STAGES[args.stage]), *overrides])
     last = Trainer(cfg).run()
     print("done:", ", ".join(f"{k}={v}" for k, v in last.items()))
 

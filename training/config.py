@@ -14,7 +14,10 @@ from blip2rt.kernels.launch import MAX_BATCH
 
 @dataclass
 class TrainConfig:
-    stage: int = 1  # 1: ITC + ITM + ITG against the frozen ViT; 2: generative, through the frozen LLM
+    # 1: ITC + ITM + ITG against the frozen ViT; 2: generative, through the frozen LLM;
+    # 3: VQA fine-tuning (`blip2rt train vqa`): answers generated through the frozen LLM, the
+    #    question in the Q-Former too; annotations of {"image", "question", "answer"}
+    stage: int = 1
     model: str = "tiny"  # preset, Hugging Face Blip2 folder, or weights file (with model_config)
     model_config: str | None = None  # for a bare weights file: a preset or a folder with config.json
     init: str | None = None  # stage 2: a stage-1 checkpoint folder (its trainable weights start the Q-Former)
@@ -46,6 +49,7 @@ class TrainConfig:
     max_words: int = 50
     max_text_len: int = 32
     prompt: str = ""  # stage 2: text before the caption (not predicted)
+    question_template: str = "Question: {} Answer:"  # VQA: the LLM's text before the answer (not predicted)
     image_size: int | None = None  # default: the model's
     num_workers: int = 2
     seed: int = 42
@@ -56,8 +60,12 @@ class TrainConfig:
     resume: bool = True  # continue from out_dir's latest checkpoint if there is one
 
     def validate(self) -> None:
-        if self.stage not in (1, 2):
-            raise Blip2rtError(f"stage must be 1 or 2, got {self.stage}")
+        if self.stage not in (1, 2, 3):
+            raise Blip2rtError(f"stage must be 1, 2 or 3 (VQA fine-tuning), got {self.stage}")
+        if self.stage == 3 and self.shards:
+            raise Blip2rtError("VQA fine-tuning reads question annotations ({image, question, answer}), not shards")
+        if self.stage == 3 and self.question_template.count("{}") != 1:
+            raise Blip2rtError(f"question_template needs one {{}} for the question, got {self.question_template!r}")
         if not self.annotations and not self.shards:
             raise Blip2rtError("no training data: set annotations (JSON files) or shards (WebDataset .tar files)")
         if self.cache_features and self.augment:

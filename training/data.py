@@ -1,7 +1,8 @@
 """Training data: caption annotations or WebDataset shards -> augmented images + token ids.
 
 - Annotations: LAVIS/COCO-style JSON, `[{"image": relative path, "caption": str, "image_id": any}]`,
-  plus an image root. Several files may be given.
+  plus an image root. Several files may be given. VQA fine-tuning reads
+  `[{"image", "question", "answer": str or list of str}]`.
 - Shards: WebDataset tar files, each sample `KEY.jpg|png|webp` + `KEY.txt` (or `KEY.json` with
   "caption"), read with `tarfile` and split across ranks and workers by shard.
 - Augmentation as BLIP-2: RandomResizedCrop(scale 0.5-1, bicubic) + horizontal flip + CLIP
@@ -42,7 +43,8 @@ def clean_caption(caption: str, max_words: int = 50) -> str:
     return " ".join(words[:max_words]) if len(words) > max_words else caption
 
 
-def load_annotations(paths: Sequence[str | Path]) -> list[dict]:
+def load_annotations(paths: Sequence[str | Path], fields: tuple[str, ...] = ("image", "caption")) -> list[dict]:
+    """The records of JSON annotation files, each checked to hold `fields`."""
     records = []
     for path in paths:
         path = Path(path)
@@ -52,12 +54,27 @@ def load_annotations(paths: Sequence[str | Path]) -> list[dict]:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise Blip2rtError(f"annotation file {path} is not valid JSON ({e})") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) and "image" in r and "caption" in r for r in data):
-            raise Blip2rtError(f"annotation file {path} must be a JSON list of objects with 'image' and 'caption'")
+        if not isinstance(data, list) or not all(isinstance(r, dict) and all(f in r for f in fields) for r in data):
+            raise Blip2rtError(f"annotation file {path} must be a JSON list of objects with "
+                               + " and ".join(repr(f) for f in fields))
         records.extend(data)
     if not records:
         raise Blip2rtError("the annotation files hold no records")
     return records
+
+
+VQA_FIELDS = ("image", "question", "answer")
+
+
+def training_answer(answer: str | list[str]) -> str:
+    """The answer VQA fine-tuning learns: the given one, or the most frequent of several (the first
+    of equals), stripped."""
+    if isinstance(answer, str):
+        return answer.strip()
+    if not answer:
+        raise Blip2rtError("a VQA record has an empty answer list")
+    answers = [str(a).strip() for a in answer]
+    return max(answers, key=answers.count)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -93,6 +110,7 @@ class Sample:
     caption: str
     image_id: int
     seed: int = 0  # for per-sample draws made after loading (the stage-2 prefix split)
+    question: str | None = None  # VQA: the question; `caption` then holds the answer to learn
     pixel_values: torch.Tensor | None = None  # None: the image could not be read
     frozen_features: torch.Tensor | None = None
     error: str | None = None
@@ -101,8 +119,11 @@ class Sample:
 class CaptionDataset(torch.utils.data.Dataset):
     def __init__(self, annotations: Sequence[str | Path], image_root: str | Path, image_size: int,
                  augment: bool = True, max_words: int = 50, seed: int = 0, feature_cache=None,
-                 normalization: tuple[Sequence[float], Sequence[float]] = (CLIP_MEAN, CLIP_STD)):
-        self.records = load_annotations(annotations)
+                 normalization: tuple[Sequence[float], Sequence[float]] = (CLIP_MEAN, CLIP_STD), vqa: bool = False):
+        """vqa: the records are questions ({"image", "question", "answer"}); a sample's caption is the
+        answer (the most frequent, where several are given)."""
+        self.vqa = vqa
+        self.records = load_annotations(annotations, VQA_FIELDS if vqa else ("image", "caption"))
         self.image_root = Path(image_root)
         self.image_size, self.augment, self.max_words, self.seed = image_size, augment, max_words, seed
         self.normalization = normalization  # (mean, std) the image encoder was trained with
@@ -120,8 +141,10 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         rec = self.records[i]
-        sample = Sample(index=i, caption=clean_caption(rec["caption"], self.max_words), image_id=self.image_ids[i],
-                        seed=sample_rng(self.seed, self.epoch, i).getrandbits(32))
+        text = training_answer(rec["answer"]) if self.vqa else clean_caption(rec["caption"], self.max_words)
+        sample = Sample(index=i, caption=text, image_id=self.image_ids[i],
+                        seed=sample_rng(self.seed, self.epoch, i).getrandbits(32),
+                        question=str(rec["question"]).strip() if self.vqa else None)
         if self.feature_cache is not None:
             sample.frozen_features = self.feature_cache.get(str(rec["image"]))
             if sample.frozen_features is None:
@@ -297,6 +320,61 @@ class Stage2Collate:
                 n_given += len(self.tok(self.prompt)["input_ids"]) - int(self.drop_first)
             labels[:, :n_given] = -100
             batch = Stage2Batch(ids, mask, labels, **images)
+        return Batch(batch, len(ok), len(samples) - len(ok))
+
+
+class VqaCollate:
+    """Samples with questions -> Stage2Batch for VQA fine-tuning (BLIP-2 §4.2).
+
+    The LLM reads `template.format(question)` (given, not predicted; tokenised exactly as
+    `Blip2.encode_prompts` does at inference) and learns the answer after it, then `text_suffix`
+    (decoder-only) or its EOS (encoder-decoder). The question also goes to the Q-Former in its own
+    WordPiece ids, [CLS] first."""
+
+    def __init__(self, tokenizer, qformer_tokenizer, encoder_decoder: bool, template: str, max_length: int = 32,
+                 text_suffix: str | None = None, bos_token_id: int | None = None, bos_before_soft_prompt: bool = False,
+                 max_question_length: int = 32):
+        self.tok, self.qtok, self.enc_dec, self.template = tokenizer, qformer_tokenizer, encoder_decoder, template
+        self.max_length, self.max_question_length = max_length, max_question_length
+        self.suffix = text_suffix if text_suffix is not None else (tokenizer.eos_token or "")
+        self.drop_bos = bos_token_id if bos_before_soft_prompt and not encoder_decoder else None
+
+    def prompt_ids(self, question: str) -> list[int]:
+        ids = self.tok(self.template.format(question))["input_ids"]
+        return ids[1:] if self.drop_bos is not None and ids[:1] == [self.drop_bos] else ids
+
+    def __call__(self, samples: list[Sample]) -> Batch:
+        from .stage2 import Stage2Batch
+
+        ok = [s for s in samples if s.error is None]
+        if not ok:
+            return Batch(None, 0, len(samples))
+        q = self.qtok([s.question for s in ok], padding="longest", truncation=True,
+                      max_length=self.max_question_length, return_tensors="pt")
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        if self.enc_dec:
+            enc = self.tok([self.template.format(s.question) for s in ok], padding="longest", truncation=True,
+                           max_length=self.max_length, return_tensors="pt")
+            dec = self.tok([s.caption for s in ok], padding="longest", truncation=True, max_length=self.max_length,
+                           return_tensors="pt")
+            labels = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        else:
+            rows, given = [], []
+            for s in ok:
+                p = self.prompt_ids(s.question)
+                a = self.tok(" " + s.caption + self.suffix, add_special_tokens=False)["input_ids"]
+                rows.append(p + a[: self.max_length])  # max_length caps the answer; the prompt stays whole
+                given.append(len(p))
+            t = max(len(r) for r in rows)
+            ids = torch.full((len(rows), t), pad, dtype=torch.long)
+            mask = torch.zeros(len(rows), t, dtype=torch.long)
+            labels = torch.full((len(rows), t), -100, dtype=torch.long)
+            for i, (r, g) in enumerate(zip(rows, given)):
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+                labels[i, g: len(r)] = ids[i, g: len(r)]  # the answer (and suffix) only
+        batch = Stage2Batch(ids, mask, labels, qformer_input_ids=q["input_ids"],
+                            qformer_attention_mask=q["attention_mask"], **_stack_images(ok))
         return Batch(batch, len(ok), len(samples) - len(ok))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from blip2rt.errors import Blip2rtError
 from blip2rt.images import pixel_values
 
 from .data import clean_caption
@@ -36,11 +37,11 @@ class RetrievalScores:
 
 
 def retrieval(model, records: list[dict], image_root: str | Path, k: int = 128, batch_size: int = 32,
-              show_progress: bool = False) -> dict[str, float]:
+              show_progress: bool = False, features=None) -> dict[str, float]:
     """R@1/5/10 both ways over the distinct images and the distinct (cleaned) captions: a caption
     shared by several images (easy-vqa's 24, COCO's rare duplicates) is one text, and each of
     those images counts it as its own."""
-    s = retrieval_scores(model, records, image_root, k, batch_size, show_progress)
+    s = retrieval_scores(model, records, image_root, k, batch_size, show_progress, features)
     metrics = recall_at_k(s.i2t, s.t2i, s.positive)
     metrics["itc_i2t_r1"] = recall_at_k(s.itc, s.itc.T, s.positive, ks=(1,))["i2t_r1"]  # before ITM re-ranking
     metrics["images"], metrics["texts"] = len(s.images), len(s.texts)
@@ -49,8 +50,9 @@ def retrieval(model, records: list[dict], image_root: str | Path, k: int = 128, 
 
 @torch.no_grad()
 def retrieval_scores(model, records: list[dict], image_root: str | Path, k: int = 128, batch_size: int = 32,
-                     show_progress: bool = False) -> RetrievalScores:
-    """ITC over every (image, caption) pair, then ITM + ITC re-ranking of each one's k best (BLIP-2)."""
+                     show_progress: bool = False, features=None) -> RetrievalScores:
+    """ITC over every (image, caption) pair, then ITM + ITC re-ranking of each one's k best (BLIP-2).
+    features: a FeatureCache of the images' frozen ViT output, read instead of running the ViT."""
     images = list(dict.fromkeys(r["image"] for r in records))
     img_index = {name: i for i, name in enumerate(images)}
     texts = list(dict.fromkeys(clean_caption(r["caption"]) for r in records))
@@ -58,11 +60,9 @@ def retrieval_scores(model, records: list[dict], image_root: str | Path, k: int 
     positive = torch.zeros(len(images), len(texts), dtype=torch.bool)  # (I, T)
     for r in records:
         positive[img_index[r["image"]], txt_index[clean_caption(r["caption"])]] = True
-    vc = model.config.vision_config
     embeds, feats = [], []
     for s in tqdm(range(0, len(images), batch_size), desc="retrieval: images", disable=not show_progress):
-        e = model.image_embeds(pixel_values([Path(image_root) / n for n in images[s: s + batch_size]],
-                                            vc.image_size, vc.image_mean, vc.image_std))
+        e = image_embeds(model, images[s: s + batch_size], image_root, features)
         embeds.append(e)
         feats.append(model.image_query_features(e))
     embeds, img_feats = torch.cat(embeds), torch.cat(feats)  # (I, N, Dv), (I, Q, E)
@@ -71,28 +71,24 @@ def retrieval_scores(model, records: list[dict], image_root: str | Path, k: int 
                            for s in range(0, len(texts), batch_size)])  # (T, E)
     sims = torch.einsum("iqe,te->itq", img_feats, txt_feats).amax(dim=-1)  # (I, T)
 
-    def rerank(scores_row, pairs):
-        kk = min(k, scores_row.numel())
-        top = scores_row.topk(kk).indices
-        img_idx, txt_idx = pairs(top)
-        itm = torch.cat([model.itm_logits(embeds[img_idx[s: s + batch_size]], ids[txt_idx[s: s + batch_size]],
-                                          mask[txt_idx[s: s + batch_size]])[:, 1]
-                         for s in range(0, kk, batch_size)])
-        out = torch.full_like(scores_row, float("-inf"))
-        out[top] = itm.float() + scores_row[top]
-        return out
-
-    bar = tqdm(total=len(images) + len(texts), desc="retrieval: ITM re-ranking", disable=not show_progress)
-    i2t = []
-    for i in range(len(images)):
-        i2t.append(rerank(sims[i], lambda top, i=i: (torch.full_like(top, i), top)))
-        bar.update(1)
-    t2i = []
-    for t in range(len(texts)):
-        t2i.append(rerank(sims[:, t], lambda top, t=t: (top, torch.full_like(top, t))))
-        bar.update(1)
-    bar.close()
-    return RetrievalScores(images, texts, positive, sims, torch.stack(i2t), torch.stack(t2i))
+    # every image's k best texts and every text's k best images, as (image, text) pairs
+    ki, kt = min(k, len(texts)), min(k, len(images))
+    top_t = sims.topk(ki, dim=1).indices  # (I, ki)
+    top_i = sims.topk(kt, dim=0).indices.T  # (T, kt)
+    pair_img = torch.cat([torch.arange(len(images)).repeat_interleave(ki), top_i.flatten()])
+    pair_txt = torch.cat([top_t.flatten(), torch.arange(len(texts)).repeat_interleave(kt)])
+    itm_batch = 4 * batch_size  # the pairs share nothing, so they batch freely
+    itm = []
+    for s in tqdm(range(0, len(pair_img), itm_batch), desc="retrieval: ITM re-ranking", disable=not show_progress):
+        im, tx = pair_img[s: s + itm_batch], pair_txt[s: s + itm_batch]
+        itm.append(model.itm_logits(embeds[im], ids[tx], mask[tx])[:, 1].float())
+    rescored = torch.cat(itm) + sims[pair_img, pair_txt]  # ITM positive logit + ITC
+    n_i2t = len(images) * ki
+    i2t = torch.full_like(sims, float("-inf"))
+    i2t[pair_img[:n_i2t], pair_txt[:n_i2t]] = rescored[:n_i2t]
+    t2i = torch.full_like(sims.T, float("-inf"))
+    t2i[pair_txt[n_i2t:], pair_img[n_i2t:]] = rescored[n_i2t:]
+    return RetrievalScores(images, texts, positive, sims, i2t, t2i)
 
 
 def recall_at_k(i2t: torch.Tensor, t2i: torch.Tensor, positive: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
@@ -120,9 +116,31 @@ def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]
     return {"bleu4": float(bleu[3]), "cider": float(cider)}
 
 
+def image_embeds(model, names: list[str], image_root: str | Path, features=None) -> torch.Tensor:
+    """(B, N, Dv) after ln_vision of these annotation images: read from `features` (a FeatureCache)
+    where given, else through the frozen ViT."""
+    if features is None:
+        vc = model.config.vision_config
+        return model.image_embeds(pixel_values([Path(image_root) / n for n in names], vc.image_size, vc.image_mean,
+                                               vc.image_std))
+    rows = [features.get(str(n)) for n in names]
+    missing = [n for n, r in zip(names, rows) if r is None]
+    if missing:
+        raise Blip2rtError(f"image {missing[0]} has no row in the feature cache (it could not be read when the "
+                           "cache was built, or the cache is of other images)")
+    return model.image_embeds(frozen_features=torch.stack(rows))
+
+
+def _image_args(model, names: list[str], image_root: str | Path, features) -> dict:
+    """caption()'s and answer()'s image arguments: the paths, or the cached features' embeddings."""
+    if features is None:
+        return {"images": [Path(image_root) / n for n in names]}
+    return {"images": None, "image_embeds": image_embeds(model, names, image_root, features)}
+
+
 @torch.no_grad()
 def captioning(model, records: list[dict], image_root: str | Path, batch_size: int = 16, prompt: str | None = None,
-               show_progress: bool = False, **gen) -> dict:
+               show_progress: bool = False, features=None, **gen) -> dict:
     refs: dict[str, list[str]] = {}
     for r in records:
         refs.setdefault(r["image"], []).append(r["caption"])
@@ -130,7 +148,7 @@ def captioning(model, records: list[dict], image_root: str | Path, batch_size: i
     preds = {}
     for s in tqdm(range(0, len(names), batch_size), desc="captioning", disable=not show_progress):
         batch = names[s: s + batch_size]
-        for n, c in zip(batch, model.caption([Path(image_root) / n for n in batch], prompt=prompt, **gen)):
+        for n, c in zip(batch, model.caption(**_image_args(model, batch, image_root, features), prompt=prompt, **gen)):
             preds[n] = c
     return {"captions": preds, **caption_scores(preds, refs)}
 
@@ -147,16 +165,19 @@ def normalize_answer(a: str) -> str:
 
 @torch.no_grad()
 def vqa(model, records: list[dict], image_root: str | Path, batch_size: int = 16, show_progress: bool = False,
-        **gen) -> dict:
-    """records: {"image", "question", "answer": str | list[str]}."""
+        features=None, **gen) -> dict:
+    """records: {"image", "question", "answer": str | list[str]}; each answer is scored on its first
+    line (see normalize_answer), which "scored" holds."""
     correct = 0.0
     answers = []
     for s in tqdm(range(0, len(records), batch_size), desc="vqa", disable=not show_progress):
         batch = records[s: s + batch_size]
-        outs = model.answer([Path(image_root) / r["image"] for r in batch], [r["question"] for r in batch], **gen)
+        outs = model.answer(questions=[r["question"] for r in batch],
+                            **_image_args(model, [r["image"] for r in batch], image_root, features), **gen)
         for r, out in zip(batch, outs):
             refs = r["answer"] if isinstance(r["answer"], list) else [r["answer"]]
             hits = sum(normalize_answer(out) == normalize_answer(x) for x in refs)
             correct += min(1.0, hits / 3) if len(refs) > 1 else float(hits > 0)
             answers.append(out)
-    return {"accuracy": correct / max(1, len(records)), "answers": answers}
+    return {"accuracy": correct / max(1, len(records)), "answers": answers,
+            "scored": [normalize_answer(a) for a in answers]}

@@ -1,8 +1,10 @@
 """Frozen image features cached on disk: with a frozen ViT and no augmentation, the ViT's output
 never changes, so it is computed once and later epochs skip the ViT entirely.
 
-Stored before ln_vision (which trains): `features.npy` (images, tokens, width) float16 memmap,
-and `index.json` mapping each image's annotation path to its row. Unreadable images have no row.
+Stored before ln_vision (which trains): `features.npy` (images, tokens, width) memmap, float16 for
+training (half the disk and reads; the rounding is below the LayerNorm's noise) or float32 for
+evaluation (the pixels' exact result), and `index.json` mapping each image's annotation path to
+its row. Unreadable images have no row.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class FeatureCache:
 
     @classmethod
     def build(cls, model, images: list[str], image_root: str | Path, folder: str | Path,
-              batch_size: int = 32, show_progress: bool = True) -> "FeatureCache":
+              batch_size: int = 32, show_progress: bool = True, dtype=np.float16) -> "FeatureCache":
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         unique = list(dict.fromkeys(images))
@@ -45,7 +47,7 @@ class FeatureCache:
         tokens = model.config.vision_config.num_patches + 1
         width = model.config.vision_config.hidden_size
         tmp = folder / "features.npy.tmp"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(unique), tokens, width))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(unique), tokens, width))
         index, row = {}, 0
         for start in tqdm(range(0, len(unique), batch_size), desc="caching image features", unit="batch",
                           disable=not show_progress):
@@ -61,7 +63,7 @@ class FeatureCache:
                 continue
             with torch.no_grad():
                 feats = model.vision_model.encode(torch.stack(pixels).to(model.device))
-            out[row: row + len(names)] = feats.float().cpu().numpy().astype(np.float16)
+            out[row: row + len(names)] = feats.float().cpu().numpy().astype(dtype)
             index.update({n: row + i for i, n in enumerate(names)})
             row += len(names)
         out.flush()

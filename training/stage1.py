@@ -79,19 +79,12 @@ class Stage1Objective(nn.Module):
         self.dec_token_id = dec_token_id
         self.pad_token_id = pad_token_id
 
-    def image_embeds(self, batch: Stage1Batch) -> torch.Tensor:
-        m = self.model
-        if batch.frozen_features is not None:
-            ln = m.vision_model.post_layernorm
-            return ln(batch.frozen_features.to(m.device, ln.weight.dtype))
-        return m.image_embeds(batch.pixel_values)
-
     def forward(self, batch: Stage1Batch, negatives: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor]:
         m = self.model
         backend = m.kernel_backend
         ids, mask = batch.input_ids.to(m.device), batch.attention_mask.to(m.device)
-        embeds = self.image_embeds(batch)  # (B, N, Dv)
+        embeds = m.image_embeds(batch.pixel_values, frozen_features=batch.frozen_features)  # (B, N, Dv)
         b, nq = embeds.shape[0], m.config.num_query_tokens
 
         # 1. queries over the image; 2. text alone

@@ -1,4 +1,5 @@
-"""Stage 2: generative learning through the frozen LLM (BLIP-2 §3.3).
+"""Stage 2: generative learning through the frozen LLM (BLIP-2 §3.3), and VQA fine-tuning (§4.2),
+the same objective with the question in the Q-Former and before the answer.
 
 - Decoder-only LLMs: [soft prompt ; text] into the LLM, loss on the text tokens; query
   positions, prompt tokens and padding are -100 (Blip2.forward shifts and masks).
@@ -25,6 +26,8 @@ class Stage2Batch:
     labels: torch.Tensor  # decoder-only: (B, T) aligned with input_ids; encoder-decoder: (B, S) suffix ids
     pixel_values: torch.Tensor | None = None  # (B, 3, H, W); or:
     frozen_features: torch.Tensor | None = None  # (B, N, Dv) cached ViT output before ln_vision
+    qformer_input_ids: torch.Tensor | None = None  # (B, Tq) VQA: the question, for the Q-Former
+    qformer_attention_mask: torch.Tensor | None = None  # (B, Tq)
 
 
 def split_for_prefix_lm(caption: str, rng: random.Random) -> tuple[str, str]:
@@ -48,11 +51,8 @@ class Stage2Objective(nn.Module):
 
     def forward(self, batch: Stage2Batch) -> dict[str, torch.Tensor]:
         m = self.model
-        embeds = None
-        if batch.frozen_features is not None:
-            ln = m.vision_model.post_layernorm
-            embeds = ln(batch.frozen_features.to(m.device, ln.weight.dtype))
+        embeds = None if batch.frozen_features is None else m.image_embeds(frozen_features=batch.frozen_features)
         out = m(batch.pixel_values, batch.input_ids.to(m.device), batch.attention_mask.to(m.device),
-                labels=batch.labels.to(m.device), image_embeds=embeds,
-                return_logits=False)
+                labels=batch.labels.to(m.device), image_embeds=embeds, return_logits=False,
+                qformer_input_ids=batch.qformer_input_ids, qformer_attention_mask=batch.qformer_attention_mask)
         return {"loss": out.loss, "lm": out.loss}

@@ -1,8 +1,8 @@
 """The training loop for both stages: DDP, AMP, accumulation, AdamW + warmup/cosine, clipping,
 non-finite skipping, atomic checkpoints with exact resume, and logging.
 
-Launch: `blip2rt train stage1|stage2 --config FILE`, or under `torchrun --nproc-per-node N -m
-blip2rt train ...` (NCCL on GPUs, gloo on CPUs).
+Launch: `blip2rt train stage1|stage2|vqa --config FILE`, or under `torchrun --nproc-per-node N -m
+blip2rt train ...` (NCCL on GPUs, gloo on CPUs). VQA fine-tuning is stage 3 in the config.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from blip2rt.pretrained import DTYPES, apply_state
 from . import distributed as D
 from .checkpoint import complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import CaptionDataset, ResumableSampler, ShardDataset, Stage1Collate, Stage2Collate
+from .data import VQA_FIELDS, CaptionDataset, ResumableSampler, ShardDataset, Stage1Collate, Stage2Collate, VqaCollate
 from .feature_cache import FeatureCache
 from .stage1 import Stage1Objective
 from .stage2 import Stage2Objective
@@ -38,6 +38,10 @@ STAGE2_TRAINABLE = ("vision_model.post_layernorm.", "query_tokens", "qformer.", 
 # The text-only FFN of each Q-Former layer (`layer.N.intermediate.` / `layer.N.output.`, not the
 # attention outputs nor the query FFN): stage 2 has no text in the Q-Former, so it stays frozen.
 QFORMER_TEXT_FFN = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+# VQA fine-tuning (BLIP-2 §4.2): the Q-Former reads the question, so its text path trains too
+# (embeddings and text FFN); the ViT stays frozen here (the paper also tunes it) and so does the LLM.
+VQA_STAGE = 3
+VQA_TRAINABLE = STAGE2_TRAINABLE + ("embeddings.",)
 
 
 class NonFiniteLossError(Blip2rtError):
@@ -46,10 +50,14 @@ class NonFiniteLossError(Blip2rtError):
 
 def set_trainable(model: nn.Module, stage: int) -> list[str]:
     """Freezes everything but what the stage trains (BLIP-2 §3); returns the trainable names."""
-    prefixes = STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE
+    prefixes = {1: STAGE1_TRAINABLE, 2: STAGE2_TRAINABLE, VQA_STAGE: VQA_TRAINABLE}[stage]
+    # VQA: the question's states after the last layer are never read, so that layer's text FFN stays
+    last = f"qformer.encoder.layer.{model.config.qformer_config.num_hidden_layers - 1}."
     names = []
     for name, p in model.named_parameters():
-        train = name.startswith(prefixes) and not (stage == 2 and QFORMER_TEXT_FFN.match(name))
+        text_ffn = QFORMER_TEXT_FFN.match(name)
+        train = name.startswith(prefixes) and not (text_ffn and (stage == 2 or (stage == VQA_STAGE
+                                                                                and name.startswith(last))))
         p.requires_grad_(train)
         if train:
             names.append(name)
@@ -111,8 +119,8 @@ class Trainer:
         self.objective = self._objective()
         self.module = self.objective
         if cfg.fsdp:
-            if cfg.stage != 2 or not D.is_distributed():
-                raise Blip2rtError("fsdp shards the frozen LLM of stage 2 across processes: use it with stage 2 "
+            if cfg.stage == 1 or not D.is_distributed():
+                raise Blip2rtError("fsdp shards the frozen LLM of stage 2 (or VQA) across processes: use it there "
                                    "under torchrun with 2 or more processes")
             n = D.shard_llm_layers(self.model.language_model)
             log.info("sharded %d LLM layers across %d processes", n, D.world_size())
@@ -123,7 +131,7 @@ class Trainer:
             frozen += [n for n, _ in self.objective.named_buffers() if n.startswith("model.language_model.")]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.objective, frozen)
             self.module = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
-        projection_lr = cfg.projection_lr if cfg.stage == 2 else None
+        projection_lr = cfg.projection_lr if cfg.stage != 1 else None
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay, cfg.lr, projection_lr), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
         ratio = cfg.min_lr / cfg.lr
@@ -180,18 +188,27 @@ class Trainer:
                 raise Blip2rtError(f"the Q-Former tokenizer has {len(tok)} tokens, the Q-Former only "
                                    f"{m.config.qformer_config.vocab_size}")
             return Stage1Objective(m, tok.convert_tokens_to_ids("[DEC]"), tok.pad_token_id)
+        if self.cfg.stage == VQA_STAGE:
+            if not m.config.with_text_heads or m.qformer_tokenizer is None:
+                raise Blip2rtError("VQA fine-tuning puts the question into the Q-Former: it needs the Q-Former's "
+                                   "text embeddings and tokenizer (a model trained in stage 1)")
+            m.config.question_in_qformer = True
         if m.tokenizer is None:
-            raise Blip2rtError("stage 2 needs the LLM's tokenizer files in the model folder")
+            raise Blip2rtError(f"stage {self.cfg.stage} needs the LLM's tokenizer files in the model folder")
         return Stage2Objective(m)
 
     def _data(self):
         cfg, m = self.cfg, self.model
         size = cfg.image_size or m.config.vision_config.image_size
         norm = (m.config.vision_config.image_mean, m.config.vision_config.image_std)
+        suffix = "\n" if m.config.with_llm and m.config.text_config["model_type"] == "opt" else None  # LAVIS ends OPT text at "\n"
         if cfg.stage == 1:
             collate = Stage1Collate(m.qformer_tokenizer, cfg.max_text_len)
+        elif cfg.stage == VQA_STAGE:
+            collate = VqaCollate(m.tokenizer, m.qformer_tokenizer, m.config.is_encoder_decoder, cfg.question_template,
+                                 cfg.max_text_len, suffix, m.config.text_config.get("bos_token_id"),
+                                 m.config.bos_before_soft_prompt)
         else:
-            suffix = "\n" if m.config.text_config["model_type"] == "opt" else None  # LAVIS ends OPT text at "\n"
             bos = None if m.config.is_encoder_decoder else m.config.text_config.get("bos_token_id")
             collate = Stage2Collate(m.tokenizer, m.config.is_encoder_decoder, cfg.max_text_len, cfg.prompt, suffix,
                                     bos_token_id=bos, bos_before_soft_prompt=m.config.bos_before_soft_prompt)
@@ -207,13 +224,15 @@ class Trainer:
             if not FeatureCache.exists(folder):
                 from .data import load_annotations
 
-                images = [r["image"] for r in load_annotations(cfg.annotations)]
+                fields = VQA_FIELDS if cfg.stage == VQA_STAGE else ("image", "caption")
+                images = [r["image"] for r in load_annotations(cfg.annotations, fields)]
                 if self.is_main:
                     FeatureCache.build(m, images, cfg.image_root, folder, show_progress=self.show_progress)
                 if D.is_distributed():
                     torch.distributed.barrier()
             cache = FeatureCache(folder)
-        ds = CaptionDataset(cfg.annotations, cfg.image_root, size, cfg.augment, cfg.max_words, cfg.seed, cache, norm)
+        ds = CaptionDataset(cfg.annotations, cfg.image_root, size, cfg.augment, cfg.max_words, cfg.seed, cache, norm,
+                            vqa=cfg.stage == VQA_STAGE)
         sampler = ResumableSampler(len(ds), cfg.seed, D.rank(), D.world_size())
         # Its own generator: making an iterator draws a seed, which must not move the global RNG
         # (dropout, negatives), or a resumed run would diverge from an uninterrupted one.
@@ -244,7 +263,8 @@ class Trainer:
     def save(self) -> Path | None:
         path = None
         if self.is_main:
-            path = save_checkpoint(self.out_dir, self.step, self.model, self._state(), self.cfg.keep_checkpoints)
+            path = save_checkpoint(self.out_dir, self.step, self.model, self._state(), self.cfg.keep_checkpoints,
+                                   question_in_qformer=self.model.config.question_in_qformer)
         if D.is_distributed():
             torch.distributed.barrier()
         return path
@@ -273,8 +293,9 @@ class Trainer:
         writer = self._tensorboard()
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
-                   disable=not self.show_progress, dynamic_ncols=True)
+        desc = "vqa" if cfg.stage == VQA_STAGE else f"stage {cfg.stage}"
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=desc, unit="step", disable=not self.show_progress,
+                   dynamic_ncols=True)
         batches = self._batches()
         last = {}
         t0, samples = time.perf_counter(), 0

@@ -6,24 +6,32 @@ easy-vqa's captions ("a {color} {shape}"):
 2. stage 1 (ITC + ITM + ITG), then image->text retrieval among the distinct test captions;
 3. stage 2 through the frozen LLM, then captions of the test images (colour and shape scored
    apart) and zero-shot VQA on their questions, next to the majority-answer baseline;
-4. export to ONNX; ONNX Runtime captions test images (compared with PyTorch's) and real photos;
-5. caption latency at batch 1: eager PyTorch, the fused Triton path (GPU only), ONNX Runtime.
+4. export to ONNX (the exporter's own output goes to `export.log`); ONNX Runtime captions test
+   images (compared with PyTorch's) and real photos;
+5. caption latency at batch 1: eager PyTorch, the fused Triton path (GPU only), ONNX Runtime;
+6. with `with_vqa`: VQA fine-tuning as BLIP-2 §4.2 (the question into the Q-Former and the
+   frozen LLM; the ViT frozen here), scored on the same test questions as zero-shot.
 
-Everything goes under one folder. A rerun resumes: training continues from its last checkpoint
-and the phases already finished (recorded in `demo_state.json`) are not redone.
+The test images' frozen features are cached once (fp32) for every evaluation. Everything goes
+under one folder. A rerun resumes: training continues from its last checkpoint and the phases
+already finished (recorded in `demo_state.json`) are not redone.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import random
 import statistics
 import time
+import warnings
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from blip2rt.errors import Blip2rtError
@@ -53,7 +61,9 @@ class DemoPlan:
     stage1_batch: int
     stage2_steps: int
     stage2_batch: int
-    vqa_questions: int
+    vqa_questions: int  # the test questions every VQA figure is measured on (one sample for all)
+    vqa_steps: int  # VQA fine-tuning on the training images' questions
+    vqa_batch: int
     # Higher than the paper's 1e-4 (tuned for 250k steps): this run has a few hundred, and the
     # cross-attention (stage 1) and the LLM projection (stage 2) start from random. In stage 2
     # the Q-Former arrives trained, so it keeps a gentle 3e-4 while the fresh projection gets
@@ -62,28 +72,32 @@ class DemoPlan:
     stage1_lr: float = 5e-4
     stage2_lr: float = 3e-4
     stage2_projection_lr: float = 1e-2
+    vqa_lr: float = 3e-4
     max_text_len: int = 8  # the longest caption is 7 WordPieces ("teal" is "tea ##l"); stage 1 pads to this
     rerank_k: int = 4  # ITM re-ranks each image's 4 best captions by ITC (the paper: 128 of 25k texts)
     ort_compare_images: int = 16
     latency_repeats: int = 5
 
 
-FULL = DemoPlan(train_images=1600, test_images=1000, stage1_steps=140, stage1_batch=32, stage2_steps=250,
-                stage2_batch=12, vqa_questions=250)
-QUICK = DemoPlan(train_images=480, test_images=200, stage1_steps=60, stage1_batch=24, stage2_steps=120,
-                 stage2_batch=12, vqa_questions=120, ort_compare_images=8, latency_repeats=3)
+FULL = DemoPlan(train_images=1600, test_images=1000, stage1_steps=120, stage1_batch=32, stage2_steps=160,
+                stage2_batch=12, vqa_questions=300, vqa_steps=200, vqa_batch=16)
+QUICK = DemoPlan(train_images=480, test_images=200, stage1_steps=50, stage1_batch=24, stage2_steps=110,
+                 stage2_batch=12, vqa_questions=120, vqa_steps=60, vqa_batch=16, ort_compare_images=8,
+                 latency_repeats=3)
 
 
 class _State:
-    """demo_state.json: each finished phase's results, written atomically after it."""
+    """demo_state.json: each finished phase's results and the time spent in each phase, written
+    atomically after it."""
 
     def __init__(self, path: Path, plan: DemoPlan):
         self.path = path
         self.data = json.loads(path.read_text()) if path.is_file() else {}
         if self.data.get("plan") not in (None, asdict(plan)):
-            raise Blip2rtError(f"{path.parent} holds a demo run with another plan (--quick or not); use another "
-                               "--out, or --fresh to start over")
+            raise Blip2rtError(f"{path.parent} holds a demo run with another plan (--quick or not, or an older "
+                               "blip2rt's); use another --out, or --fresh to start over")
         self.data["plan"] = asdict(plan)
+        self.times: dict[str, float] = dict(self.data.get("times") or {})
 
     def get(self, key: str):
         return self.data.get(key)
@@ -93,6 +107,19 @@ class _State:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1))
         tmp.replace(self.path)
+
+    def phase(self, name: str, compute, key: str | None = None):
+        """Runs one phase and adds its wall time to `name`. With `key`, a result already recorded is
+        returned instead of computed again (a rerun resumes), and a new one is recorded."""
+        t0 = time.perf_counter()
+        value = self.get(key) if key else None
+        if value is None:
+            value = compute()
+            if key:
+                self.put(key, value)
+        self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t0, 1)
+        self.put("times", self.times)
+        return value
 
 
 def _say(msg: str) -> None:
@@ -117,8 +144,12 @@ def caption_accuracy(images: list[EasyVqaImage], captions: list[str]) -> dict[st
     return {"color": color, "shape": shape, "both": both, "exact": exact}
 
 
+def _qa_records(images: list[EasyVqaImage]) -> list[dict]:
+    return [{"image": str(im.image), "question": q, "answer": a} for im in images for q, a in im.qa]
+
+
 def _vqa_sample(images: list[EasyVqaImage], n: int, seed: int = 0) -> list[dict]:
-    pairs = [{"image": str(im.image), "question": q, "answer": a} for im in images for q, a in im.qa]
+    pairs = _qa_records(images)
     random.Random(seed).shuffle(pairs)
     return pairs[:n]
 
@@ -134,33 +165,89 @@ def _timed(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+# Warnings of these kinds, raised inside the exporter, are about torch's and onnxscript's own code
+# (an API they still use is deprecated); they go to the log only. Any other warning is shown.
+QUIET_WARNINGS = (FutureWarning, DeprecationWarning, PendingDeprecationWarning)
+EXPORT_LOG = "export.log"
+
+
+@contextmanager
+def logged_to(path: Path):
+    """Sends what the exporter writes to `path`: its prints (torch.onnx's step lines), every logger's
+    records (torch's "torchvision is not installed" among them), and its warnings; afterwards the
+    warnings that signal a problem are raised again, so they still reach the terminal."""
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # the root, and every logger of these packages that does not simply hand its records up (torch
+    # gives some of its loggers, torch.onnx among them, their own stderr handler)
+    owners = ("torch", "onnx", "onnxscript", "onnx_ir", "onnxruntime", "blip2rt")
+    names = ["", *owners] + [n for n, lg in logging.root.manager.loggerDict.items()
+                             if isinstance(lg, logging.Logger) and n.split(".")[0] in owners and n not in owners
+                             and (lg.handlers or not lg.propagate)]
+    saved = []
+    for name in names:
+        lg = logging.getLogger(name)
+        saved.append((lg, lg.handlers[:], lg.propagate, lg.level))
+        lg.handlers, lg.propagate = [handler], False
+        if name == "blip2rt":
+            lg.setLevel(logging.INFO)  # the exporter's timings
+    try:
+        with open(path, "a") as out, redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for lg, handlers, propagate, level in saved:
+            lg.handlers, lg.propagate = handlers, propagate
+            lg.setLevel(level)
+        handler.close()
+    with open(path, "a") as out:
+        for w in caught:
+            out.write(f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})\n")
+    for w in caught:
+        if not issubclass(w.category, QUIET_WARNINGS):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _build_test_features(model, test_records: list[dict], folder: Path, show_progress: bool):
+    from blip2rt.training.feature_cache import FeatureCache
+
+    if not FeatureCache.exists(folder):
+        FeatureCache.build(model, [r["image"] for r in test_records], "/", folder, show_progress=show_progress,
+                           dtype=np.float32)
+    return FeatureCache(folder)
+
+
 def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None, show_progress: bool = True,
-             plan: DemoPlan | None = None) -> dict:
+             plan: DemoPlan | None = None, bf16: bool = True, with_vqa: bool = False) -> dict:
     """Runs the whole demo (resuming what `out_dir` already holds); returns the report dict,
-    also written to out_dir/report.json and, as text, out_dir/report.txt."""
+    also written to out_dir/report.json and, as text, out_dir/report.txt.
+
+    bf16=False trains in fp32 even where the CPU has native bf16 (what a CPU without it runs).
+    with_vqa: then fine-tunes for VQA (the question in the Q-Former too) and reports its accuracy."""
     from blip2rt.training import evaluate
     from blip2rt.training.config import TrainConfig
-    from blip2rt.training.trainer import Trainer
+    from blip2rt.training.trainer import VQA_STAGE, Trainer
 
     plan = plan or (QUICK if quick else FULL)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out / "demo_state.json", plan)
     t_start = time.perf_counter()
-    times: dict[str, float] = dict(state.get("times") or {})
-
-    def finish(phase: str, t0: float) -> None:
-        times[phase] = round(times.get(phase, 0.0) + time.perf_counter() - t0, 1)
-        state.put("times", times)
+    n_ort = plan.ort_compare_images
 
     # ---- data ---------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    photos = {name: assets.skimage_photo(name) for name in PHOTOS}  # fail early if an asset is missing
-    train = load_split("train")[: plan.train_images]
-    test = load_split("test")[: plan.test_images]
-    # image_id groups positives: 24 captions over thousands of images, so two images with the same
-    # caption are positives of each other for ITC, and never drawn as each other's ITM negative
-    train_json = write_annotations(train, out / "data" / "train.json", group_by_caption=True)
+    def data():
+        photos = {name: assets.skimage_photo(name) for name in PHOTOS}  # fail early if an asset is missing
+        train = load_split("train")[: plan.train_images]
+        test = load_split("test")[: plan.test_images]
+        # image_id groups positives: 24 captions over thousands of images, so two images with the same
+        # caption are positives of each other for ITC, and never drawn as each other's ITM negative
+        train_json = write_annotations(train, out / "data" / "train.json", group_by_caption=True)
+        vqa_json = out / "data" / "vqa_train.json"
+        vqa_json.write_text(json.dumps(_qa_records(train)))
+        return photos, train, test, train_json, vqa_json
+
+    photos, train, test, train_json, vqa_json = state.phase("data", data)
     test_records = annotation_rows(test)
     vqa_records = _vqa_sample(test, plan.vqa_questions)
     majority, _ = majority_answer(train)  # the baseline answers what was most common in training
@@ -168,100 +255,98 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
     _say(f"data: easy-vqa, {len(train)} train / {len(test)} test images, captions \"a {{color}} {{shape}}\" "
          f"({len({im.caption for im in test})} distinct in the test images)")
 
-    amp = training_amp(device)
+    amp = training_amp(device, bf16)
     _say(f"training precision: {'bf16 autocast' if amp == 'bf16' else 'fp32'}"
-         + ("" if amp == "bf16" else " (this CPU has no native bf16)"))
+         + ("" if amp == "bf16" else " (bf16 turned off)" if not bf16 else " (this CPU has no native bf16)"))
 
-    def stage_config(stage: int, steps: int, batch: int, lr: float, projection_lr: float | None = None) -> TrainConfig:
-        return TrainConfig(stage=stage, out_dir=str(out / f"stage{stage}"), batch_size=batch, max_steps=steps,
-                           warmup_steps=max(1, steps // 10), lr=lr, min_lr=lr / 10, projection_lr=projection_lr,
-                           save_every=max(1, steps // 2),
-                           model="blip2-mini", annotations=[str(train_json)], image_root="/", augment=False,
+    def stage_config(stage: int, steps: int, batch: int, lr: float, projection_lr: float | None = None,
+                     annotations: Path = train_json) -> TrainConfig:
+        return TrainConfig(stage=stage, out_dir=str(out / ("vqa" if stage == VQA_STAGE else f"stage{stage}")),
+                           batch_size=batch, max_steps=steps, warmup_steps=max(1, steps // 10), lr=lr, min_lr=lr / 10,
+                           projection_lr=projection_lr, save_every=max(1, steps // 2),
+                           model="blip2-mini", annotations=[str(annotations)], image_root="/", augment=False,
                            cache_features=True, feature_cache=str(out / "feature_cache"),
                            max_text_len=plan.max_text_len, weight_decay=0.05, num_workers=0, log_every=5,
-                           keep_checkpoints=1, kernels="auto", amp=amp)
-    finish("data", t0)
+                           keep_checkpoints=1, kernels="auto", amp=amp, question_template=VQA_PROMPTS[0])
 
     # ---- stage 1 ------------------------------------------------------------------------
-    t0 = time.perf_counter()
     cfg1 = stage_config(1, plan.stage1_steps, plan.stage1_batch, plan.stage1_lr)
     _say(f"stage 1: loading blip2-mini and caching the frozen ViT features -> {cfg1.feature_cache}")
-    t1 = Trainer(cfg1, show_progress=show_progress, model=_load_model(device))
+
+    def load():
+        trainer = Trainer(cfg1, show_progress=show_progress, model=_load_model(device))
+        features = _build_test_features(trainer.model, test_records, out / "test_features", show_progress)
+        return trainer, features
+
+    t1, test_features = state.phase("load + feature cache", load)
     model = t1.model
-    finish("load + feature cache", t0)
-    t0 = time.perf_counter()
     _say(f"stage 1: ITC + ITM + ITG, {plan.stage1_steps} steps of {plan.stage1_batch}")
-    last1 = t1.run() or state.get("stage1_last") or {}
+    last1 = state.phase("stage 1", lambda: t1.run() or state.get("stage1_last") or {})
     state.put("stage1_last", last1)
     del t1  # its optimizer state
     model.eval()
-    finish("stage 1", t0)
-
-    t0 = time.perf_counter()
-    retrieval = state.get("retrieval")
-    if retrieval is None:
-        retrieval = evaluate.retrieval(model, test_records, "/", k=plan.rerank_k, show_progress=show_progress)
-        state.put("retrieval", retrieval)
+    retrieval = state.phase("retrieval eval", lambda: evaluate.retrieval(
+        model, test_records, "/", k=plan.rerank_k, show_progress=show_progress, features=test_features), "retrieval")
     _say(f"retrieval: image->text R@1 {retrieval['i2t_r1']:.1%} among {retrieval['texts']} captions "
          f"(chance {1 / retrieval['texts']:.1%})")
-    finish("retrieval eval", t0)
+
+    def train_phase(phase: str, cfg: TrainConfig, key: str) -> dict:
+        """A training phase on `model` (resumed from its checkpoints); its last metrics, recorded
+        under `key` since a run that is already finished returns none."""
+        last = state.phase(phase, lambda: Trainer(cfg, show_progress=show_progress, model=model).run()
+                           or state.get(key) or {})
+        state.put(key, last)
+        model.eval()
+        return last
 
     # ---- stage 2 ------------------------------------------------------------------------
-    t0 = time.perf_counter()
     cfg2 = stage_config(2, plan.stage2_steps, plan.stage2_batch, plan.stage2_lr, plan.stage2_projection_lr)
     _say(f"stage 2: generative, through the frozen SmolLM2, {plan.stage2_steps} steps of {plan.stage2_batch}")
-    t2 = Trainer(cfg2, show_progress=show_progress, model=model)
-    last2 = t2.run() or state.get("stage2_last") or {}
-    state.put("stage2_last", last2)
-    del t2
-    model.eval()
-    finish("stage 2", t0)
 
-    t0 = time.perf_counter()
-    captions = state.get("captions")
-    if captions is None:
-        result = evaluate.captioning(model, test_records, "/", batch_size=32, show_progress=show_progress,
-                                     **CAPTION_GEN)
-        captions = [result["captions"][r["image"]] for r in test_records]
-        state.put("captions", captions)
+    last2 = train_phase("stage 2", cfg2, "stage2_last")
+
+    def captioning():
+        result = evaluate.captioning(model, test_records, "/", batch_size=64, show_progress=show_progress,
+                                     features=test_features, **CAPTION_GEN)
+        return [result["captions"][r["image"]] for r in test_records]
+
+    captions = state.phase("caption eval", captioning, "captions")
     cap_acc = caption_accuracy(test, captions)
     _say(f"captions: colour {cap_acc['color']:.1%}, shape {cap_acc['shape']:.1%}, both {cap_acc['both']:.1%}")
-    finish("caption eval", t0)
 
-    t0 = time.perf_counter()
-    vqa = state.get("vqa")
-    if vqa is None:
+    def vqa_eval(prompts=VQA_PROMPTS):
         vqa = {}
-        for prompt in VQA_PROMPTS:
-            r = evaluate.vqa(model, vqa_records, "/", batch_size=32, show_progress=show_progress,
-                             prompt_template=prompt, **VQA_GEN)
-            vqa[prompt] = {"accuracy": r["accuracy"], "answers": r["answers"][:12]}
-        state.put("vqa", vqa)
-    _say("vqa: " + ", ".join(f"{p!r} {v['accuracy']:.1%}" for p, v in vqa.items())
+        for prompt in prompts:
+            r = evaluate.vqa(model, vqa_records, "/", batch_size=64, show_progress=show_progress,
+                             features=test_features, prompt_template=prompt, **VQA_GEN)
+            vqa[prompt] = {"accuracy": r["accuracy"], "answers": r["answers"][:12], "scored": r["scored"][:12]}
+        return vqa
+
+    vqa = state.phase("vqa eval (zero-shot)", vqa_eval, "vqa")
+    _say("vqa, zero-shot: " + ", ".join(f"{p!r} {v['accuracy']:.1%}" for p, v in vqa.items())
          + f"; always {majority!r} {baseline:.1%}")
-    finish("vqa eval", t0)
 
     # ---- export and ONNX Runtime --------------------------------------------------------
-    t0 = time.perf_counter()
     export_dir = out / "export"
-    if state.get("export") is None:
+
+    def export():
         from blip2rt.export import export_model
 
-        _say(f"export: ONNX graphs -> {export_dir}")
+        _say(f"export: ONNX graphs -> {export_dir} (the exporter's log: {out / EXPORT_LOG})")
         if model.device.type != "cpu":
             raise Blip2rtError("the demo exports the CPU model; run it without --device")
-        export_model(model, export_dir)
-        state.put("export", str(export_dir))
-    finish("export", t0)
+        with logged_to(out / EXPORT_LOG):
+            export_model(model, export_dir)
+        return str(export_dir)
 
-    t0 = time.perf_counter()
-    ort = state.get("ort")
-    if ort is None:
+    state.phase("export", export, "export")
+
+    def onnx_runtime():
         from blip2rt.export import OrtBlip2
 
         # PyTorch first: onnxruntime's spinning worker threads would slow torch down afterwards
-        sample = test[: plan.ort_compare_images]
-        torch_caps = captions[: len(sample)]
+        sample = test[:n_ort]
+        torch_caps = model.caption([im.image for im in sample], **CAPTION_GEN)  # from pixels, as ORT
         photo_torch = model.caption([str(p) for p in photos.values()], **CAPTION_GEN)
         one = [test[0].image]
         latency = {"eager": _timed(lambda: model.caption(one, **CAPTION_GEN), plan.latency_repeats)}
@@ -274,31 +359,46 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
         ort_caps = session.caption([im.image for im in sample], **CAPTION_GEN)
         photo_ort = session.caption([str(p) for p in photos.values()], **CAPTION_GEN)
         latency["ort"] = _timed(lambda: session.caption(one, **CAPTION_GEN), plan.latency_repeats)
-        ort = {"equal": sum(a == b for a, b in zip(ort_caps, torch_caps)), "compared": len(sample),
-               "examples": [{"image": im.image.name, "truth": im.caption, "torch": t, "ort": o}
-                            for im, t, o in zip(sample, torch_caps, ort_caps)],
-               "photos": [{"image": n, "truth": PHOTOS[n], "torch": t, "ort": o}
-                          for n, t, o in zip(photos, photo_torch, photo_ort)],
-               "latency_ms": latency, "providers": session.providers}
-        state.put("ort", ort)
-    finish("onnx runtime", t0)
+        return {"equal": sum(a == b for a, b in zip(ort_caps, torch_caps)), "compared": len(sample),
+                "examples": [{"image": im.image.name, "truth": im.caption, "torch": t, "ort": o}
+                             for im, t, o in zip(sample, torch_caps, ort_caps)],
+                "photos": [{"image": n, "truth": PHOTOS[n], "torch": t, "ort": o}
+                           for n, t, o in zip(photos, photo_torch, photo_ort)],
+                "latency_ms": latency, "providers": session.providers}
+
+    ort = state.phase("onnx runtime", onnx_runtime, "ort")
+
+    # ---- VQA fine-tuning (BLIP-2 §4.2) --------------------------------------------------
+    vqa_ft = None
+    if with_vqa:
+        cfg3 = stage_config(VQA_STAGE, plan.vqa_steps, plan.vqa_batch, plan.vqa_lr, annotations=vqa_json)
+        _say(f"vqa fine-tuning: the question into the Q-Former and the frozen SmolLM2, {plan.vqa_steps} steps of "
+             f"{plan.vqa_batch} training questions (ViT frozen)")
+
+        last3 = train_phase("vqa fine-tuning", cfg3, "vqa_last")
+        tuned = state.phase("vqa eval (fine-tuned)", lambda: vqa_eval(VQA_PROMPTS[:1])[VQA_PROMPTS[0]], "vqa_tuned")
+        vqa_ft = {**tuned, "steps": last3.get("step"), "loss": last3.get("loss"),
+                  "checkpoints": str(out / "vqa" / "checkpoints")}
+        _say(f"vqa, fine-tuned: {tuned['accuracy']:.1%}")
 
     report = {
-        "plan": "quick" if quick else "full", "out_dir": str(out), "machine": _machine(model),
+        "plan": "quick" if quick else "full", "out_dir": str(out), "machine": {**_machine(model), "training": amp},
         "data": {"train_images": len(train), "test_images": len(test), "distinct_captions": retrieval["texts"],
-                 "vqa_questions": len(vqa_records)},
+                 "vqa_questions": len(vqa_records), "vqa_train_questions": sum(len(im.qa) for im in train)},
         "stage1": last1, "stage2": last2, "retrieval": retrieval,
         "captions": {**cap_acc, "examples": [{"image": im.image.name, "truth": im.caption, "generated": c}
                                             for im, c in list(zip(test, captions))[:6]]},
         "chance": {"retrieval_r1": 1 / retrieval["texts"], "color": 1 / len(COLORS), "shape": 1 / len(SHAPES),
                    "both": 1 / (len(COLORS) * len(SHAPES))},
         "vqa": {"accuracy": {p: v["accuracy"] for p, v in vqa.items()}, "majority_answer": majority,
-                "majority_baseline": baseline, "examples": [
-                    {**{k: r[k] for k in ("question", "answer")}, "image": Path(r["image"]).name,
-                     "generated": vqa[VQA_PROMPTS[0]]["answers"][i]} for i, r in enumerate(vqa_records[:6])]},
-        "ort": ort, "times_s": times, "wall_s_this_run": round(time.perf_counter() - t_start, 1),
+                "majority_baseline": baseline, "examples": _vqa_examples(vqa_records, vqa[VQA_PROMPTS[0]]),
+                "fine_tuned": None if vqa_ft is None else {**{k: vqa_ft[k] for k in ("accuracy", "steps", "loss",
+                                                                                      "checkpoints")},
+                                                           "examples": _vqa_examples(vqa_records, vqa_ft)}},
+        "ort": ort, "times_s": state.times, "wall_s_this_run": round(time.perf_counter() - t_start, 1),
         "paths": {"stage1": str(out / "stage1" / "checkpoints"), "stage2": str(out / "stage2" / "checkpoints"),
-                  "export": str(export_dir), "feature_cache": str(out / "feature_cache")},
+                  "export": str(export_dir), "export_log": str(out / EXPORT_LOG),
+                  "feature_cache": str(out / "feature_cache")},
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
     text = format_report(report)
@@ -306,9 +406,17 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
     return report
 
 
-def training_amp(device: str | None) -> str:
-    """bf16 autocast where the hardware has it (CUDA, or a CPU with AVX512-BF16/AMX: stage 2 then
-    takes 0.78 s a step instead of 1.28 s on this project's CPU); fp32 where bf16 would be emulated."""
+def _vqa_examples(records: list[dict], result: dict, n: int = 6) -> list[dict]:
+    """The first questions with the generated answer and the part of it that was scored."""
+    return [{"question": r["question"], "answer": r["answer"], "image": Path(r["image"]).name,
+             "generated": result["answers"][i], "scored": result["scored"][i]} for i, r in enumerate(records[:n])]
+
+
+def training_amp(device: str | None, bf16: bool = True) -> str:
+    """bf16 autocast where the hardware has it (CUDA, or a CPU with AVX512-BF16/AMX); fp32 where
+    bf16 would be emulated, or where `bf16` is False."""
+    if not bf16:
+        return "none"
     if device is not None and str(device).startswith("cuda"):
         return "bf16"
     return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
@@ -349,7 +457,7 @@ def format_report(r: dict) -> str:
     m = r["machine"]
     lines = [
         f"blip2rt demo ({r['plan']}): blip2-mini on easy-vqa, {m['device']}, torch {m['torch']}, "
-        f"{m['torch_threads']} threads",
+        f"{m['torch_threads']} threads, training in {'bf16 autocast' if m.get('training') == 'bf16' else 'fp32'}",
         "",
         f"  data        {r['data']['train_images']} train / {r['data']['test_images']} test images; captions "
         f"\"a {{color}} {{shape}}\", {r['data']['distinct_captions']} distinct",
@@ -364,11 +472,19 @@ def format_report(r: dict) -> str:
     ]
     for e in c["examples"][:3]:
         lines.append(f"              {e['image']}: {e['generated']!r} (truth {e['truth']!r})")
-    lines.append(f"  VQA         zero-shot on {r['data']['vqa_questions']} test questions: "
-                 + ", ".join(f"{p!r} {_pct(a)}" for p, a in v["accuracy"].items())
-                 + f"; always answering {v['majority_answer']!r}: {_pct(v['majority_baseline'])}")
+    lines.append(f"  VQA         {r['data']['vqa_questions']} test questions, each answer scored on its first line; "
+                 f"always answering {v['majority_answer']!r}: {_pct(v['majority_baseline'])}")
+    lines.append("              zero-shot: " + ", ".join(f"{p!r} {_pct(a)}" for p, a in v["accuracy"].items()))
     for e in v["examples"][:3]:
-        lines.append(f"              {e['question']!r} -> {e['generated']!r} (truth {e['answer']!r})")
+        lines.append(f"                {e['question']!r} -> {e['generated']!r}, scored {e['scored']!r} "
+                     f"(truth {e['answer']!r})")
+    ft = v.get("fine_tuned")
+    if ft:
+        lines.append(f"              fine-tuned ({ft['steps']} steps on {r['data']['vqa_train_questions']} training "
+                     f"questions, the question in the Q-Former): {_pct(ft['accuracy'])}")
+        for e in ft["examples"][:3]:
+            lines.append(f"                {e['question']!r} -> {e['generated']!r}, scored {e['scored']!r} "
+                         f"(truth {e['answer']!r})")
     lines += [
         f"  ONNX        ORT captions equal PyTorch's on {o['equal']}/{o['compared']} test images ({o['providers'][0]})",
         "  photos      (skimage.data; the model has only seen coloured shapes)",
@@ -380,8 +496,9 @@ def format_report(r: dict) -> str:
         f"ONNX Runtime {lat['ort']:.0f} ms ({lat['eager'] / lat['ort']:.2f}x eager)",
         "  time        " + ", ".join(f"{k} {v:.0f} s" for k, v in r["times_s"].items())
         + f"; {sum(r['times_s'].values()) / 60:.1f} min in all",
-        f"  written     checkpoints {r['paths']['stage1']}, {r['paths']['stage2']}",
-        f"              export {r['paths']['export']}",
+        f"  written     checkpoints {r['paths']['stage1']}, {r['paths']['stage2']}"
+        + (f", {v['fine_tuned']['checkpoints']}" if v.get("fine_tuned") else ""),
+        f"              export {r['paths']['export']} (the exporter's log: {r['paths']['export_log']})",
         f"              report {Path(r['out_dir']) / 'report.txt'} (and report.json)",
     ]
     return "\n".join(lines)
