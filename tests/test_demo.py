@@ -79,7 +79,7 @@ def test_quick_demo_learns_exports_and_resumes(tmp_path):
     report = json.loads((out / "report.json").read_text())
     chance = report["chance"]
     # far above chance: 24 captions (4.2%); 8 colours x 3 shapes. The quick plan measured R@1
-    # 75% (ITC 79%), captions colour 61%, shape 97.5%, both 59.5% (benchmarks/RESULTS.md).
+    # 55.0% (ITC 63.5%), captions colour 50.0%, shape 99.5%, both 50.0% (benchmarks/RESULTS.md).
     assert report["retrieval"]["i2t_r1"] >= 5 * chance["retrieval_r1"], report["retrieval"]
     assert report["retrieval"]["itc_i2t_r1"] >= 5 * chance["retrieval_r1"], report["retrieval"]
     caps = report["captions"]
