@@ -25,7 +25,7 @@ from .generation_defaults import CAPTION_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, VQA_D
 from .images import pixel_values as images_to_pixels
 from .llm import attention_implementation, build_language_model
 from .qformer import ImageKV, QFormer, QFormerLMHead, QFormerTextEmbeddings
-from .tokenization import QFORMER_MAX_TEXT_TOKENS, QFORMER_TOKENIZER_DIR
+from .tokenization import QFORMER_MAX_TEXT_TOKENS, QFORMER_TOKENIZER_DIR, prompt_token_rows
 from .vision import VisionTransformer
 
 # Causal LMs whose logits are exactly lm_head(base_model(...)): no logit scaling or soft-capping,
@@ -370,10 +370,8 @@ class Blip2(nn.Module):
         """LLM ids and mask (B, T) of text prompts: left-padded (decoder-only) or right-padded (T5);
         without the tokenizer's BOS where the model puts the BOS before the soft prompt."""
         tok = self._need_tokenizer()
-        rows = tok(list(prompts))["input_ids"]
-        if self.config.bos_before_soft_prompt:
-            bos = self.language_model.config.bos_token_id
-            rows = [r[1:] if r[:1] == [bos] else r for r in rows]
+        bos = self.language_model.config.bos_token_id if self.config.bos_before_soft_prompt else None
+        rows = prompt_token_rows(tok, prompts, bos)
         t = max(len(r) for r in rows)
         ids = torch.full((len(rows), t), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=torch.long)
         mask = torch.zeros(len(rows), t, dtype=torch.long)

@@ -168,26 +168,32 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
     module.eval()
     axes = _input_axes(input_names, dynamic_shapes)
     axes.update(_output_axes(output_names, axes))
-    tmp = path.with_name(path.name + ".tmp")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # shape reads, traced as intended
-        # torch recommends its dynamo exporter instead; it exports these graphs right, 10x slower
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-        # transformers' attention masks index with aranges, never negative: the padded-batch tests
-        # check the graphs' logits and tokens against PyTorch
-        warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
-        torch.onnx.export(module, args, str(tmp), dynamo=False, input_names=input_names, output_names=output_names,
-                          dynamic_axes=axes, opset_version=opset or DEFAULT_OPSET, do_constant_folding=True)
+    import tempfile
+
     import onnx
 
-    model = onnx.load(str(tmp))
-    tmp.unlink()
+    # a folder of its own: past 2 GB, TorchScript's exporter writes each weight as a file beside the graph
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        traced = Path(tmp) / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)  # shape reads, traced as intended
+            # torch recommends its dynamo exporter instead; it exports these graphs right, 10x slower
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export",
+                                    category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+            # transformers' attention masks index with aranges, never negative: the padded-batch tests
+            # check the graphs' logits and tokens against PyTorch
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
+            torch.onnx.export(module, args, str(traced), dynamo=False, input_names=input_names,
+                              output_names=output_names, dynamic_axes=axes, opset_version=opset or DEFAULT_OPSET,
+                              do_constant_folding=True)
+        model = onnx.load(str(traced))
     if rewrite:
         import onnxscript
 
         model = onnxscript.optimizer.optimize(model)
-    weight_bytes = sum(np.prod(t.dims, dtype=np.int64) * _ELEMENT_BYTES.get(t.data_type, 4) for t in model.graph.initializer)
+    weight_bytes = sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                       for t in model.graph.initializer)
     external = weight_bytes > external_over
     onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
               location=path.name + ".data" if external else None)
@@ -196,7 +202,6 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
 
 
 DEFAULT_OPSET = 18
-_ELEMENT_BYTES = {1: 4, 10: 2, 16: 2, 7: 8, 6: 4, 11: 8, 9: 1, 2: 1, 3: 1}  # onnx TensorProto types
 
 
 def _dim_name(d) -> str:

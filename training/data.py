@@ -31,6 +31,7 @@ from PIL import Image
 
 from blip2rt.errors import Blip2rtError, ImageError
 from blip2rt.images import CLIP_MEAN, CLIP_STD, open_image, to_rgb
+from blip2rt.tokenization import prompt_token_rows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -339,10 +340,6 @@ class VqaCollate:
         self.suffix = text_suffix if text_suffix is not None else (tokenizer.eos_token or "")
         self.drop_bos = bos_token_id if bos_before_soft_prompt and not encoder_decoder else None
 
-    def prompt_ids(self, question: str) -> list[int]:
-        ids = self.tok(self.template.format(question))["input_ids"]
-        return ids[1:] if self.drop_bos is not None and ids[:1] == [self.drop_bos] else ids
-
     def __call__(self, samples: list[Sample]) -> Batch:
         from .stage2 import Stage2Batch
 
@@ -361,8 +358,8 @@ class VqaCollate:
             ids, mask = enc["input_ids"], enc["attention_mask"]
         else:
             rows, given = [], []
-            for s in ok:
-                p = self.prompt_ids(s.question)
+            prompts = prompt_token_rows(self.tok, [self.template.format(s.question) for s in ok], self.drop_bos)
+            for s, p in zip(ok, prompts):
                 a = self.tok(" " + s.caption + self.suffix, add_special_tokens=False)["input_ids"]
                 rows.append(p + a[: self.max_length])  # max_length caps the answer; the prompt stays whole
                 given.append(len(p))

@@ -233,7 +233,6 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out / "demo_state.json", plan)
     t_start = time.perf_counter()
-    n_ort = plan.ort_compare_images
 
     # ---- data ---------------------------------------------------------------------------
     def data():
@@ -345,7 +344,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
         from blip2rt.export import OrtBlip2
 
         # PyTorch first: onnxruntime's spinning worker threads would slow torch down afterwards
-        sample = test[:n_ort]
+        sample = test[: plan.ort_compare_images]
         torch_caps = model.caption([im.image for im in sample], **CAPTION_GEN)  # from pixels, as ORT
         photo_torch = model.caption([str(p) for p in photos.values()], **CAPTION_GEN)
         one = [test[0].image]
