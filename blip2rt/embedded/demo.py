@@ -81,7 +81,7 @@ class DemoPlan:
 
 FULL = DemoPlan(train_images=1600, test_images=1000, stage1_steps=120, stage1_batch=32, stage2_steps=160,
                 stage2_batch=12, vqa_questions=300, vqa_steps=200, vqa_batch=16)
-QUICK = DemoPlan(train_images=480, test_images=200, stage1_steps=50, stage1_batch=24, stage2_steps=110,
+QUICK = DemoPlan(train_images=480, test_images=200, stage1_steps=60, stage1_batch=24, stage2_steps=110,
                  stage2_batch=12, vqa_questions=120, vqa_steps=60, vqa_batch=16, ort_compare_images=8,
                  latency_repeats=3)
 
