@@ -1,5 +1,6 @@
 """Runs the stage-1 objective on one rank of a gloo group (spawned by test_distributed.py)."""
 
+import faulthandler
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,17 @@ def join_group(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     mark(rank, out, "joined")
+
+
+def leave_group(rank: int, out: str) -> None:
+    """Both ranks pass a barrier before either tears the group down (rank 0 hosts the store the other
+    rank's teardown still talks to), then mark "done". Should the teardown itself hang, every thread's
+    stack goes to rank{r}.stack after 20 s, for the test to show."""
+    dist.barrier()
+    mark(rank, out, "done")
+    stack = open(Path(out).with_name(f"rank{rank}.stack"), "w")
+    faulthandler.dump_traceback_later(20, file=stack)
+    dist.destroy_process_group()
 
 
 def mark(rank: int, out: str, stage: str) -> None:
@@ -62,8 +74,7 @@ def run_rank(rank: int, world: int, port: int, out: str, backend: str = "torch")
     if rank == 0:
         grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
         torch.save({"losses": summary / world, "grads": grads}, out)
-    mark(rank, out, "done")
-    dist.destroy_process_group()
+    leave_group(rank, out)
 
 
 def run_single(backend: str = "torch") -> dict:
@@ -134,8 +145,7 @@ def run_rank_negatives(rank: int, world: int, port: int, out: str) -> None:
     batches = negatives_batches(enc, pixels, slice(start, start + UNEQUAL[rank]))
     torch.save({name: negatives_of(objective, batch, rank) for name, batch in batches.items()},
                Path(out).with_name(f"negatives{rank}.pt"))
-    mark(rank, out, "done")
-    dist.destroy_process_group()
+    leave_group(rank, out)
 
 
 def run_single_negatives() -> dict:
@@ -178,8 +188,7 @@ def run_rank_fsdp(rank: int, world: int, port: int, out: str) -> None:
     dist.all_reduce(loss)
     if rank == 0:
         torch.save({"loss": loss / world, "grads": {n: p.grad for n, p in m.named_parameters() if p.requires_grad}}, out)
-    mark(rank, out, "done")
-    dist.destroy_process_group()
+    leave_group(rank, out)
 
 
 def run_single_stage2() -> dict:
