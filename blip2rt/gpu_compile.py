@@ -101,7 +101,7 @@ def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], No
     from blip2rt.kernels import fused_attention as fa
     from blip2rt.kernels import itc
     from blip2rt.kernels import post_ln_residual as ln
-    from blip2rt.kernels.fused_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_NONE, MODE_UNIMODAL
+    from blip2rt.kernels.qformer_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_NONE, MODE_UNIMODAL
 
     b, d, h, hd, nq, t = s.batch, s.hidden, s.heads, s.head_dim, s.queries, s.text
 

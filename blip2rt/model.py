@@ -19,8 +19,10 @@ from torch import nn
 from blip2rt import kernels
 from blip2rt.kernels import AttentionMode
 
+from . import parts
 from .config import Blip2Config
 from .errors import InputError
+from .front_end import as_image_list, default_prompt_ids, generation_args, pad_rows, per_image
 from .generation_defaults import CAPTION_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, VQA_DEFAULTS, VQA_PROMPT
 from .images import pixel_values as images_to_pixels
 from .llm import attention_implementation, build_language_model
@@ -37,6 +39,13 @@ PLAIN_LM_HEAD = frozenset({"opt", "llama", "mistral", "qwen2", "qwen3"})
 class Blip2Output:
     loss: torch.Tensor | None  # mean LM cross-entropy over labelled tokens
     logits: torch.Tensor | None  # (B, L, V); None when the fused head computed the loss
+
+
+@dataclass
+class RetrievalScores:
+    itc: torch.Tensor  # (I, T) ITC similarity: max over queries of the cosine, no temperature
+    i2t: torch.Tensor  # (I, T) ITM + ITC for each image's k best texts, -inf elsewhere
+    t2i: torch.Tensor  # (T, I) ITM + ITC for each text's k best images, -inf elsewhere
 
 
 class Blip2(nn.Module):
@@ -64,7 +73,6 @@ class Blip2(nn.Module):
             self.itg_head = QFormerLMHead(qcfg)
         self.tokenizer = None  # the LLM's
         self.qformer_tokenizer = None  # BERT WordPiece + [DEC]
-        self.kernel_backend = "torch"
         self._init_trainable(config.initializer_range)
         if config.with_text_heads:
             self.itg_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in BERT
@@ -93,16 +101,21 @@ class Blip2(nn.Module):
         nn.init.normal_(self.vision_model.embeddings.class_embedding, std=std)
         nn.init.normal_(self.vision_model.embeddings.position_embedding, std=std)
 
+    # ---- the named parts (blip2rt.parts) ---------------------------------------------------
+
+    part_of = staticmethod(parts.part_of)
+
     def frozen_parameters(self):
         """The frozen image encoder (all but ln_vision) and the frozen LLM."""
-        yield from self.vision_model.embeddings.parameters()
-        yield from self.vision_model.encoder.parameters()
-        if self.config.with_llm:
-            yield from self.language_model.parameters()
+        return (p for n, p in self.named_parameters() if parts.part_of(n) in parts.FROZEN)
 
     def frozen_prefixes(self) -> tuple[str, ...]:
-        prefixes = ("vision_model.embeddings.", "vision_model.encoder.")
-        return prefixes + (("language_model.",) if self.config.with_llm else ())
+        return parts.prefixes(parts.FROZEN if self.config.with_llm else parts.FROZEN - {"llm"})
+
+    def trainable_names(self, stage: int) -> list[str]:
+        """The parameters that training `stage` (1, 2, or 3 for VQA fine-tuning) updates."""
+        layers = self.config.qformer_config.num_hidden_layers
+        return [n for n, _ in self.named_parameters() if parts.trains_in(n, stage, layers)]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -122,11 +135,14 @@ class Blip2(nn.Module):
         """The LLM's attention: "flash_attention_2", "sdpa" or "eager"."""
         return attention_implementation(self.language_model) if self.config.with_llm else "none"
 
+    @property
+    def kernel_backend(self) -> str:
+        """"torch" or "triton" (see blip2rt.kernels.backend): held by the Q-Former, whose ops dispatch on
+        it, and read by the losses computed here."""
+        return self.qformer.kernel_backend
+
     def set_kernel_backend(self, backend: str) -> None:
-        """"torch" or "triton" (see blip2rt.kernels.backend) for every module that dispatches ops."""
-        for module in self.modules():
-            if hasattr(module, "kernel_backend"):
-                module.kernel_backend = backend
+        self.qformer.kernel_backend = backend
 
     def save_pretrained(self, folder: str | Path) -> None:
         """config.json + model.safetensors (tied weights once) + tokenizer files: what from_pretrained reads."""
@@ -207,7 +223,7 @@ class Blip2(nn.Module):
         on them (config.question_in_qformer), else (None, None)."""
         if not self.config.question_in_qformer:
             return None, None
-        return self._qformer_text(list(questions))
+        return self.qformer_text_ids(list(questions))
 
     # ---- LLM side -------------------------------------------------------------------------
 
@@ -237,10 +253,8 @@ class Blip2(nn.Module):
     def _default_prompt_ids(self, batch: int) -> torch.Tensor:
         """No prompt: the LLM's BOS alone (as LAVIS's empty prompt and HF's default), or nothing
         (no BOS, or the BOS already before the soft prompt)."""
-        bos = self.language_model.config.bos_token_id
-        if bos is None or self.config.bos_before_soft_prompt:
-            return torch.zeros(batch, 0, dtype=torch.long, device=self.device)
-        return torch.full((batch, 1), bos, dtype=torch.long, device=self.device)
+        ids = default_prompt_ids(batch, self.language_model.config.bos_token_id, self.config.bos_before_soft_prompt)
+        return torch.from_numpy(ids).to(self.device)
 
     def forward(
         self,
@@ -338,9 +352,9 @@ class Blip2(nn.Module):
         with question_in_qformer also gives the prompt ("" for none) to its Q-Former."""
         image = self._image_input(images, image_embeds)
         b = next(iter(image.values())).shape[0]
-        prompts = None if prompt is None else ([prompt] * b if isinstance(prompt, str) else list(prompt))
+        prompts = per_image(prompt, b, "prompt")
         qids, qmask = self.question_ids(prompts or [""] * b)
-        return self._generate_text(image, prompts, {**CAPTION_DEFAULTS, **gen}, qformer_input_ids=qids,
+        return self._generate_text(image, prompts, generation_args(CAPTION_DEFAULTS, gen), qformer_input_ids=qids,
                                    qformer_attention_mask=qmask)
 
     def answer(self, images, questions: str | Sequence[str], prompt_template: str = VQA_PROMPT, *,
@@ -350,13 +364,10 @@ class Blip2(nn.Module):
         None where `image_embeds` are given."""
         image = self._image_input(images, image_embeds)
         b = next(iter(image.values())).shape[0]
-        questions = [questions] * b if isinstance(questions, str) else list(questions)
-        if len(questions) != b:
-            raise InputError(f"{b} images but {len(questions)} questions; give one question per image "
-                             "or one for all")
+        questions = per_image(questions, b, "question")
         qids, qmask = self.question_ids(questions)
-        return self._generate_text(image, [prompt_template.format(q) for q in questions], {**VQA_DEFAULTS, **gen},
-                                   qformer_input_ids=qids, qformer_attention_mask=qmask)
+        return self._generate_text(image, [prompt_template.format(q) for q in questions],
+                                   generation_args(VQA_DEFAULTS, gen), qformer_input_ids=qids, qformer_attention_mask=qmask)
 
     def _image_input(self, images, image_embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """{"pixel_values": ...} from images, or {"image_embeds": ...}: generate's image argument."""
@@ -371,24 +382,13 @@ class Blip2(nn.Module):
         without the tokenizer's BOS where the model puts the BOS before the soft prompt."""
         tok = self._need_tokenizer()
         bos = self.language_model.config.bos_token_id if self.config.bos_before_soft_prompt else None
-        rows = prompt_token_rows(tok, prompts, bos)
-        t = max(len(r) for r in rows)
-        ids = torch.full((len(rows), t), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=torch.long)
-        mask = torch.zeros(len(rows), t, dtype=torch.long)
-        for i, r in enumerate(rows):
-            cols = slice(0, len(r)) if self.config.is_encoder_decoder else slice(t - len(r), t)
-            ids[i, cols], mask[i, cols] = torch.tensor(r, dtype=torch.long), 1
-        return ids, mask
+        ids, mask = pad_rows(prompt_token_rows(tok, prompts, bos), tok.pad_token_id if tok.pad_token_id is not None else 0,
+                             left=not self.config.is_encoder_decoder)
+        return torch.from_numpy(ids), torch.from_numpy(mask)
 
     def _generate_text(self, image: dict, prompts: list[str] | None, gen: dict, **question) -> list[str]:
+        """gen: already merged with the defaults (front_end.generation_args)."""
         tok = self._need_tokenizer()
-        if "max_new_tokens" in gen and "min_new_tokens" in gen:  # a user's short maximum wins over our default minimum
-            gen["min_new_tokens"] = min(gen["min_new_tokens"], gen["max_new_tokens"])
-        if gen.get("num_beams", 1) == 1:  # the VQA default's length penalty only weighs beams
-            gen.pop("length_penalty", None)
-        b = next(iter(image.values())).shape[0]
-        if prompts is not None and len(prompts) != b:
-            raise InputError(f"{b} images but {len(prompts)} prompts; give one prompt per image or one for all")
         input_ids = mask = None
         if prompts is not None:
             input_ids, mask = self.encode_prompts(prompts)
@@ -426,7 +426,7 @@ class Blip2(nn.Module):
         """(B,) probability that text i matches image i (softmax of the ITM head, class 1)."""
         self._need_text_heads("itm")
         px = self._pixels(images)
-        ids, mask = self._qformer_text(texts)
+        ids, mask = self.qformer_text_ids(texts)
         if px.shape[0] != ids.shape[0]:
             if px.shape[0] == 1:
                 px = px.expand(ids.shape[0], -1, -1, -1)
@@ -441,8 +441,8 @@ class Blip2(nn.Module):
         """(B_img, B_txt) cosine similarity, max over queries, without the temperature."""
         self._need_text_heads("itc")
         img = self.image_query_features(self.image_embeds(self._pixels(images)))  # (Bi, Q, E)
-        txt = self.text_features(*self._qformer_text(texts))  # (Bt, E)
-        return torch.einsum("iqe,te->itq", img, txt).amax(dim=-1)
+        txt = self.text_features(*self.qformer_text_ids(texts))  # (Bt, E)
+        return kernels.query_max_similarity(img, txt, backend=self.kernel_backend)
 
     @torch.no_grad()
     def rank_texts(self, images, texts, k: int = 128) -> torch.Tensor:
@@ -450,17 +450,41 @@ class Blip2(nn.Module):
         are re-scored by ITM positive logit + ITC (BLIP-2's protocol); the rest score -inf."""
         self._need_text_heads("retrieval")
         embeds = self.image_embeds(self._pixels(images))  # (Bi, N, Dv)
-        ids, mask = self._qformer_text(texts)
-        txt = self.text_features(ids, mask)
-        sims = torch.einsum("iqe,te->itq", self.image_query_features(embeds), txt).amax(dim=-1)  # (Bi, Bt)
-        scores = torch.full_like(sims, float("-inf"))
-        top = sims.topk(min(k, sims.shape[1]), dim=1).indices  # (Bi, k)
-        for i in range(sims.shape[0]):
-            cand = top[i]
-            img = embeds[i: i + 1].expand(cand.numel(), -1, -1)
-            itm = self.itm_logits(img, ids[cand], mask[cand])[:, 1]
-            scores[i, cand] = itm.to(sims.dtype) + sims[i, cand]
-        return scores
+        return self.retrieval_scores(embeds, *self.qformer_text_ids(texts), k=k).i2t
+
+    @torch.no_grad()
+    def retrieval_scores(self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         k: int = 128, batch_size: int = 32, show_progress: bool = False) -> RetrievalScores:
+        """BLIP-2's retrieval protocol over I images (B, N, Dv after ln_vision) and T texts (Q-Former
+        ids and mask): ITC similarity of every pair, then each image's k best texts and each text's k
+        best images re-scored by ITM positive logit + ITC; pairs outside those score -inf."""
+        from tqdm.auto import tqdm
+
+        self._need_text_heads("retrieval")
+        n_img, n_txt = image_embeds.shape[0], input_ids.shape[0]
+        img_feats = torch.cat([self.image_query_features(image_embeds[s: s + batch_size])
+                               for s in range(0, n_img, batch_size)])  # (I, Q, E)
+        txt_feats = torch.cat([self.text_features(input_ids[s: s + batch_size], attention_mask[s: s + batch_size])
+                               for s in range(0, n_txt, batch_size)])  # (T, E)
+        sims = kernels.query_max_similarity(img_feats, txt_feats, backend=self.kernel_backend)  # (I, T) fp32
+        # every image's k best texts and every text's k best images, as (image, text) pairs
+        ki, kt = min(k, n_txt), min(k, n_img)
+        top_t = sims.topk(ki, dim=1).indices  # (I, ki)
+        top_i = sims.topk(kt, dim=0).indices.T  # (T, kt)
+        pair_img = torch.cat([torch.arange(n_img, device=sims.device).repeat_interleave(ki), top_i.flatten()])
+        pair_txt = torch.cat([top_t.flatten(), torch.arange(n_txt, device=sims.device).repeat_interleave(kt)])
+        itm_batch = 4 * batch_size  # the pairs share nothing, so they batch freely
+        itm = []
+        for s in tqdm(range(0, len(pair_img), itm_batch), desc="retrieval: ITM re-ranking", disable=not show_progress):
+            im, tx = pair_img[s: s + itm_batch], pair_txt[s: s + itm_batch]
+            itm.append(self.itm_logits(image_embeds[im], input_ids[tx], attention_mask[tx])[:, 1].float())
+        rescored = torch.cat(itm) + sims[pair_img, pair_txt]  # ITM positive logit + ITC
+        n_i2t = n_img * ki
+        i2t = torch.full_like(sims, float("-inf"))
+        i2t[pair_img[:n_i2t], pair_txt[:n_i2t]] = rescored[:n_i2t]
+        t2i = torch.full_like(sims.T, float("-inf"))
+        t2i[pair_txt[n_i2t:], pair_img[n_i2t:]] = rescored[n_i2t:]
+        return RetrievalScores(itc=sims, i2t=i2t, t2i=t2i)
 
     # ---- input handling -------------------------------------------------------------------
 
@@ -469,14 +493,12 @@ class Blip2(nn.Module):
             if images.ndim != 4 or images.shape[1] != 3:
                 raise InputError(f"pixel_values must be (B, 3, H, W), got {tuple(images.shape)}")
             return images.to(self.device)
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if not images:
-            raise InputError("no images given")
         vc = self.config.vision_config
-        return images_to_pixels(images, vc.image_size, vc.image_mean, vc.image_std).to(self.device)
+        return images_to_pixels(as_image_list(images), vc.image_size, vc.image_mean, vc.image_std).to(self.device)
 
-    def _qformer_text(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    def qformer_text_ids(self, texts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q-Former WordPiece ids and mask (B, T), right-padded and truncated at QFORMER_MAX_TEXT_TOKENS,
+        of texts (or a tokenized mapping with input_ids, attention_mask), on the model's device."""
         if isinstance(texts, Mapping):
             ids = torch.as_tensor(texts["input_ids"])
             mask = torch.as_tensor(texts["attention_mask"]) if "attention_mask" in texts else torch.ones_like(ids)

@@ -23,8 +23,9 @@ import torch
 
 from blip2rt.kernels import resolve_backend
 
-from .checkpoint import (LAVIS_LN_VISION_EPS, TEXT_ONLY, is_lavis_state_dict, lavis_to_blip2rt, load_weights,
+from .checkpoint import (LAVIS_LN_VISION_EPS, is_lavis_state_dict, lavis_to_blip2rt, load_weights,
                          marks_question_in_qformer, read_hf_folder, read_tensor_file)
+from . import parts
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
 from .model import Blip2
@@ -154,11 +155,6 @@ def _base_for(config, frozen_dtype: torch.dtype) -> tuple[Blip2, bool, Path | No
     raise CheckpointError(f"config={config!r} is neither a preset, a config.json, nor a folder")
 
 
-# What VQA fine-tuning leaves as it was: the retrieval and ITG heads (and the last layer's text
-# FFN, whose output nothing reads)
-VQA_UNTRAINED = ("vision_projection.", "text_projection.", "itm_head.", "temp", "itg_head.")
-
-
 def apply_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_base: bool = False) -> None:
     """Loads a state dict (LAVIS or blip2rt names) into `model`; over a base, frozen parts may be absent."""
     lavis = is_lavis_state_dict(state)
@@ -169,16 +165,16 @@ def apply_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_
         model.vision_model.post_layernorm.eps = LAVIS_LN_VISION_EPS
     # LAVIS saves only what trains; the frozen ViT and LLM may come from a base folder.
     allow = model.frozen_prefixes() if over_base else ()
-    stage1 = any(TEXT_ONLY.match(k) for k in state) and not any(k.startswith("language_projection.") for k in state)
+    stage1 = any(parts.is_text_only(k) for k in state) and not any(k.startswith("language_projection.") for k in state)
     if over_base and stage1 and model.config.with_llm:
         allow += ("language_projection.",)  # a stage-1 checkpoint has none; the base's stays
     vqa = marks_question_in_qformer(source)  # a VQA fine-tuning checkpoint
     if vqa and not model.config.with_text_heads:
         raise CheckpointError(f"{source} was fine-tuned for VQA with the question in the Q-Former, which needs "
                               "the Q-Former's text embeddings; load it over a model that has them")
-    if vqa and over_base:  # it holds what VQA trains; the retrieval heads stay the base's
-        last = model.config.qformer_config.num_hidden_layers - 1
-        allow += VQA_UNTRAINED + (f"qformer.encoder.layer.{last}.intermediate.", f"qformer.encoder.layer.{last}.output.")
+    if vqa and over_base:  # it holds what VQA trains; the retrieval heads (and the rest) stay the base's
+        trained = set(model.trainable_names(parts.VQA))
+        allow += tuple(n for n in model.state_dict() if n not in trained)  # tied names too
     # a model without the Q-Former text path (stage 2) cannot hold a stage-1 checkpoint's text parts
     load_weights(model, state, source, allow_missing_prefixes=allow, drop_text_only=not model.config.with_text_heads)
     if vqa:

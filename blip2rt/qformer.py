@@ -43,8 +43,8 @@ class ImageKV:
         """(k, v) of every cross-attention layer, each a (B, N, H, d) strided view.
 
         unbind rather than indexing: under autograd, each indexed view's backward zero-fills a
-        buffer the size of `packed` and adds it in. unbind's backward stacks the grads once. On
-        blip2-mini's Q-Former at B=8 (CPU), indexing cost 7.5 ms of zero-fill per training step.
+        buffer the size of `packed` and adds it in. unbind's backward stacks the grads once (the
+        measured cost is in benchmarks/RESULTS.md).
         """
         return [kv.unbind(2) for kv in self.packed.unbind(2)]  # kv: (B, N, 2, H, d) -> (k, v)
 
@@ -81,13 +81,11 @@ class QFormerResidualOutput(nn.Module):
         self.dense = nn.Linear(in_width, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
-        self.kernel_backend = "torch"
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, residual: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         ln = self.LayerNorm
         p = self.dropout.p if self.training else 0.0
-        return kernels.residual_layer_norm(self.dense(h), residual, ln.weight, ln.bias, ln.eps, p,
-                                           backend=self.kernel_backend)
+        return kernels.residual_layer_norm(self.dense(h), residual, ln.weight, ln.bias, ln.eps, p, backend=backend)
 
 
 class QFormerAttention(nn.Module):
@@ -140,7 +138,7 @@ class QFormerLayer(nn.Module):
         ctx = kernels.qformer_self_attention(q, k, v, num_queries=num_queries, text_mask=text_mask, mode=mode,
                                              dropout_p=drop, backend=backend)  # (B, L, H, d)
         b, n, d = x.shape
-        h = self.attention.output(ctx.reshape(b, n, d), x)
+        h = self.attention.output(ctx.reshape(b, n, d), x, backend)
 
         # Query positions present in this call: the first `local_queries` of x.
         past_len = 0 if past is None else past[0].shape[1]
@@ -155,13 +153,13 @@ class QFormerLayer(nn.Module):
                 cq = ca.split_heads(ca.query(hq))
                 cctx = kernels.qformer_cross_attention(cq, *image_kv, dropout_p=ca.dropout_p if self.training else 0.0,
                                                        backend=backend)  # (B, Q, H, d)
-                hq = self.crossattention.output(cctx.reshape(b, local_queries, d), hq)
-            outs.append(self.output_query(self.intermediate_query(hq), hq))
+                hq = self.crossattention.output(cctx.reshape(b, local_queries, d), hq, backend)
+            outs.append(self.output_query(self.intermediate_query(hq), hq, backend))
         if local_queries < n:
             if not hasattr(self, "intermediate"):
                 raise ValueError("this Q-Former has no text feed-forward (use_qformer_text_input=False)")
             ht = h[:, local_queries:]
-            outs.append(self.output(self.intermediate(ht), ht))
+            outs.append(self.output(self.intermediate(ht), ht, backend))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out, (k, v)
 
@@ -181,7 +179,7 @@ class QFormer(nn.Module):
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # BERT's embedding LayerNorm
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.encoder = QFormerEncoder(cfg)
-        self.kernel_backend = "torch"  # set by the model from the kernel switch
+        self.kernel_backend = "torch"  # "torch" | "triton": the one switch every op of the Q-Former reads
         self.gradient_checkpointing = False  # recompute each layer in the backward (training memory)
         self._packed_cache: tuple | None = None
 

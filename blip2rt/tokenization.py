@@ -43,8 +43,9 @@ def load_tokenizer(folder: str | Path):
 def prompt_token_rows(tokenizer, prompts, drop_bos: int | None = None) -> list[list[int]]:
     """Each prompt's ids as the LLM's tokenizer gives them, without a leading `drop_bos` (the model
     puts the BOS before the soft prompt itself: Blip2Config.bos_before_soft_prompt)."""
-    rows = tokenizer(list(prompts))["input_ids"]
-    return rows if drop_bos is None else [r[1:] if r[:1] == [drop_bos] else r for r in rows]
+    from .front_end import drop_leading_bos
+
+    return drop_leading_bos(tokenizer(list(prompts))["input_ids"], drop_bos)
 
 
 def _char_tokenizer(specials: list[str], template: str, template_specials: list[tuple[str, int]]):

@@ -26,11 +26,11 @@ def check_export(model, export_dir: str | Path, batch: int = 2, prompt_len: int 
     ids = torch.randint(3, min(vocab, 1000), (batch, prompt_len), generator=g)
     embeds = torch.cat([soft_pt, model.language_model.get_input_embeddings()(ids).to(soft_pt.dtype)], 1)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-    from .ort_runtime import _Search
+    from .search import Search
 
     lm = model.language_model
-    s = _Search(rt, steps, 0, 1, 1.0)
-    logits, state = s._start(embeds.numpy().astype(rt.float), mask.numpy())
+    s = Search(rt, steps, 0, 1, 1.0)
+    logits, state = s.start(embeds.numpy().astype(rt.float), mask.numpy())
     if rt.cfg["encoder_decoder"]:
         dec = torch.full((batch, 1), rt.cfg["decoder_start_token_id"] or 0, dtype=torch.long)
 
@@ -48,7 +48,7 @@ def check_export(model, export_dir: str | Path, batch: int = 2, prompt_len: int 
     for _ in range(steps):
         tok = logits.argmax(-1)
         dec = torch.cat([dec, torch.from_numpy(tok)[:, None]], 1)
-        logits, state = s._step(state, tok)
+        logits, state = s.step(state, tok)
         worst = max(worst, float(np.abs(logits - reference(dec).float().numpy()).max()))
     out["decode_logits"] = worst
     got_ids = rt.generate(px.numpy(), max_new_tokens=steps)

@@ -24,7 +24,6 @@ import copy
 import json
 import logging
 import platform
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -453,6 +452,3 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
-
-def clean(out_dir: str | Path) -> None:
-    shutil.rmtree(out_dir, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The one kernel-backend switch: `kernels="auto" | "triton" | "torch"`, or $BLIP2RT_KERNELS.
 
 - "torch": the plain-PyTorch reference of every op.
-- "triton": the fused Triton kernels where an op has one (`FUSED_OPS`), the reference elsewhere.
+- "triton": the fused Triton kernel of every op (`dispatch.OPS`).
   On a machine without a GPU this needs Triton's interpreter (TRITON_INTERPRET=1, what the
   tests use); it is refused otherwise, with the reason.
 - "auto": Triton on CUDA once the kernels have been verified on a GPU, correct and faster than
@@ -19,8 +19,6 @@ from blip2rt.errors import InputError
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "BLIP2RT_KERNELS"
-FUSED_OPS = ("qformer_self_attention", "qformer_cross_attention", "residual_layer_norm",
-             "query_max_similarity (ITC)", "linear_cross_entropy")
 # Correct on an H200 (every GPU test passed), but slower there than the torch path at the
 # Q-Former's sizes (benchmarks/RESULTS.md): "auto" turns the kernels on once they measure faster.
 VERIFIED_ON_GPU = False

@@ -21,7 +21,6 @@ NaN contract: a non-finite hidden state, weight or logit makes the loss NaN; a l
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -210,15 +209,3 @@ def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, labe
                                 ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden` (..., H) @ `weight` (V, H)^T (+ bias) against `labels` (...)."""
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, float(label_smoothing), int(ignore_index), chunk)
-
-
-def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                   bias: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                                   ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
-    """Plain PyTorch: full (N, V) logits; the same mean over labelled tokens (0 if there are none).
-    16-bit logits are widened to fp32 for the loss; float64 stays float64."""
-    logits = F.linear(hidden, weight, bias).flatten(0, -2)
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    lab = labels.reshape(-1)
-    total = F.cross_entropy(logits, lab, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum")
-    return total / (lab != ignore_index).sum().clamp(min=1)

@@ -46,9 +46,11 @@ import triton
 import triton.language as tl
 
 from .launch import GpuTarget, draw_seed, gpu_target, launch, register_budget
+from .qformer_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_NONE, MODE_UNIMODAL, AttentionMode, kernel_mode_id
 from .tile_ops import dot, dot_precision
 
-MODE_NONE, MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_UNIMODAL = 0, 1, 2, 3
+__all__ = ["fused_attention", "attention_keep_mask", "attention_config", "MODE_NONE", "MODE_BIDIRECTIONAL",
+           "MODE_CAUSAL", "MODE_UNIMODAL"]
 
 
 @triton.jit
@@ -309,9 +311,8 @@ def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | N
 
 
 # Up to this many keys a row is not split: the split's partial states are combined by about 20
-# small torch ops, whose launches cost more than the programs it saves. On an H200 the split
-# cross-attention at B = 1 over 257 keys took 348 us, against 127 us unsplit at B = 32
-# (benchmarks/RESULTS.md).
+# small torch ops, whose launches cost more than the programs it saves (measured on an H200 at
+# 257 keys: benchmarks/RESULTS.md).
 MAX_KEYS_UNSPLIT = 512
 
 
@@ -456,10 +457,12 @@ class _EagerAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: int = MODE_NONE,
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: AttentionMode | None = None,
                     num_queries: int = 0, text_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                     seed: int | None = None) -> torch.Tensor:
     """q (B, Lq, H, d), k/v (B, Lk, H, d), strided views with a contiguous last dim -> (B, Lq, H, d).
+    `mode` None is cross-attention (no mask); the torch path with this signature is
+    `qformer_attention.attention_reference`.
 
     For self-attention, the rows are the last Lq of the Lk positions (a cached past comes first).
     Without grad, the keys may be split across programs to fill the GPU. dropout_p drops attention
@@ -472,6 +475,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: 
         raise ValueError(f"fused_attention: dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0 and seed is None:
         seed = draw_seed()
+    mode = kernel_mode_id(mode)
     q_offset = k.shape[1] - q.shape[1] if mode != MODE_NONE else 0
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     args = (q, k, v, text_mask, mode, num_queries, q_offset, forward_splits(q, k, needs_grad), float(dropout_p),

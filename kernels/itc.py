@@ -1,26 +1,19 @@
-"""BLIP-2's image-text contrastive loss, with the query-max similarity fused.
+"""Triton kernels of ITC's query-max similarity (the loss around it is itc_loss.py):
 
-    s[i, t] = max_q img[i, q] . txt[t] / temp                    (BLIP-2 §3.2, ITC)
-    loss    = (CE(s_i2t, targets) + CE(s_t2i, targets)) / 2,    label smoothing 0.1
+    s[i, t] = max_q img[i, q] . txt[t]
 
-The fused op is the query max: a Triton kernel computes the (B_i, B_t) maxima and the winning
-query index directly, so the (B_i, B_t, Q) similarity tensor is never stored. Its backward sends
-each gradient to the argmax query only, which is what autograd does through `max`. The
-cross-entropy runs in torch on the small (B, B_all) matrix.
-
-Distributed: each rank scores its B images against all gathered texts and its B texts against all
-gathered images; the gathered copies carry no gradient (as LAVIS's all-gather), and the targets are
-`offset + arange(B)` (offset = rank * B for equal batches). One process (no gathered features, or
-the local ones themselves): the same features on both sides, with gradient, as LAVIS on one GPU.
+The kernels compute the (B_i, B_t) maxima and the winning query index directly, so the
+(B_i, B_t, Q) similarity tensor is never stored. The backward sends each gradient to the argmax
+query only, which is what autograd does through `max` in the reference (references.py).
+Either side may be the gathered batch of every rank.
 
 NaN contract: a NaN in the features makes the similarities it touches NaN (the running max keeps
-a NaN once seen) and so the loss NaN; it is never skipped by the max.
+a NaN once seen); it is never skipped by the max.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -188,49 +181,3 @@ def query_max_similarity_triton(img: torch.Tensor, txt: torch.Tensor) -> torch.T
     if dtype is not None:
         img, txt = img.to(dtype), txt.to(dtype)
     return _QueryMaxSimilarity.apply(img, txt)[0]
-
-
-def query_max_similarity_reference(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch: materialises (B_i, B_t, Q); grads flow through the argmax query. fp32 out for
-    16-bit and fp32 features; float64 stays float64."""
-    s = torch.einsum("iqd,td->itq", img, txt).max(dim=-1).values
-    return s.to(torch.promote_types(s.dtype, torch.float32))
-
-
-def itc_loss(
-    img: torch.Tensor,  # (B, Q, D) this rank's image query features, normalised
-    txt: torch.Tensor,  # (B, D) this rank's text features, normalised
-    temp: torch.Tensor,  # scalar, learnable
-    *,
-    img_all: torch.Tensor | None = None,  # (B * world, Q, D) gathered; None: single process
-    txt_all: torch.Tensor | None = None,  # (B * world, D) gathered
-    offset: int = 0,  # where this rank's rows start among the gathered ones (rank * B for equal batches)
-    image_ids: torch.Tensor | None = None,  # (B,) for soft targets on multi-caption data
-    image_ids_all: torch.Tensor | None = None,  # (B * world,)
-    label_smoothing: float = 0.1,
-    fused: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, sim_i2t, sim_t2i); the sims are (B, B * world), temperature applied."""
-    qmax = query_max_similarity_triton if fused else query_max_similarity_reference
-    b = img.shape[0]
-    if (img_all is None or img_all is img) and (txt_all is None or txt_all is txt):
-        # one process (the "gathered" features are these very tensors): the full gradient, both ways,
-        # as LAVIS on one GPU
-        raw = qmax(img, txt)  # (B, B)
-        sim_i2t, sim_t2i = raw / temp, raw.t() / temp
-    else:
-        if img_all is None or txt_all is None:
-            raise ValueError("itc_loss: pass both img_all and txt_all (the gathered features), or neither")
-        sim_i2t = qmax(img, txt_all.detach()) / temp  # (B, B_all)
-        sim_t2i = qmax(img_all.detach(), txt).t() / temp  # (B, B_all)
-    if image_ids is None:
-        targets = torch.arange(offset, offset + b, device=img.device)
-        loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=label_smoothing)
-                + F.cross_entropy(sim_t2i, targets, label_smoothing=label_smoothing)) / 2
-    else:
-        ids_all = image_ids if image_ids_all is None else image_ids_all
-        positives = (image_ids[:, None] == ids_all[None, :]).float()  # (B, B_all)
-        soft = (1 - label_smoothing) * positives / positives.sum(1, keepdim=True) + label_smoothing / ids_all.numel()
-        loss = (-(soft * F.log_softmax(sim_i2t, dim=1)).sum(1).mean()
-                - (soft * F.log_softmax(sim_t2i, dim=1)).sum(1).mean()) / 2
-    return loss, sim_i2t, sim_t2i

@@ -15,7 +15,6 @@ nothing is clipped or dropped.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -236,13 +235,3 @@ def residual_layer_norm_triton(h: torch.Tensor, residual: torch.Tensor, weight: 
     if torch.compiler.is_compiling():
         return residual_layer_norm_forward_op(*args)[0]
     return _EagerResidualLayerNorm.apply(*args)
-
-
-def residual_layer_norm_reference(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                  eps: float, p: float = 0.0, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain PyTorch, as BERT writes it. With `keep_mask`, that mask replaces torch's dropout draw."""
-    if keep_mask is not None:
-        h = h * keep_mask / (1.0 - p)
-    elif p > 0:
-        h = F.dropout(h, p, training=True)
-    return F.layer_norm(residual + h, (int(weight.shape[0]),), weight, bias, eps)  # a constant width when traced

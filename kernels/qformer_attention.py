@@ -1,7 +1,7 @@
 """Q-Former attention: masked self-attention over [queries ; text] and query cross-attention.
 
 The torch functions here are the reference: the fallback path and the oracle for the fused
-kernels. Masks follow the BLIP-2 paper's three modes, with absolute positions: the first `num_queries`
+kernels. This module imports no Triton. Masks follow the BLIP-2 paper's three modes, with absolute positions: the first `num_queries`
 keys are query positions, the rest are text positions 0..T-1.
 
 - bidirectional (ITM): every position sees every non-padded position;
@@ -24,6 +24,16 @@ class AttentionMode(str, Enum):
     BIDIRECTIONAL = "bidirectional"
     MULTIMODAL_CAUSAL = "multimodal_causal"
     UNIMODAL = "unimodal"
+
+
+# The one numbering of the masks inside the fused kernel (a constexpr there); None: cross-attention, no mask.
+MODE_NONE, MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_UNIMODAL = 0, 1, 2, 3
+KERNEL_MODE_IDS = {None: MODE_NONE, AttentionMode.BIDIRECTIONAL: MODE_BIDIRECTIONAL,
+                   AttentionMode.MULTIMODAL_CAUSAL: MODE_CAUSAL, AttentionMode.UNIMODAL: MODE_UNIMODAL}
+
+
+def kernel_mode_id(mode: AttentionMode | str | None) -> int:
+    return KERNEL_MODE_IDS[None if mode is None else AttentionMode(mode)]
 
 
 def qformer_attention_bias(
@@ -85,6 +95,23 @@ def cross_attention_reference(
     if keep_mask is not None:
         return attention_with_keep_mask(q, k, v, None, keep_mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+def attention_reference(
+    q: torch.Tensor,  # (B, Lq, H, d)
+    k: torch.Tensor,  # (B, Lk, H, d): [past ; current] for self-attention, image tokens for cross-attention
+    v: torch.Tensor,  # (B, Lk, H, d)
+    *,
+    mode: AttentionMode | None = None,  # None: cross-attention (no mask)
+    num_queries: int = 0,
+    text_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:  # (B, Lq, H, d)
+    """The torch path in the fused kernel's layout and signature (`fused_attention`)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if mode is None:
+        return cross_attention_reference(q, k, v, dropout_p).transpose(1, 2)
+    return self_attention_reference(q, k, v, num_queries, text_mask, AttentionMode(mode), dropout_p).transpose(1, 2)
 
 
 def attention_with_keep_mask(q, k, v, bias: torch.Tensor | None, keep_mask: torch.Tensor, dropout_p: float):

@@ -70,7 +70,7 @@ def test_prefill_and_decode_logits_over_past_lengths_0_to_30(exported, io_bindin
     """Decoder-only: prefill then cached decode steps against a full recompute. T5: the first decoder
     step then decoder_with_past against the whole decoder rerun on the tokens so far."""
     kind, model, out = exported
-    from blip2rt.export.ort_runtime import _Search
+    from blip2rt.export.search import Search
 
     rt = OrtBlip2(out, providers=["CPUExecutionProvider"], io_binding=io_binding)
     lm = model.language_model
@@ -79,8 +79,8 @@ def test_prefill_and_decode_logits_over_past_lengths_0_to_30(exported, io_bindin
         soft = model.image_features(pixels(2))
         embeds = torch.cat([soft, lm.get_input_embeddings()(torch.from_numpy(ids))], 1)
     full_mask = torch.cat([torch.ones(2, soft.shape[1], dtype=torch.long), torch.from_numpy(mask)], 1)
-    search = _Search(rt, 31, 0, 1, 1.0)
-    logits, state = search._start(embeds.numpy(), full_mask.numpy())
+    search = Search(rt, 31, 0, 1, 1.0)
+    logits, state = search.start(embeds.numpy(), full_mask.numpy())
     seq, m = embeds, full_mask
     dec = torch.zeros(2, 1, dtype=torch.long)  # T5's decoder start
     for past in range(31):  # tokens generated so far: 0 (the prefill) .. 30
@@ -96,7 +96,7 @@ def test_prefill_and_decode_logits_over_past_lengths_0_to_30(exported, io_bindin
             seq = torch.cat([seq, lm.get_input_embeddings()(torch.from_numpy(tok))[:, None]], 1)
         m = torch.cat([m, torch.ones(2, 1, dtype=torch.long)], 1)
         dec = torch.cat([dec, torch.from_numpy(tok)[:, None]], 1)
-        logits, state = search._step(state, tok)
+        logits, state = search.step(state, tok)
     if io_binding:  # the cache stayed in onnxruntime's memory, never as numpy between steps
         import onnxruntime as ort
 

@@ -15,7 +15,6 @@ from test_kernel_fused_attention import ragged_mask
 from tolerances import assert_matches
 
 H, D = 2, 16
-MODE_IDS = {AttentionMode.BIDIRECTIONAL: 1, AttentionMode.MULTIMODAL_CAUSAL: 2, AttentionMode.UNIMODAL: 3}
 
 
 def leaves(b, lq, lk, dtype, seed):
@@ -66,7 +65,7 @@ def test_self_attention_every_mode_under_the_kernels_mask(mode, t):
     nq, b, p, seed = 8, 3, 0.25, 99 + t
     text = ragged_mask(b, t)
     check_against_reference(
-        lambda q, k, v: fused_attention(q, k, v, mode=MODE_IDS[mode], num_queries=nq, text_mask=text, dropout_p=p,
+        lambda q, k, v: fused_attention(q, k, v, mode=mode, num_queries=nq, text_mask=text, dropout_p=p,
                                         seed=seed),
         transposed(lambda q, k, v, m: self_attention_reference(q, k, v, nq, text, mode, p, keep_mask=m)),
         b, nq + t, nq + t, torch.float32, p, seed, qformer_allowed(mode.value, nq, text, nq + t, nq + t))
@@ -78,7 +77,7 @@ def test_itg_rows_behind_a_cached_query_past_under_the_kernels_mask():
     text = ragged_mask(b, t)
     mode = AttentionMode.MULTIMODAL_CAUSAL
     check_against_reference(
-        lambda q, k, v: fused_attention(q, k, v, mode=MODE_IDS[mode], num_queries=nq, text_mask=text, dropout_p=p,
+        lambda q, k, v: fused_attention(q, k, v, mode=mode, num_queries=nq, text_mask=text, dropout_p=p,
                                         seed=seed),
         transposed(lambda q, k, v, m: self_attention_reference(q, k, v, nq, text, mode, p, keep_mask=m)),
         b, t, nq + t, torch.float32, p, seed, qformer_allowed(mode.value, nq, text, t, nq + t))

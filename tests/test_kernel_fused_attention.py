@@ -182,10 +182,10 @@ def test_eager_path_equals_the_custom_op_that_torch_compile_traces(mode):
     lq = lk = nq + t if mode else nq
     q, k, v = qkv(b, lq, lk if mode else 40, torch.float32)
     mask = torch.tensor([[1] * t, [1, 1, 0, 0, 0]]) if mode else None
-    mode_id = fa.MODE_UNIMODAL if mode else fa.MODE_NONE
+    mode_id = fa.MODE_UNIMODAL if mode else fa.MODE_NONE  # the custom op's integer
     g = torch.randn(b, lq, H, D, generator=torch.Generator().manual_seed(3))
     with launch.record() as eager_launches:
-        eager = fa.fused_attention(q, k, v, mode=mode_id, num_queries=nq if mode else 0, text_mask=mask,
+        eager = fa.fused_attention(q, k, v, mode=mode, num_queries=nq if mode else 0, text_mask=mask,
                                    dropout_p=0.25, seed=9)
         eager_grads = torch.autograd.grad(eager, (q, k, v), g)
     with launch.record() as op_launches:

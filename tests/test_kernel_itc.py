@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blip2rt.kernels.itc import itc_loss, query_max_similarity_reference, query_max_similarity_triton
+from blip2rt.kernels.itc import query_max_similarity_triton
+from blip2rt.kernels.itc_loss import itc_loss
+from blip2rt.kernels.references import query_max_similarity_reference
 from tolerances import assert_matches
 
 
@@ -56,9 +58,9 @@ def paper_itc64(img, txt, temp, targets, eps=0.1):
 def test_itc_loss_single_process(b, q, dtype):
     img, txt = features(b, q, 32, dtype, seed=b)
     temp = torch.tensor(0.07, requires_grad=True)
-    loss, s_i2t, s_t2i = itc_loss(img, txt, temp, fused=True)
+    loss, s_i2t, s_t2i = itc_loss(img, txt, temp, backend="triton")
     grads = torch.autograd.grad(loss, (img, txt, temp))
-    loss_e, *_ = itc_loss(img, txt, temp, fused=False)
+    loss_e, *_ = itc_loss(img, txt, temp, backend="torch")
     grads_e = torch.autograd.grad(loss_e, (img, txt, temp))
     leaves = [t.detach().double().requires_grad_() for t in (img, txt, temp)]
     loss64 = paper_itc64(*leaves, torch.arange(b))
@@ -78,7 +80,8 @@ def test_itc_loss_two_ranks():
     rank = 1
     img_local = img.detach()[rank * b:(rank + 1) * b].clone().requires_grad_()
     txt_local = txt.detach()[rank * b:(rank + 1) * b].clone().requires_grad_()
-    loss, s_i2t, s_t2i = itc_loss(img_local, txt_local, temp, img_all=img.detach(), txt_all=txt.detach(), offset=rank * b)
+    loss, s_i2t, s_t2i = itc_loss(img_local, txt_local, temp, img_all=img.detach(), txt_all=txt.detach(), offset=rank * b,
+                                  backend="triton")
     assert s_i2t.shape == s_t2i.shape == (b, 2 * b)
     grads = torch.autograd.grad(loss, (img_local, txt_local, temp))
 
@@ -99,21 +102,21 @@ def test_itc_soft_targets_from_image_ids():
     img, txt = features(5, 4, 16, torch.float32, seed=2)
     ids = torch.tensor([7, 7, 3, 9, 3])
     temp = torch.tensor(0.1)
-    loss, s_i2t, s_t2i = itc_loss(img, txt, temp, image_ids=ids)
+    loss, s_i2t, s_t2i = itc_loss(img, txt, temp, image_ids=ids, backend="triton")
     pos = (ids[:, None] == ids[None, :]).double()
     soft = 0.9 * pos / pos.sum(1, keepdim=True) + 0.1 / 5
     s = torch.einsum("iqd,td->itq", img.double(), txt.double()).max(-1).values / 0.1
     want = (-(soft * s.log_softmax(1)).sum(1).mean() - (soft * s.t().log_softmax(1)).sum(1).mean()) / 2
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
     # with distinct ids it is exactly the label-smoothed diagonal loss
-    distinct, *_ = itc_loss(img, txt, temp, image_ids=torch.arange(5))
-    plain, *_ = itc_loss(img, txt, temp)
+    distinct, *_ = itc_loss(img, txt, temp, image_ids=torch.arange(5), backend="triton")
+    plain, *_ = itc_loss(img, txt, temp, backend="triton")
     torch.testing.assert_close(distinct, plain, atol=1e-6, rtol=1e-6)
 
 
 def test_itc_large_logits_stay_finite():
     img, txt = features(17, 32, 16, torch.float32, seed=4)
-    loss, *_ = itc_loss(img, txt, torch.tensor(1e-3))  # similarities up to 1000
+    loss, *_ = itc_loss(img, txt, torch.tensor(1e-3), backend="triton")  # similarities up to 1000
     want = paper_itc64(img.detach(), txt.detach(), 1e-3, torch.arange(17))
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss.double(), want, atol=1e-3, rtol=1e-5)
@@ -125,5 +128,5 @@ def test_itc_nan_feature_gives_nan_loss():
     img[1, 30, 2] = float("nan")  # one query of one image: the max must not skip it
     s = query_max_similarity_triton(img, txt.detach())
     assert torch.isnan(s[1]).all() and torch.isfinite(s[[0, 2]]).all()
-    loss, *_ = itc_loss(img, txt.detach(), torch.tensor(0.07))
+    loss, *_ = itc_loss(img, txt.detach(), torch.tensor(0.07), backend="triton")
     assert torch.isnan(loss)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from blip2rt.kernels.post_ln_residual import (dropout_keep_mask, residual_layer_norm_reference,
-                                              residual_layer_norm_triton)
+from blip2rt.kernels.post_ln_residual import dropout_keep_mask, residual_layer_norm_triton
+from blip2rt.kernels.references import residual_layer_norm_reference
 from formulas import residual_layer_norm64
 from tolerances import assert_matches
 

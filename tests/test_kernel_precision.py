@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 import blip2rt
 from blip2rt.kernels import AttentionMode, launch
-from blip2rt.kernels.chunked_cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
-from blip2rt.kernels.itc import query_max_similarity_reference, query_max_similarity_triton
-from blip2rt.kernels.post_ln_residual import residual_layer_norm_reference, residual_layer_norm_triton
+from blip2rt.kernels.chunked_cross_entropy import linear_cross_entropy_triton
+from blip2rt.kernels.itc import query_max_similarity_triton
+from blip2rt.kernels.post_ln_residual import residual_layer_norm_triton
+from blip2rt.kernels.references import (linear_cross_entropy_reference, query_max_similarity_reference,
+                                        residual_layer_norm_reference)
 from tolerances import assert_matches
 
 BF16 = torch.bfloat16

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blip2rt.kernels.chunked_cross_entropy import linear_cross_entropy_reference, linear_cross_entropy_triton
-from blip2rt.kernels.itc import query_max_similarity_reference, query_max_similarity_triton
-from blip2rt.kernels.post_ln_residual import (dropout_keep_mask, residual_layer_norm_reference,
-                                              residual_layer_norm_triton)
+from blip2rt.kernels.chunked_cross_entropy import linear_cross_entropy_triton
+from blip2rt.kernels.itc import query_max_similarity_triton
+from blip2rt.kernels.post_ln_residual import dropout_keep_mask, residual_layer_norm_triton
+from blip2rt.kernels.references import (linear_cross_entropy_reference, query_max_similarity_reference,
+                                        residual_layer_norm_reference)
 from tolerances import assert_matches
 
 pytestmark = pytest.mark.gpu
@@ -231,14 +232,14 @@ def test_attention_dropout_on_gpu(kind, dtype):
     """The paper's attention dropout inside the kernels: forward and grads equal the reference's under
     the kernel's own mask (materialised by attention_keep_mask), at paper shapes."""
     from blip2rt.kernels import AttentionMode
-    from blip2rt.kernels.fused_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, attention_keep_mask, fused_attention
+    from blip2rt.kernels.fused_attention import attention_keep_mask, fused_attention
     from blip2rt.kernels.qformer_attention import attention_with_keep_mask, qformer_attention_bias
 
     b, nq, t, p, seed = 6, 32, 32, 0.1, 1234
     lengths = torch.tensor([32, 20, 1, 31, 7, 16], device="cuda")
     mask = (torch.arange(t, device="cuda")[None] < lengths[:, None]).long()
-    lq, lk, mode, ref_mode = {"cross": (nq, 257, 0, None), "itm": (nq + t, nq + t, MODE_BIDIRECTIONAL, AttentionMode.BIDIRECTIONAL),
-                              "itg": (t, nq + t, MODE_CAUSAL, AttentionMode.MULTIMODAL_CAUSAL)}[kind]
+    lq, lk, mode = {"cross": (nq, 257, None), "itm": (nq + t, nq + t, AttentionMode.BIDIRECTIONAL),
+                    "itg": (t, nq + t, AttentionMode.MULTIMODAL_CAUSAL)}[kind]
     keep = attention_keep_mask(b, 12, lq, lk, p, seed, "cuda")
 
     def fused(q, k, v):
@@ -247,7 +248,7 @@ def test_attention_dropout_on_gpu(kind, dtype):
         return fused_attention(q, k, v, mode=mode, num_queries=nq, text_mask=mask, dropout_p=p, seed=seed)
 
     def reference(q, k, v):
-        bias = None if kind == "cross" else qformer_attention_bias(nq, mask, ref_mode, lq, q.dtype, b, q.device)
+        bias = None if kind == "cross" else qformer_attention_bias(nq, mask, mode, lq, q.dtype, b, q.device)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
         return attention_with_keep_mask(q, k, v, bias, keep, p).transpose(1, 2)
 

@@ -218,7 +218,8 @@ def test_each_stage_trains_exactly_what_its_loss_reaches(stage):
     from blip2rt.presets import preset_config
     from blip2rt.training.stage1 import Stage1Batch, Stage1Objective
     from blip2rt.training.stage2 import Stage2Batch, Stage2Objective
-    from blip2rt.training.trainer import STAGE1_TRAINABLE, STAGE2_TRAINABLE, VQA_TRAINABLE, set_trainable
+    from blip2rt.parts import STAGE_PARTS
+    from blip2rt.training.trainer import set_trainable
 
     torch.manual_seed(0)
     m = Blip2(preset_config("tiny"))
@@ -237,9 +238,8 @@ def test_each_stage_trains_exactly_what_its_loss_reaches(stage):
                             **question)
         loss = Stage2Objective(m)(batch)["loss"]
     loss.backward()
-    owned = {1: STAGE1_TRAINABLE, 2: STAGE2_TRAINABLE, 3: VQA_TRAINABLE}[stage]
-    reached = {n for n, p in m.named_parameters()
-               if n.startswith(owned) and p.grad is not None and p.grad.abs().sum() > 0}
+    reached = {n for n, p in m.named_parameters()  # among the parts the stage owns
+               if m.part_of(n) in STAGE_PARTS[stage] and p.grad is not None and p.grad.abs().sum() > 0}
     trainable = set(set_trainable(m, stage))
     assert trainable == reached, (sorted(trainable - reached)[:5], sorted(reached - trainable)[:5])
     if stage == 2:
@@ -539,3 +539,22 @@ def test_evaluation_reads_cached_features_as_it_reads_pixels(toy, tmp_path):
     torch.testing.assert_close(cached.t2i, plain.t2i, atol=1e-5, rtol=1e-5)
     with pytest.raises(blip2rt.Blip2rtError, match="no row in the feature cache"):
         evaluate.captioning(m, [{"image": "images/elsewhere.png", "caption": "x"}], root, features=cache, **gen)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "blip2-opt-2.7b", "blip2-flan-t5-xl", "blip2-itm-vit-g"])
+def test_every_parameter_belongs_to_one_part_and_frozen_parts_never_train(preset):
+    from blip2rt import parts
+    from blip2rt.model import Blip2
+    from blip2rt.presets import preset_config
+
+    with torch.device("meta"):
+        m = Blip2(preset_config(preset))
+    names = [n for n, _ in m.named_parameters()]
+    by_part = {n: m.part_of(n) for n in names}
+    assert by_part["query_tokens"] == "query_tokens"
+    assert by_part["vision_model.post_layernorm.weight"] == "ln_vision"
+    assert all(by_part[n] == "llm" for n in names if n.startswith("language_model."))
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n in names if by_part[n] in parts.FROZEN}
+    for stage in (1, 2, 3):
+        assert not frozen & set(m.trainable_names(stage))

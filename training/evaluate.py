@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from blip2rt import model as model_scores
 from blip2rt.errors import Blip2rtError
 from blip2rt.images import pixel_values
 
@@ -25,15 +26,13 @@ from .data import clean_caption
 
 
 @dataclass
-class RetrievalScores:
-    """Scores over the distinct images (I) and distinct captions (T) of a set of records."""
+class RetrievalScores(model_scores.RetrievalScores):
+    """The model's scores (itc, i2t, t2i) over the distinct images (I) and distinct captions (T) of
+    a set of records, with what the records say matches."""
 
     images: list[str]
     texts: list[str]
     positive: torch.Tensor  # (I, T) bool: the image has the caption
-    itc: torch.Tensor  # (I, T) max-over-queries cosine similarity
-    i2t: torch.Tensor  # (I, T) each image's k best texts by ITC, re-scored ITM + ITC; the rest -inf
-    t2i: torch.Tensor  # (T, I) each text's k best images, the same way
 
 
 def retrieval(model, records: list[dict], image_root: str | Path, k: int = 128, batch_size: int = 32,
@@ -60,35 +59,12 @@ def retrieval_scores(model, records: list[dict], image_root: str | Path, k: int 
     positive = torch.zeros(len(images), len(texts), dtype=torch.bool)  # (I, T)
     for r in records:
         positive[img_index[r["image"]], txt_index[clean_caption(r["caption"])]] = True
-    embeds, feats = [], []
-    for s in tqdm(range(0, len(images), batch_size), desc="retrieval: images", disable=not show_progress):
-        e = image_embeds(model, images[s: s + batch_size], image_root, features)
-        embeds.append(e)
-        feats.append(model.image_query_features(e))
-    embeds, img_feats = torch.cat(embeds), torch.cat(feats)  # (I, N, Dv), (I, Q, E)
-    ids, mask = model._qformer_text(texts)
-    txt_feats = torch.cat([model.text_features(ids[s: s + batch_size], mask[s: s + batch_size])
-                           for s in range(0, len(texts), batch_size)])  # (T, E)
-    sims = torch.einsum("iqe,te->itq", img_feats, txt_feats).amax(dim=-1)  # (I, T)
-
-    # every image's k best texts and every text's k best images, as (image, text) pairs
-    ki, kt = min(k, len(texts)), min(k, len(images))
-    top_t = sims.topk(ki, dim=1).indices  # (I, ki)
-    top_i = sims.topk(kt, dim=0).indices.T  # (T, kt)
-    pair_img = torch.cat([torch.arange(len(images)).repeat_interleave(ki), top_i.flatten()])
-    pair_txt = torch.cat([top_t.flatten(), torch.arange(len(texts)).repeat_interleave(kt)])
-    itm_batch = 4 * batch_size  # the pairs share nothing, so they batch freely
-    itm = []
-    for s in tqdm(range(0, len(pair_img), itm_batch), desc="retrieval: ITM re-ranking", disable=not show_progress):
-        im, tx = pair_img[s: s + itm_batch], pair_txt[s: s + itm_batch]
-        itm.append(model.itm_logits(embeds[im], ids[tx], mask[tx])[:, 1].float())
-    rescored = torch.cat(itm) + sims[pair_img, pair_txt]  # ITM positive logit + ITC
-    n_i2t = len(images) * ki
-    i2t = torch.full_like(sims, float("-inf"))
-    i2t[pair_img[:n_i2t], pair_txt[:n_i2t]] = rescored[:n_i2t]
-    t2i = torch.full_like(sims.T, float("-inf"))
-    t2i[pair_txt[n_i2t:], pair_img[n_i2t:]] = rescored[n_i2t:]
-    return RetrievalScores(images, texts, positive, sims, i2t, t2i)
+    embeds = torch.cat([image_embeds(model, images[s: s + batch_size], image_root, features)
+                        for s in tqdm(range(0, len(images), batch_size), desc="retrieval: images",
+                                      disable=not show_progress)])  # (I, N, Dv)
+    scores = model.retrieval_scores(embeds, *model.qformer_text_ids(texts), k=k, batch_size=batch_size,
+                                    show_progress=show_progress)
+    return RetrievalScores(scores.itc, scores.i2t, scores.t2i, images=images, texts=texts, positive=positive)
 
 
 def recall_at_k(i2t: torch.Tensor, t2i: torch.Tensor, positive: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 import blip2rt
+from blip2rt import parts
 from blip2rt.errors import Blip2rtError, CheckpointError
 from blip2rt.pretrained import DTYPES, apply_state
 
@@ -32,16 +32,7 @@ from .stage2 import Stage2Objective
 
 log = logging.getLogger(__name__)
 
-STAGE1_TRAINABLE = ("vision_model.post_layernorm.", "query_tokens", "qformer.", "embeddings.", "vision_projection.",
-                    "text_projection.", "itm_head.", "temp", "itg_head.")
-STAGE2_TRAINABLE = ("vision_model.post_layernorm.", "query_tokens", "qformer.", "language_projection.")
-# The text-only FFN of each Q-Former layer (`layer.N.intermediate.` / `layer.N.output.`, not the
-# attention outputs nor the query FFN): stage 2 has no text in the Q-Former, so it stays frozen.
-QFORMER_TEXT_FFN = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
-# VQA fine-tuning (BLIP-2 §4.2): the Q-Former reads the question, so its text path trains too
-# (embeddings and text FFN); the ViT stays frozen here (the paper also tunes it) and so does the LLM.
-VQA_STAGE = 3
-VQA_TRAINABLE = STAGE2_TRAINABLE + ("embeddings.",)
+VQA_STAGE = parts.VQA  # stage 3: VQA fine-tuning (BLIP-2 §4.2)
 
 
 class NonFiniteLossError(Blip2rtError):
@@ -49,18 +40,11 @@ class NonFiniteLossError(Blip2rtError):
 
 
 def set_trainable(model: nn.Module, stage: int) -> list[str]:
-    """Freezes everything but what the stage trains (BLIP-2 §3); returns the trainable names."""
-    prefixes = {1: STAGE1_TRAINABLE, 2: STAGE2_TRAINABLE, VQA_STAGE: VQA_TRAINABLE}[stage]
-    # VQA: the question's states after the last layer are never read, so that layer's text FFN stays
-    last = f"qformer.encoder.layer.{model.config.qformer_config.num_hidden_layers - 1}."
-    names = []
+    """Freezes everything but what the stage trains (BLIP-2 §3, blip2rt.parts); returns the trainable names."""
+    names = model.trainable_names(stage)
+    train = set(names)
     for name, p in model.named_parameters():
-        text_ffn = QFORMER_TEXT_FFN.match(name)
-        train = name.startswith(prefixes) and not (text_ffn and (stage == 2 or (stage == VQA_STAGE
-                                                                                and name.startswith(last))))
-        p.requires_grad_(train)
-        if train:
-            names.append(name)
+        p.requires_grad_(name in train)
     return names
 
 

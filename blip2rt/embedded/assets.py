@@ -16,7 +16,8 @@ PACKAGES = {
     "easy-vqa": ("easy_vqa", "1.0"),
     "scikit-image": ("skimage", "0.26.0"),  # only its sample photos (skimage/data) are read
 }
-INSTALL = "pip install --no-deps " + " ".join(f"{p}=={v}" for p, (_, v) in PACKAGES.items())
+REQUIREMENTS = " ".join(f"{p}=={v}" for p, (_, v) in PACKAGES.items())  # what `make` installs
+INSTALL = "pip install --no-deps " + REQUIREMENTS
 
 
 def package_dir(pypi_name: str) -> Path:
@@ -54,3 +55,7 @@ def easy_vqa_dir() -> Path:
 
 def skimage_photo(name: str) -> Path:
     return asset("scikit-image", f"data/{name}")
+
+
+if __name__ == "__main__":  # the one list of asset versions, for the Makefile
+    print(REQUIREMENTS)

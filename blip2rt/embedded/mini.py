@@ -4,15 +4,16 @@ shapes and why): DINOv2 ViT-S/14 (frozen), a Q-Former initialised from MiniLM-L6
 
 from __future__ import annotations
 
+from blip2rt import parts
 from blip2rt.checkpoint import load_weights
 from blip2rt.errors import CheckpointError
 
 from . import assets, dinov2, minilm, smollm2
 
 
-# What MiniLM does not initialise: everything outside the Q-Former's BERT part, and cross-attention.
-NOT_FROM_MINILM = ("vision_model.", "language_model.", "query_tokens", "temp", "itm_head.", "itg_head.",
-                   "vision_projection.", "text_projection.", "language_projection.")
+# What MiniLM does not initialise: every part but the Q-Former's BERT layers and text embeddings
+# (and, inside those layers, cross-attention, which BERT does not have).
+NOT_FROM_MINILM = parts.prefixes(set(parts.PARTS) - {"qformer", "qformer_text_ffn", "text_embeddings"})
 
 
 def load_parts(model) -> None:
