@@ -26,6 +26,7 @@ import logging
 import platform
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -149,23 +150,26 @@ class T5DecoderWithPast(nn.Module):
         return (out.logits[:, -1], *_cache_tensors(out.past_key_values.self_attention_cache, self.layers))
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-            dynamic_shapes, opset: int | None, external_over: int = EXTERNAL_OVER, rewrite: bool = False) -> None:
+def _export(spec: GraphSpec, path: Path, opset: int | None, external_over: int = EXTERNAL_OVER,
+            rewrite: bool = False) -> None:
     """One graph; its weights go to `<name>.onnx.data` beside it when they pass `external_over`
     bytes (protobuf cannot hold a file over 2 GB).
 
     TorchScript's exporter traces the module once and folds its constants: for blip2-mini's LLM
     graphs it takes seconds where the dynamo exporter took over a minute each (benchmarks/RESULTS.md).
-    `dynamic_shapes` names each input's dynamic axes with torch.export Dims (their names become the
-    graph's dimension names); outputs take the axes of the inputs they follow (see _output_axes).
+    The spec's Dims name each input's dynamic axes (their names become the graph's dimension
+    names); outputs take the axes of the inputs they follow (see _output_axes).
 
     rewrite: also run onnxscript's optimizer over the graph; only the offline ORT optimizer needs
     it (without it, that finds no SkipLayerNormalization to fuse). ORT optimizes every graph as it
     loads it, and ran the unrewritten graphs at the same speed, with the same captions.
     """
     t0 = time.perf_counter()
-    module.eval()
-    axes = _input_axes(input_names, dynamic_shapes)
+    module = spec.module.eval()
+    input_names = [name for name, _, _ in spec.inputs]
+    output_names = spec.outputs
+    args = tuple(t for _, t, _ in spec.inputs)
+    axes = _input_axes(spec)
     axes.update(_output_axes(output_names, axes))
     import tempfile
 
@@ -207,15 +211,9 @@ def _dim_name(d) -> str:
     return getattr(d, "__name__", None) or str(d).replace(" ", "")
 
 
-def _input_axes(input_names: list[str], dynamic_shapes) -> dict[str, dict[int, str]]:
-    """{input name: {axis: dimension name}} from the Dims of `dynamic_shapes` (a tuple with one entry
-    per argument; a varargs argument's entry is itself a tuple)."""
-    flat = []
-    for entry in dynamic_shapes:
-        flat.extend(entry if isinstance(entry, tuple) else [entry])
-    if len(flat) != len(input_names):
-        raise ValueError(f"{len(flat)} dynamic-shape entries for {len(input_names)} inputs")
-    return {name: {axis: _dim_name(d) for axis, d in spec.items()} for name, spec in zip(input_names, flat) if spec}
+def _input_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
+    """{input name: {axis: dimension name}} from the spec's Dims."""
+    return {name: {axis: _dim_name(d) for axis, d in dims.items()} for name, _, dims in spec.inputs if dims}
 
 
 def _output_axes(output_names: list[str], axes: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
@@ -340,73 +338,116 @@ def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: 
         model.set_kernel_backend(backend)
 
 
+@dataclass
+class GraphSpec:
+    """One graph of the export: the module traced, example inputs, and every input's and output's
+    name with the dynamic axes of each input (torch.export Dims; outputs follow their inputs)."""
+
+    key: str  # its name in blip2rt_export.json's "graphs"
+    module: nn.Module
+    inputs: list[tuple[str, torch.Tensor, dict]]  # (name, example, {axis: Dim})
+    outputs: list[str]
+
+    @property
+    def file(self) -> str:
+        return f"{self.key}.onnx"
+
+
+@dataclass
+class LlmShape:
+    """What the graph specs and the runtime config need to know of the LLM."""
+
+    width: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def _llm_shape(model: Blip2) -> LlmShape:
+    lm = model.language_model
+    cfg = lm.config
+    width = lm.get_input_embeddings().embedding_dim
+    if model.config.is_encoder_decoder:
+        layers = cfg.num_decoder_layers if getattr(cfg, "num_decoder_layers", None) else cfg.num_layers
+        return LlmShape(width, layers, cfg.num_heads, cfg.d_kv)
+    heads = cfg.num_attention_heads
+    return LlmShape(width, cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads,
+                    getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
+# The dynamic axes every graph names; examples use batch 2 and short lengths.
+BATCH = torch.export.Dim("batch", min=1, max=1024)
+SEQ = torch.export.Dim("seq", min=1, max=4096)
+PAST = torch.export.Dim("past", min=1, max=4096)
+QUESTION = torch.export.Dim("question", min=2, max=QFORMER_MAX_TEXT_TOKENS)
+
+
+def _vision_spec(model: Blip2, dtype: torch.dtype) -> GraphSpec:
+    size = model.config.vision_config.image_size
+    inputs = [("pixel_values", torch.randn(2, 3, size, size, dtype=dtype), {0: BATCH})]
+    if model.config.question_in_qformer:  # the soft prompt is conditioned on the question
+        qids, qmask = model.question_ids(["what colour?", "which shape is it?"])
+        inputs += [("qformer_input_ids", qids.cpu(), {0: BATCH, 1: QUESTION}),
+                   ("qformer_attention_mask", qmask.cpu(), {0: BATCH, 1: QUESTION})]
+    return GraphSpec("vision", VisualPrefix(model), inputs, ["soft_prompt"])
+
+
+def _decoder_only_specs(lm: nn.Module, s: LlmShape, dtype: torch.dtype) -> list[GraphSpec]:
+    past, present = kv_names("past", s.layers), kv_names("present", s.layers)
+    kv = [torch.randn(2, s.kv_heads, 5, s.head_dim, dtype=dtype) for _ in past]
+    return [
+        GraphSpec("prefill", Prefill(lm, s.layers), [
+            ("inputs_embeds", torch.randn(2, 7, s.width, dtype=dtype), {0: BATCH, 1: SEQ}),
+            ("attention_mask", torch.ones(2, 7, dtype=torch.long), {0: BATCH, 1: SEQ}),
+            ("position_ids", torch.arange(7).expand(2, 7).contiguous(), {0: BATCH, 1: SEQ}),
+        ], ["logits", *present]),
+        GraphSpec("decode", Decode(lm, s.layers), [
+            ("input_ids", torch.zeros(2, 1, dtype=torch.long), {0: BATCH}),
+            ("attention_mask", torch.ones(2, 6, dtype=torch.long), {0: BATCH, 1: PAST + 1}),
+            ("position_ids", torch.full((2, 1), 5), {0: BATCH}),
+            *((name, t, {0: BATCH, 2: PAST}) for name, t in zip(past, kv)),
+        ], ["logits", *present]),
+    ]
+
+
+def _t5_specs(lm: nn.Module, s: LlmShape, dtype: torch.dtype) -> list[GraphSpec]:
+    past, present, cross = kv_names("past", s.layers), kv_names("present", s.layers), kv_names("cross", s.layers)
+    mask = ("encoder_attention_mask", torch.ones(2, 6, dtype=torch.long), {0: BATCH, 1: SEQ})
+    start = torch.zeros(2, 1, dtype=torch.long)
+    return [
+        GraphSpec("encoder", T5Encoder(lm), [
+            ("inputs_embeds", torch.randn(2, 6, s.width, dtype=dtype), {0: BATCH, 1: SEQ}),
+            ("attention_mask", torch.ones(2, 6, dtype=torch.long), {0: BATCH, 1: SEQ}),
+        ], ["encoder_hidden_states"]),
+        GraphSpec("decoder", T5DecoderFirst(lm, s.layers), [
+            ("decoder_input_ids", start, {0: BATCH}),
+            ("encoder_hidden_states", torch.randn(2, 6, s.width, dtype=dtype), {0: BATCH, 1: SEQ}),
+            mask,
+        ], ["logits", *present, *cross]),
+        GraphSpec("decoder_with_past", T5DecoderWithPast(lm, s.layers), [
+            ("input_ids", start, {0: BATCH}), mask,
+            *((name, torch.randn(2, s.kv_heads, 3, s.head_dim, dtype=dtype), {0: BATCH, 2: PAST}) for name in past),
+            *((name, torch.randn(2, s.kv_heads, 6, s.head_dim, dtype=dtype), {0: BATCH, 2: SEQ}) for name in cross),
+        ], ["logits", *present]),
+    ]
+
+
 def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize: bool, external_over: int) -> dict:
     float_dtype = torch.float16 if dtype == "fp16" else torch.float32
     lm = model.language_model
     cfg = lm.config
     size = model.config.vision_config.image_size
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    graphs = {}
-
-    px = torch.randn(2, 3, size, size, dtype=float_dtype)
-    if model.config.question_in_qformer:  # the soft prompt is conditioned on the question
-        qlen = torch.export.Dim("question", min=2, max=QFORMER_MAX_TEXT_TOKENS)
-        qids, qmask = model.question_ids(["what colour?", "which shape is it?"])
-        _export(VisualPrefix(model), (px, qids.cpu(), qmask.cpu()), out / "vision.onnx",
-                ["pixel_values", "qformer_input_ids", "qformer_attention_mask"], ["soft_prompt"],
-                ({0: batch}, {0: batch, 1: qlen}, {0: batch, 1: qlen}), opset, external_over, optimize)
+    shape = _llm_shape(model)
+    family = _t5_specs if model.config.is_encoder_decoder else _decoder_only_specs
+    specs = [_vision_spec(model, float_dtype), *family(lm, shape, float_dtype)]
+    for spec in specs:
+        _export(spec, out / spec.file, opset, external_over, rewrite=optimize)
+    if model.config.question_in_qformer:
         _write_qformer_tokenizer(model.qformer_tokenizer, out / QFORMER_TOKENIZER_FILE)
-    else:
-        _export(VisualPrefix(model), (px,), out / "vision.onnx", ["pixel_values"], ["soft_prompt"], ({0: batch},),
-                opset, external_over, optimize)
-    graphs["vision"] = "vision.onnx"
-
-    width = lm.get_input_embeddings().embedding_dim
     np.save(out / "embed_tokens.npy", lm.get_input_embeddings().weight.detach().float().numpy().astype(
         np.float16 if dtype == "fp16" else np.float32))
-    seq = torch.export.Dim("seq", min=1, max=4096)
-    if model.config.is_encoder_decoder:
-        emb = torch.randn(2, 6, width, dtype=float_dtype)
-        mask = torch.ones(2, 6, dtype=torch.long)
-        _export(T5Encoder(lm), (emb, mask), out / "encoder.onnx", ["inputs_embeds", "attention_mask"],
-                ["encoder_hidden_states"], ({0: batch, 1: seq}, {0: batch, 1: seq}), opset, external_over, optimize)
-        layers = cfg.num_decoder_layers if getattr(cfg, "num_decoder_layers", None) else cfg.num_layers
-        kv_heads, head_dim = cfg.num_heads, cfg.d_kv
-        past_names, present_names = kv_names("past", layers), kv_names("present", layers)
-        cross_names = kv_names("cross", layers)
-        hidden = torch.randn(2, 6, width, dtype=float_dtype)
-        _export(T5DecoderFirst(lm, layers), (torch.zeros(2, 1, dtype=torch.long), hidden, mask), out / "decoder.onnx",
-                ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"],
-                ["logits", *present_names, *cross_names],
-                ({0: batch}, {0: batch, 1: seq}, {0: batch, 1: seq}), opset, external_over, optimize)
-        past = torch.export.Dim("past", min=1, max=4096)
-        own = [torch.randn(2, kv_heads, 3, head_dim, dtype=float_dtype) for _ in range(2 * layers)]
-        cross = [torch.randn(2, kv_heads, 6, head_dim, dtype=float_dtype) for _ in range(2 * layers)]
-        _export(T5DecoderWithPast(lm, layers), (torch.zeros(2, 1, dtype=torch.long), mask, *own, *cross),
-                out / "decoder_with_past.onnx", ["input_ids", "encoder_attention_mask", *past_names, *cross_names],
-                ["logits", *present_names],
-                ({0: batch}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in own)
-                 + tuple({0: batch, 2: seq} for _ in cross)), opset, external_over, optimize)
-        graphs.update(encoder="encoder.onnx", decoder="decoder.onnx", decoder_with_past="decoder_with_past.onnx")
-    else:
-        layers = cfg.num_hidden_layers
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        past_names, present_names = kv_names("past", layers), kv_names("present", layers)
-        emb = torch.randn(2, 7, width, dtype=float_dtype)
-        mask = torch.ones(2, 7, dtype=torch.long)
-        pos = torch.arange(7).expand(2, 7).contiguous()
-        _export(Prefill(lm, layers), (emb, mask, pos), out / "prefill.onnx",
-                ["inputs_embeds", "attention_mask", "position_ids"], ["logits", *present_names],
-                ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}), opset, external_over, optimize)
-        past = torch.export.Dim("past", min=1, max=4096)
-        kv = [torch.randn(2, kv_heads, 5, head_dim, dtype=float_dtype) for _ in range(2 * layers)]
-        _export(Decode(lm, layers), (torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 6, dtype=torch.long),
-                                     torch.full((2, 1), 5), *kv), out / "decode.onnx",
-                ["input_ids", "attention_mask", "position_ids", *past_names], ["logits", *present_names],
-                ({0: batch}, {0: batch, 1: past + 1}, {0: batch}, tuple({0: batch, 2: past} for _ in kv)), opset, external_over, optimize)
-        graphs.update(prefill="prefill.onnx", decode="decode.onnx")
+    graphs = {spec.key: spec.file for spec in specs}
+    width, layers, kv_heads, head_dim = shape.width, shape.layers, shape.kv_heads, shape.head_dim
 
     fusions = {}
     if optimize:  # ViT-style fusions for the vision graph, BERT-style (LayerNorm, SkipLayerNorm, BiasGelu) for the rest
