@@ -8,9 +8,8 @@ Names load on first use, so `blip2rt.export.OrtBlip2` (ONNX Runtime only) never 
 PyTorch model code.
 """
 
-from importlib import import_module
-
 from .errors import Blip2rtError, CheckpointError, ImageError, InputError
+from .lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -22,10 +21,4 @@ _LAZY = {
 __all__ = ["Blip2", "Blip2Config", "QFormerConfig", "VisionConfig", "Blip2rtError", "CheckpointError",
            "ImageError", "InputError", "PRESET_NAMES", "preset_config", "from_pretrained", "__version__"]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'blip2rt' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

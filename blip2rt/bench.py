@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .errors import Blip2rtError
+from .json_files import read_json
 
 # The impl that a group's speed-ups are measured against, first found wins: eager PyTorch
 # (blip2rt's kernels="torch" path) is the baseline every fast path is compared with.
@@ -85,12 +86,7 @@ def resolve_run(name: str, runs: Path) -> Path:
 
 def load_run(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise Blip2rtError(f"benchmark run {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise Blip2rtError(f"benchmark run {path} is not valid JSON ({e})") from None
+    data = read_json(path, "benchmark run")
     if "benchmarks" not in data:
         raise Blip2rtError(f"{path} is not a pytest-benchmark JSON file (no 'benchmarks')")
     return data

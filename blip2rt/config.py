@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .json_files import read_json
 
 # Architectures a Hugging Face Blip2 folder may declare, and what each carries.
 RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
@@ -184,14 +185,7 @@ class Blip2Config:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "Blip2Config":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"config file {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"config file {path} is not valid JSON ({e})") from None
-        return cls.from_hf_dict(d)
+        return cls.from_hf_dict(read_json(path, "config file", CheckpointError))
 
     def save(self, folder: str | Path) -> None:
         Path(folder, "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True))

@@ -5,16 +5,10 @@
 Names load on first use, so importing OrtBlip2 never imports torch or blip2rt's model code.
 """
 
-from importlib import import_module
+from blip2rt.lazy import lazy_attributes
 
 _LAZY = {"OrtBlip2": ".ort_runtime", "export_model": ".onnx_export", "check_export": ".check"}
 
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'blip2rt.export' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

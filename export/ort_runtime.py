@@ -23,6 +23,7 @@ from blip2rt.front_end import (as_image_list, default_prompt_ids, drop_leading_b
                                per_image)
 from blip2rt.generation_defaults import CAPTION_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, VQA_DEFAULTS, VQA_PROMPT
 from blip2rt.images import pixel_array
+from blip2rt.json_files import read_json
 from blip2rt.tokenization import QFORMER_MAX_TEXT_TOKENS
 
 from .search import Search
@@ -100,10 +101,7 @@ class OrtBlip2:
         if not cfg_path.is_file():
             raise CheckpointError(f"{self.dir} is not a blip2rt export folder (no {EXPORT_CONFIG}); "
                                   "write one with `blip2rt export`")
-        try:
-            self.cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
+        self.cfg = read_json(cfg_path, "export config", CheckpointError)
         available = ort.get_available_providers()
         wanted = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
         self.providers = [p for p in wanted if p in available] or ["CPUExecutionProvider"]

@@ -85,3 +85,11 @@ def hf_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> t
     ids = torch.cat([torch.full((b, NUM_QUERIES), IMAGE_TOKEN), input_ids], dim=1)
     mask = torch.cat([torch.ones(b, NUM_QUERIES, dtype=attention_mask.dtype), attention_mask], dim=1)
     return ids, mask
+
+
+def hf_itm_logits(ref: HFReference, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+    """transformers' ITM logits (B, 2) of image i with text i."""
+    with torch.no_grad():
+        return ref.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                         use_image_text_matching_head=True).logits_per_image

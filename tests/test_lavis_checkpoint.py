@@ -8,7 +8,7 @@ from transformers.models.bert.configuration_bert import BertConfig
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
 import blip2rt
-from hf_reference import QFORMER
+from hf_reference import QFORMER, hf_itm_logits
 from test_parity_transformers import pixels, qformer_batch
 
 
@@ -146,9 +146,8 @@ def test_lavis_stage1_loads_temp_and_itg_head(hf_retrieval, tmp_path):
     # retrieval outputs equal transformers'
     px = pixels(2, seed=5)
     ids, mask = qformer_batch(2, 6)
+    want = hf_itm_logits(hf_retrieval, px, ids, mask)
     with torch.no_grad():
-        want = hf_retrieval.model(pixel_values=px, input_ids=ids, attention_mask=mask,
-                                  use_image_text_matching_head=True).logits_per_image
         torch.testing.assert_close(m.itm_logits(m.image_embeds(px), ids, mask), want, atol=1e-5, rtol=1e-5)
 
 

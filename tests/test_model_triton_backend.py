@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import blip2rt
-from hf_reference import NUM_QUERIES, hf_prompt_inputs
+from hf_reference import NUM_QUERIES, hf_itm_logits, hf_prompt_inputs
 from test_parity_transformers import left_padded_prompts, pixels, qformer_batch
 
 
@@ -33,9 +33,8 @@ def test_itm_with_triton(hf_retrieval):
     m = blip2rt.from_pretrained(hf_retrieval.folder, device="cpu", kernels="triton")
     px = pixels(2, seed=3)
     ids, mask = qformer_batch(2, 5)
+    want = hf_itm_logits(hf_retrieval, px, ids, mask)
     with torch.no_grad():
-        want = hf_retrieval.model(pixel_values=px, input_ids=ids, attention_mask=mask,
-                                  use_image_text_matching_head=True).logits_per_image
         torch.testing.assert_close(m.itm_logits(m.image_embeds(px), ids, mask), want, atol=1e-5, rtol=1e-5)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import blip2rt
-from hf_reference import NUM_QUERIES, QFORMER_VOCAB, TEXT_VOCAB, hf_prompt_inputs
+from hf_reference import NUM_QUERIES, QFORMER_VOCAB, TEXT_VOCAB, hf_itm_logits, hf_prompt_inputs
 
 ATOL = 1e-5  # fp32: same math, different kernels and op order
 
@@ -122,9 +122,8 @@ def test_itm_matches_transformers(hf_retrieval):
     m = blip2rt.from_pretrained(hf_retrieval.folder, device="cpu", dtype="fp32")
     px = pixels(3, seed=7)
     ids, mask = qformer_batch(3, 9)
+    want = hf_itm_logits(hf_retrieval, px, ids, mask)
     with torch.no_grad():
-        want = hf_retrieval.model(pixel_values=px, input_ids=ids, attention_mask=mask,
-                                  use_image_text_matching_head=True).logits_per_image
         got_logits = m.itm_logits(m.image_embeds(px), ids, mask)
     torch.testing.assert_close(got_logits, want, atol=ATOL, rtol=1e-5)
     prob = m.itm(px, {"input_ids": ids, "attention_mask": mask})

@@ -31,6 +31,7 @@ from PIL import Image
 
 from blip2rt.errors import Blip2rtError, ImageError
 from blip2rt.images import CLIP_MEAN, CLIP_STD, open_image, to_rgb
+from blip2rt.json_files import read_json
 from blip2rt.tokenization import prompt_token_rows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -49,12 +50,7 @@ def load_annotations(paths: Sequence[str | Path], fields: tuple[str, ...] = ("im
     records = []
     for path in paths:
         path = Path(path)
-        if not path.is_file():
-            raise Blip2rtError(f"annotation file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise Blip2rtError(f"annotation file {path} is not valid JSON ({e})") from None
+        data = read_json(path, "annotation file")
         if not isinstance(data, list) or not all(isinstance(r, dict) and all(f in r for f in fields) for r in data):
             raise Blip2rtError(f"annotation file {path} must be a JSON list of objects with "
                                + " and ".join(repr(f) for f in fields))
