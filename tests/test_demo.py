@@ -58,16 +58,13 @@ def test_the_exporters_output_goes_to_its_log_and_real_warnings_still_show(tmp_p
         assert not any(getattr(h, "baseFilename", None) == str(log) for h in logging.getLogger(name).handlers)
 
 
-# The quick plan's 60 VQA steps measured 55.0% on its 120 test questions, where always giving the
-# majority answer scores 39.2%: the floor asks for 10 points above that, below the measurement by
-# about one standard error of a 120-question score (4.5 points).
-VQA_QUICK_MARGIN = 0.10
-
-
 def _demo(out: Path) -> subprocess.CompletedProcess:
     exe = shutil.which("blip2rt") or str(Path(sys.executable).with_name("blip2rt"))
-    # --no-bf16: fp32 training, as on a CPU without native bf16, whatever this one has
-    return subprocess.run([exe, "demo", "--quick", "--with-vqa", "--no-bf16", "--no-progress", "--out", str(out)],
+    # --no-bf16: fp32 training, as on a CPU without native bf16, whatever this one has. Without
+    # --with-vqa: with it the quick run took 611 s of this test's 900 (VQA fine-tuning 171 s of
+    # that), too little margin for a slower CI machine; the VQA stage is tested on tiny
+    # (test_vqa_finetune.py) and its checkpoint over blip2-mini (test_embedded.py).
+    return subprocess.run([exe, "demo", "--quick", "--no-bf16", "--no-progress", "--out", str(out)],
                           capture_output=True, text=True, timeout=1500)
 
 
@@ -91,9 +88,6 @@ def test_quick_demo_learns_exports_and_resumes(tmp_path):
     for name in ("vision.onnx", "prefill.onnx", "decode.onnx", "manifest.json"):
         assert (out / "export" / name).is_file()
     assert report["machine"]["training"] == "none"
-    # VQA fine-tuned with the question in the Q-Former, far above always answering the majority
-    vqa = report["vqa"]
-    assert vqa["fine_tuned"]["accuracy"] >= vqa["majority_baseline"] + VQA_QUICK_MARGIN, vqa
     # a quiet run: the exporter's logs and deprecation warnings went to its log file
     log = (out / "export.log").read_text()
     assert "exported vision.onnx" in log and "exported decode.onnx" in log
@@ -103,10 +97,10 @@ def test_quick_demo_learns_exports_and_resumes(tmp_path):
     assert f"the exporter's log: {out / 'export.log'}" in done.stdout
 
     # a rerun resumes: no training step and no evaluation is redone, the report is the same
-    lines = {s: (out / s / "metrics.jsonl").read_text() for s in ("stage1", "stage2", "vqa")}
+    lines = {s: (out / s / "metrics.jsonl").read_text() for s in ("stage1", "stage2")}
     again = _demo(out)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {s: (out / s / "metrics.jsonl").read_text() for s in ("stage1", "stage2", "vqa")} == lines
+    assert {s: (out / s / "metrics.jsonl").read_text() for s in ("stage1", "stage2")} == lines
     second = json.loads((out / "report.json").read_text())
     assert second["retrieval"] == report["retrieval"] and second["captions"] == report["captions"]
     assert second["vqa"] == report["vqa"]
