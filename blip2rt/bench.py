@@ -13,7 +13,6 @@ The suite lives in a source checkout (benchmarks/ beside blip2rt/); GPU cases sk
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import InputError
-from .generation_defaults import CAPTION_DEFAULTS, VQA_DEFAULTS
 
-__all__ = ["CAPTION_DEFAULTS", "VQA_DEFAULTS", "as_image_list", "default_prompt_ids", "drop_leading_bos",
+__all__ = ["as_image_list", "default_prompt_ids", "drop_leading_bos",
            "generation_args", "pad_rows", "per_image"]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import CheckpointError
+from .front_end import drop_leading_bos
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model")
@@ -43,8 +44,6 @@ def load_tokenizer(folder: str | Path):
 def prompt_token_rows(tokenizer, prompts, drop_bos: int | None = None) -> list[list[int]]:
     """Each prompt's ids as the LLM's tokenizer gives them, without a leading `drop_bos` (the model
     puts the BOS before the soft prompt itself: Blip2Config.bos_before_soft_prompt)."""
-    from .front_end import drop_leading_bos
-
     return drop_leading_bos(tokenizer(list(prompts))["input_ids"], drop_bos)
 
 

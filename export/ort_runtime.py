@@ -12,7 +12,6 @@ logits (B x vocab) come back for the search.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
