@@ -24,6 +24,7 @@ per step and the benchmark JSON files). Exit status: 0 when every step ran and e
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import re
@@ -65,6 +66,7 @@ class Check:
         # logs and benchmark JSON: packed into OUT/details.tar.gz after every step (the device tool
         # brings back 8 files at most, so OUT holds three)
         self.details = Path(tempfile.mkdtemp(prefix="blip2rt-gpu-check-"))
+        atexit.register(shutil.rmtree, self.details, True)  # packed into OUT after every step
         self.start = time.monotonic()
         self.deadline = self.start + budget
         self.summary: dict = {"steps": {}, "machine": {}, "tests": {}, "benchmarks": {}}
