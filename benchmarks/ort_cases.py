@@ -3,7 +3,9 @@ end-to-end captioning. Builds (once per process) a saved model and its export fo
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ import blip2rt
 @functools.lru_cache(maxsize=4)
 def _saved(preset: str) -> Path:
     root = Path(tempfile.mkdtemp(prefix=f"blip2rt_bench_{preset}_"))
+    atexit.register(shutil.rmtree, root, True)  # blip2-mini's model and export: gigabytes
     torch.manual_seed(0)
     blip2rt.from_pretrained(preset, device="cpu").save_pretrained(root / "model")
     return root
@@ -53,7 +56,12 @@ def visual_prefix(impl: str, preset: str, batch: int, pair: tuple | None = None)
 
 
 def decode_step(impl: str, preset: str, batch: int, past: int = 40) -> Callable[[], None]:
-    """One new token against `past` cached positions."""
+    """One new token against `past` cached positions.
+
+    impl: "ort" (decode.onnx: the cache grows by concatenation, the logits come back), "ort-static"
+    (static_lm.onnx: the cache's buffers bound in and out, only the ids come back), "eager"
+    (transformers' forward over a DynamicCache), "static-eager" / "static-compiled" (blip2rt's
+    static-cache decode step, eager or torch.compile'd)."""
     from transformers import DynamicCache
 
     model, rt = model_and_export(preset)
@@ -66,6 +74,10 @@ def decode_step(impl: str, preset: str, batch: int, past: int = 40) -> Callable[
     if impl == "ort":
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(rt.past_names, kv))}
         return lambda: rt.decode.run(feeds)
+    if impl == "ort-static":
+        return _ort_static_step(rt, kv, past)
+    if impl.startswith("static-"):
+        return _torch_static_step(model, kv, past, compiled=impl == "static-compiled")
     tkv = [torch.from_numpy(a) for a in kv]
     lm = model.language_model
     t_ids, t_mask, t_pos = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos)
@@ -80,15 +92,80 @@ def decode_step(impl: str, preset: str, batch: int, past: int = 40) -> Callable[
     return eager
 
 
+def _ort_static_step(rt, kv: list[np.ndarray], past: int) -> Callable[[], None]:
+    """static_lm.onnx's decode step over buffers holding `past` positions, as the search runs it."""
+    from blip2rt.front_end import static_cache_length
+
+    b = kv[0].shape[0]
+    buf = rt.static_buffers(b, static_cache_length(past, 1))
+    length = buf.mask.shape()[1]
+    for dst, src in zip(buf.kv, kv):
+        full = np.zeros((*src.shape[:2], length, src.shape[3]), np.float32)
+        full[:, :, :past] = src
+        dst.update_inplace(full)
+    buf.mask.update_inplace(np.ones((b, length), np.int64))
+    buf.position.update_inplace(np.full((b, 1), past, np.int64))
+    buf.write_at.update_inplace(np.array(past, np.int64))
+    buf.embeds.update_inplace(np.ascontiguousarray(rt.embed[np.full(b, 5)][:, None].astype(rt.float)))
+    present = ["present." + n.split(".", 1)[1] for n in rt.past_names]
+    inputs = {"inputs_embeds": buf.embeds, "attention_mask": buf.mask, "position_ids": buf.position,
+              "write_at": buf.write_at, "token_bias": buf.bias, **dict(zip(rt.past_names, buf.kv))}
+    outputs = {"logits": buf.logits, "next_ids": buf.next_ids, **dict(zip(present, buf.kv))}
+
+    def step():
+        rt.static.run_bound(inputs, outputs)
+        return buf.next_ids.numpy()  # the ids: all that crosses back per step
+
+    return step
+
+
+def _torch_static_step(model, kv: list[np.ndarray], past: int, compiled: bool) -> Callable[[], None]:
+    """blip2rt's static-cache decode step (the function generate(static_cache=True) loops over)."""
+    from blip2rt.front_end import static_cache_length
+    from blip2rt.static_decoding import StaticDecoder
+
+    lm = model.language_model
+    decoder = StaticDecoder(lm)
+    b = kv[0].shape[0]
+    length = static_cache_length(past, 1)
+    buffers = decoder.buffers(b, length, torch.float32, torch.device("cpu"))
+    for dst, src in zip(buffers, kv):
+        dst[:, :, :past] = torch.from_numpy(src)
+    eos = lm.generation_config.eos_token_id
+    eos = tuple([eos] if isinstance(eos, int) else eos or [])
+    step = decoder.step_function(None, eos, 0, compiled, torch.device("cpu"))
+    tokens, unfinished = torch.full((b,), 5), torch.ones(b, dtype=torch.bool)
+    write_at, first = torch.tensor(past), torch.zeros(b, 1, dtype=torch.long)
+    bias, mask = torch.zeros(1, lm.get_output_embeddings().weight.shape[0]), torch.ones(b, length, dtype=torch.long)
+
+    def run():
+        with torch.no_grad():
+            return step(tokens, unfinished, write_at, first, bias, mask, *buffers)
+
+    return run
+
+
 def caption(impl: str, preset: str, batch: int, new_tokens: int = 20, pair: tuple | None = None
             ) -> Callable[[], None]:
+    """impl: "ort" (greedy over static_lm.onnx), "ort-dynamic" (over prefill/decode.onnx), "eager"
+    (transformers' generate), "static-eager" / "static-compiled" (generate(static_cache=True)),
+    "transformers-static" (transformers' generate with its own static cache), "transformers"
+    (transformers' own Blip2)."""
     model, rt = pair or model_and_export(preset)
     size = model.config.vision_config.image_size
     px = torch.randn(batch, 3, size, size)
     gen = dict(num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    if impl == "ort":
+    if impl in ("ort", "ort-dynamic"):
         arr = px.numpy()
+        if impl == "ort-dynamic":
+            from blip2rt.export import OrtBlip2
+
+            rt = OrtBlip2(rt.dir, providers=rt.providers, static_cache=False)
         return lambda: rt.caption(arr, **gen)
+    if impl.startswith("static-"):
+        gen.update(static_cache=True, compile_step=impl == "static-compiled")
+    if impl == "transformers-static":  # transformers' own static cache under its generate, the soft prompt ours
+        gen.update(cache_implementation="static")
     if impl == "transformers":  # the same saved weights, through transformers' own Blip2 generate
         from transformers import Blip2ForConditionalGeneration
 
@@ -125,3 +202,30 @@ def ort_cuda_visual_prefix(impl: str, preset: str, batch: int) -> Callable[[], N
 
 def ort_cuda_caption(impl: str, preset: str, batch: int, new_tokens: int = 20) -> Callable[[], None]:
     return caption(impl, preset, batch, new_tokens, pair=_cuda_pair(preset))
+
+
+@functools.lru_cache(maxsize=1)
+def fp16_cuda_export(preset: str) -> tuple[object, object]:
+    """A preset's random weights exported in fp16 (no saved checkpoint: at ViT-g + OPT-2.7B it would
+    be 15 GB), run on ORT's CUDA provider; returns (the CPU model, for the floor; OrtBlip2)."""
+    from blip2rt.export import OrtBlip2, export_model
+
+    root = Path(tempfile.mkdtemp(prefix=f"blip2rt_bench_{preset}_fp16_"))
+    atexit.register(shutil.rmtree, root, True)
+    torch.manual_seed(0)
+    model = blip2rt.from_pretrained(preset, device="cpu", dtype="fp32", kernels="torch")
+    export_model(model, root / "ort", dtype="fp16")
+    return model, OrtBlip2(root / "ort", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def ort_cuda_fp16_caption(impl: str, preset: str, batch: int, new_tokens: int) -> Callable[[], None]:
+    """impl: "ort" (static_lm.onnx, its decode step a CUDA graph) or "ort-dynamic"."""
+    from blip2rt.export import OrtBlip2
+
+    model, rt = fp16_cuda_export(preset)
+    if impl == "ort-dynamic":
+        rt = OrtBlip2(rt.dir, providers=rt.providers, static_cache=False)
+    size = model.config.vision_config.image_size
+    px = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float16)
+    gen = dict(num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    return lambda: rt.caption(px, **gen)

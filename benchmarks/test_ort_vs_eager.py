@@ -3,18 +3,26 @@ PyTorch (and transformers' Blip2ForConditionalGeneration where it can load the w
 one run. CPU: `tiny` (random weights) and `blip2-mini` (the embedded default's real weights),
 latency at batch 1 and throughput at batch 8, with the CPU provider.
 
+Decoding, both runtimes two ways: ORT's static graph (in-place KV buffers, the token chosen in the
+graph) against its prefill/decode graphs; blip2rt's static-cache step, eager and torch.compile'd,
+against transformers' forward over a growing cache. extra_info holds the memory-bandwidth floor
+(floors.py) of the decode step and the caption, and each case's multiple of it.
+
 Run: blip2rt bench -k ort_vs_eager
 """
 
 import pytest
 
-from ort_cases import caption, decode_step, visual_prefix
-from timing import measure, per_second
+from floors import caption_floor_seconds, cpu_copy_bandwidth, decode_floor_seconds, record_floor
+from ort_cases import caption, decode_step, model_and_export, visual_prefix
+from timing import measure, per_second, quick_mode
 
 PRESETS = ["tiny", "blip2-mini"]
 
 
 def _skip_unsupported(preset, impl):
+    if impl == "static-compiled" and quick_mode():
+        pytest.skip("inductor compiles for minutes on the CPU: the quick run checks the eager static step")
     if impl == "ort-opt" and preset != "tiny":
         pytest.skip("the optimizer export is measured on tiny only (a second mini export costs minutes)")
     if impl == "transformers" and preset == "blip2-mini":
@@ -31,16 +39,20 @@ def test_visual_prefix(benchmark, preset, batch, impl):
     per_second(benchmark, "images_per_s", batch)
 
 
-@pytest.mark.parametrize("impl", ["ort", "eager"])
+@pytest.mark.parametrize("impl", ["ort", "ort-static", "eager", "static-eager", "static-compiled"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_decode_step(benchmark, preset, batch, impl):
+    _skip_unsupported(preset, impl)
     benchmark.group = f"decode step {preset} B={batch} (cpu)"
     measure(benchmark, decode_step(impl, preset, batch), rounds=50, warmup=5)
     per_second(benchmark, "tokens_per_s", batch)
+    bw = cpu_copy_bandwidth()
+    record_floor(benchmark, decode_floor_seconds(model_and_export(preset)[0], bw), bw)
 
 
-@pytest.mark.parametrize("impl", ["ort", "eager", "transformers"])
+@pytest.mark.parametrize("impl", ["ort", "ort-dynamic", "eager", "static-eager", "static-compiled",
+                                  "transformers-static", "transformers"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_caption(benchmark, preset, batch, impl):
@@ -49,3 +61,5 @@ def test_caption(benchmark, preset, batch, impl):
     measure(benchmark, caption(impl, preset, batch), rounds=10, warmup=2)
     per_second(benchmark, "captions_per_s", batch)
     per_second(benchmark, "tokens_per_s", 20 * batch)
+    bw = cpu_copy_bandwidth()
+    record_floor(benchmark, caption_floor_seconds(model_and_export(preset)[0], 20, bw), bw)

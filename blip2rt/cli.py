@@ -56,6 +56,13 @@ def _add_generation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --sample)")
+    g.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="greedy or sampled decoding over a preallocated KV cache, the token chosen on the device "
+                        "(decoder-only LLMs, --num-beams 1). PyTorch: off unless given; ONNX Runtime: on where the "
+                        "export has static_lm.onnx")
+    g.add_argument("--compile", action="store_true",
+                   help="with --static-cache on PyTorch: torch.compile the decode step (the default on CUDA, where "
+                        "it runs as a CUDA graph; on the CPU the first caption waits for the compile)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,10 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export to ONNX for ONNX Runtime (vision, prefill, decode graphs)",
                        description="Writes a folder that blip2rt.export.OrtBlip2 (or `blip2rt caption --backend onnx`) "
-                                   "runs with onnxruntime alone: vision.onnx, prefill.onnx + decode.onnx (decoder-only "
-                                   "LLMs) or encoder.onnx + decoder.onnx + decoder_with_past.onnx (T5), the embedding "
-                                   "table, the tokenizer, and a manifest. Graphs whose weights pass 1.8 GB keep them in "
-                                   "external data files beside them.")
+                                   "runs with onnxruntime alone: vision.onnx, prefill.onnx + decode.onnx and "
+                                   "static_lm.onnx (decoder-only LLMs) or encoder.onnx + decoder.onnx + "
+                                   "decoder_with_past.onnx (T5), the embedding table, the tokenizer, and a manifest. "
+                                   "Graphs whose weights pass 1.8 GB keep them in external data files beside them.")
     p.add_argument("--model", required=True, metavar="DIR_OR_PRESET")
     p.add_argument("--config", metavar="PRESET_OR_DIR", help="for a bare weights file: the preset or folder it fits")
     p.add_argument("--out", required=True, help="the export folder to write")
@@ -116,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite the graphs with torch.onnx's optimizer, then run onnxruntime's transformer "
                    "optimizer on them and report what it fused (the export takes about 1.5x as long)")
     p.add_argument("--check", action="store_true", help="run the graphs against PyTorch and print the largest differences")
+    p.add_argument("--no-static-graph", action="store_true",
+                   help="leave out static_lm.onnx (greedy decoding over a static KV cache; one more copy of the LLM's "
+                        "weights on disk): greedy search then runs on the prefill/decode graphs")
     p.set_defaults(run=_run_export)
 
     from blip2rt.training.cli import add_eval_parser, add_train_parser
@@ -204,7 +214,8 @@ def _run_export(args) -> None:
     from .pretrained import from_pretrained
 
     model = from_pretrained(args.model, device="cpu", dtype="fp32", kernels="torch", config=args.config)
-    manifest = export_model(model, args.out, dtype=args.dtype, opset=args.opset, optimize=args.optimize)
+    manifest = export_model(model, args.out, dtype=args.dtype, opset=args.opset, optimize=args.optimize,
+                            static_graph=not args.no_static_graph)
     print(f"exported {', '.join(manifest['graphs'])} to {args.out}")
     for graph, fused in manifest["fusions"].items():
         print(f"  optimizer, {graph}: " + (", ".join(f"{op} x{n}" for op, n in fused.items()) or "nothing fused"))
@@ -225,8 +236,11 @@ def _load(args):
     if getattr(args, "backend", "torch") == "onnx":
         from .export import OrtBlip2
 
+        if getattr(args, "compile", False):
+            raise Blip2rtError("--compile is for the PyTorch backend; ONNX Runtime captures CUDA graphs itself")
         return OrtBlip2(args.model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
-                        if args.device in (None, "cuda") or str(args.device).startswith("cuda") else ["CPUExecutionProvider"])
+                        if args.device in (None, "cuda") or str(args.device).startswith("cuda") else ["CPUExecutionProvider"],
+                        static_cache=getattr(args, "static_cache", None) is not False)
 
     return from_pretrained(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels, config=args.config)
 
@@ -238,7 +252,20 @@ def _gen_kwargs(args) -> dict:
     for name in ("length_penalty", "repetition_penalty", "temperature", "top_p"):
         if getattr(args, name) is not None:
             gen[name] = getattr(args, name)
+    if args.backend == "torch" and args.static_cache:
+        gen["static_cache"] = True
+        gen["compile_step"] = True if args.compile else None
+    elif args.compile and args.backend == "torch":
+        raise Blip2rtError("--compile compiles the static cache's decode step: give --static-cache too")
     return gen
+
+
+def _say_search(model) -> None:
+    """ONNX Runtime: which graphs the last captions or answers ran through, on stderr."""
+    if getattr(model, "last_search", None):
+        print(f"onnx runtime: {model.last_search} graphs "
+              f"({'static_lm.onnx' if model.last_search == 'static' else 'prefill.onnx + decode.onnx'})",
+              file=sys.stderr)
 
 
 def _batched(items: Sequence, size: int, fn: Callable[[list], list], desc: str) -> list:
@@ -266,6 +293,7 @@ def _run_caption(args) -> None:
     gen = _gen_kwargs(args)
     caps = _batched(args.images, args.batch_size, lambda b: model.caption(b, prompt=args.prompt, **gen), "caption")
     _emit(args, "caption", args.images, caps)
+    _say_search(model)
 
 
 def _run_vqa(args) -> None:
@@ -274,6 +302,7 @@ def _run_vqa(args) -> None:
     answers = _batched(args.images, args.batch_size,
                        lambda b: model.answer(b, args.question, prompt_template=args.prompt_template, **gen), "vqa")
     _emit(args, "answer", args.images, answers)
+    _say_search(model)
 
 
 def _run_retrieve(args) -> None:

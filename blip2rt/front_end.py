@@ -14,7 +14,16 @@ import numpy as np
 from .errors import InputError
 
 __all__ = ["as_image_list", "default_prompt_ids", "drop_leading_bos",
-           "generation_args", "pad_rows", "per_image"]
+           "generation_args", "pad_rows", "per_image", "static_cache_length", "LENGTH_BUCKET"]
+
+LENGTH_BUCKET = 32  # static KV caches are this many positions long, or a multiple
+
+
+def static_cache_length(prompt: int, max_new: int) -> int:
+    """The static KV cache's length for a prompt (soft prompt included) and `max_new` tokens, rounded
+    up to a multiple of LENGTH_BUCKET, so that captions of nearby lengths share one buffer set, one
+    compiled step and one CUDA graph."""
+    return -(-(prompt + max_new) // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
 def as_image_list(images) -> list:

@@ -73,6 +73,7 @@ class Blip2(nn.Module):
             self.itg_head = QFormerLMHead(qcfg)
         self.tokenizer = None  # the LLM's
         self.qformer_tokenizer = None  # BERT WordPiece + [DEC]
+        self._static_decoder = None  # generate(static_cache=True): its KV buffers and compiled steps
         self._init_trainable(config.initializer_range)
         if config.with_text_heads:
             self.itg_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as in BERT
@@ -307,7 +308,7 @@ class Blip2(nn.Module):
     def generate(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, qformer_input_ids: torch.Tensor | None = None,
                  qformer_attention_mask: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                 **gen) -> torch.Tensor:
+                 static_cache: bool = False, compile_step: bool | None = None, **gen) -> torch.Tensor:
         """Token ids of the new text only (B, T). `gen` takes transformers' generate arguments.
 
         input_ids: the prompt as the LLM's tokenizer gives it (BOS included where it adds one),
@@ -315,19 +316,32 @@ class Blip2(nn.Module):
         qformer_attention_mask: the question in the Q-Former's tokens, for a model fine-tuned with
         question_in_qformer (see `question_ids`). image_embeds: (B, N, Dv) after ln_vision (see
         `image_embeds`), instead of pixel_values.
+        static_cache: greedy or sampled decoding over a preallocated KV cache with the token chosen
+        on the device (blip2rt.static_decoding), instead of transformers' generate; decoder-only
+        LLMs, and no beam search. compile_step: torch.compile its decode step (default: on CUDA,
+        where it runs as a CUDA graph; on the CPU the first call pays inductor's compile).
         """
         self._need_llm("generate")
         if "max_new_tokens" not in gen and "max_length" not in gen:
             gen["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+        lm = self.language_model
+        pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+        if static_cache:
+            from .static_decoding import StaticDecoder, request_from
+
+            request = request_from(gen, lm, pad)  # checked before any work
+            if self._static_decoder is None or self._static_decoder.lm is not lm:
+                self._static_decoder = StaticDecoder(lm)
         embeds, mask, input_ids = self._llm_inputs(pixel_values, input_ids, attention_mask, image_embeds,
                                                    qformer_input_ids, qformer_attention_mask)
-        lm = self.language_model
+        if static_cache:
+            compiled = self.device.type == "cuda" if compile_step is None else compile_step
+            return self._static_decoder.generate(embeds, mask, request, compiled)
         if self.config.is_encoder_decoder:
             out = lm.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
             return out[:, 1:]  # drop the decoder start token
         # The ids beside the embeddings let a repetition penalty see the prompt. The soft prompt's
         # positions hold the pad id there, and the penalty skips them: they are not text.
-        pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
         num_soft = embeds.shape[1] - input_ids.shape[1]
         ids = torch.cat([torch.full((embeds.shape[0], num_soft), pad, dtype=torch.long, device=self.device),
                          input_ids], dim=1)

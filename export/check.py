@@ -13,7 +13,8 @@ from .ort_runtime import OrtBlip2
 @torch.no_grad()
 def check_export(model, export_dir: str | Path, batch: int = 2, prompt_len: int = 5, steps: int = 8) -> dict[str, float]:
     """Largest absolute differences: the soft prompt, the first logits (prefill, or T5's first decoder
-    step), the logits of `steps` cached decode steps; and whether greedy tokens agree (1.0 / 0.0)."""
+    step), the logits of `steps` cached decode steps, the static graph's logits over its prefill and
+    `steps` steps; and whether greedy tokens agree (1.0 / 0.0)."""
     rt = OrtBlip2(export_dir, providers=["CPUExecutionProvider"])
     model = model.eval().to("cpu")
     g = torch.Generator().manual_seed(0)
@@ -51,7 +52,31 @@ def check_export(model, export_dir: str | Path, batch: int = 2, prompt_len: int 
         logits, state = s.step(state, tok)
         worst = max(worst, float(np.abs(logits - reference(dec).float().numpy()).max()))
     out["decode_logits"] = worst
+    if rt.use_static:
+        out["static_logits"] = _static_logits(rt, embeds.numpy().astype(rt.float), steps, reference, dec[:, :0])
     got_ids = rt.generate(px.numpy(), max_new_tokens=steps)
     want_ids = model.generate(px, max_new_tokens=steps).numpy()
     out["greedy_tokens_equal"] = float(got_ids.shape == want_ids.shape and bool((got_ids == want_ids).all()))
     return out
+
+
+def _static_logits(rt: OrtBlip2, embeds: np.ndarray, steps: int, reference, dec: torch.Tensor) -> float:
+    """static_lm.onnx's prefill and `steps` greedy steps over a static cache (run without binding:
+    its present outputs are fed back as the next past) against the PyTorch reference."""
+    from blip2rt.front_end import static_cache_length
+
+    b, p, _ = embeds.shape
+    c = rt.cfg
+    length = static_cache_length(p, steps + 1)
+    kv = [np.zeros((b, c["num_kv_heads"], length, c["head_dim"]), rt.float) for _ in rt.past_names]
+    feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((b, length), np.int64),
+             "position_ids": np.broadcast_to(np.arange(p), (b, p)).copy(), "write_at": np.array(0, np.int64),
+             "token_bias": np.zeros((1, c["vocab_size"]), np.float32)}
+    worst = 0.0
+    for t in range(steps + 1):
+        logits, ids, *kv = rt.static.session.run(None, {**feeds, **dict(zip(rt.past_names, kv))})
+        worst = max(worst, float(np.abs(logits - reference(dec).float().numpy()).max()))
+        dec = torch.cat([dec, torch.from_numpy(ids)[:, None]], 1)
+        feeds.update(inputs_embeds=rt.embed[ids][:, None].astype(rt.float), position_ids=np.full((b, 1), p + t),
+                     write_at=np.array(p + t, np.int64))
+    return worst

@@ -7,7 +7,9 @@ The three-graph layout of onnxruntime-genai's vision-language models:
   tokenizer as `qformer_tokenizer.json`;
 - decoder-only LLMs: `embed_tokens.npy` (the input embedding table), `prefill.onnx`
   (inputs_embeds, attention_mask, position_ids -> logits of the last position + the KV cache)
-  and `decode.onnx` (one token, mask, position, past KV -> logits + present KV);
+  and `decode.onnx` (one token, mask, position, past KV -> logits + present KV), and
+  `static_lm.onnx` (embeddings, a full-length mask, positions, the write position, a logit bias,
+  fixed-length KV buffers -> logits, the greedy ids, the buffers written at that position);
 - T5: `encoder.onnx` (inputs_embeds, attention_mask -> hidden states), `decoder.onnx` (the first
   step: start token, encoder states, mask -> logits + self KV + cross KV) and
   `decoder_with_past.onnx` (one token, mask, self KV, cross KV -> logits + present self KV).
@@ -187,6 +189,9 @@ def _export(spec: GraphSpec, path: Path, opset: int | None, external_over: int =
             # transformers' attention masks index with aranges, never negative: the padded-batch tests
             # check the graphs' logits and tokens against PyTorch
             warnings.filterwarnings("ignore", message="Exporting aten::index operator of advanced indexing")
+            # the static cache's in-place writes become scatters whose outputs are the graph's present.*;
+            # the runtime binds past.i and present.i to one buffer, which makes them in place again
+            warnings.filterwarnings("ignore", message="ONNX Preprocess - Removing mutation from node aten::index_copy_")
             torch.onnx.export(module, args, str(traced), dynamo=False, input_names=input_names,
                               output_names=output_names, dynamic_axes=axes, opset_version=opset or DEFAULT_OPSET,
                               do_constant_folding=True)
@@ -218,13 +223,15 @@ def _input_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
 
 def _output_axes(output_names: list[str], axes: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
     """Outputs' dynamic axes: the batch of the first input on every output; the soft prompt's and
-    the logits' other axes are fixed; a KV output's length axis (2) takes the cache's name."""
+    the logits' other axes are fixed; a KV output's length axis (2) takes the cache's name (the
+    static cache's: its buffers' length)."""
     batch = next(iter(axes.values()))[0] if axes else "batch"
+    static = axes.get("past.0", {}).get(2) == MAX_LENGTH.__name__
     out = {}
     for name in output_names:
         out[name] = {0: batch}
         if name.startswith(("present.", "cross.")):
-            out[name][2] = f"{name.split('.')[0]}_length"
+            out[name][2] = MAX_LENGTH.__name__ if static else f"{name.split('.')[0]}_length"
         elif name == "encoder_hidden_states":
             out[name][1] = "seq"
     return out
@@ -312,13 +319,15 @@ def _tokenizer_edges(tok, folder: Path) -> tuple[list[int], list[int]]:
 
 
 def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: int | None = None,
-                 optimize: bool = False, external_over: int = EXTERNAL_OVER) -> dict:
+                 optimize: bool = False, external_over: int = EXTERNAL_OVER, static_graph: bool = True) -> dict:
     """Writes the ONNX folder; returns the manifest.
 
     dtype: fp32, or fp16 (a half copy is exported; `model` itself is left as it was).
     optimize: run torch.onnx's graph rewriter, then onnxruntime's transformer optimizer; the manifest's
         "fusions" say what it fused. Without it the export is about a third faster (see _export).
     external_over: weight bytes above which a graph keeps its weights in `<graph>.onnx.data`.
+    static_graph: decoder-only LLMs also get `static_lm.onnx` (greedy decoding over a static KV
+        cache, one more copy of the LLM's weights); beam search keeps the prefill/decode graphs.
     """
     if not model.config.with_llm:
         raise Blip2rtError("export needs a model with an LLM (captioning / VQA); this one is retrieval-only")
@@ -333,7 +342,7 @@ def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: 
     model.set_kernel_backend("torch")  # the graphs hold plain ONNX ops
     try:
         return _export_all(copy.deepcopy(model).half() if dtype == "fp16" else model, out, dtype, opset, optimize,
-                           external_over)
+                           external_over, static_graph)
     finally:
         model.set_kernel_backend(backend)
 
@@ -379,6 +388,7 @@ def _llm_shape(model: Blip2) -> LlmShape:
 BATCH = torch.export.Dim("batch", min=1, max=1024)
 SEQ = torch.export.Dim("seq", min=1, max=4096)
 PAST = torch.export.Dim("past", min=1, max=4096)
+MAX_LENGTH = torch.export.Dim("max_length", min=2, max=4096)  # the static cache's length
 QUESTION = torch.export.Dim("question", min=2, max=QFORMER_MAX_TEXT_TOKENS)
 
 
@@ -390,6 +400,39 @@ def _vision_spec(model: Blip2, dtype: torch.dtype) -> GraphSpec:
         inputs += [("qformer_input_ids", qids.cpu(), {0: BATCH, 1: QUESTION}),
                    ("qformer_attention_mask", qmask.cpu(), {0: BATCH, 1: QUESTION})]
     return GraphSpec("vision", VisualPrefix(model), inputs, ["soft_prompt"])
+
+
+def _static_spec(lm: nn.Module, s: LlmShape, dtype: torch.dtype) -> GraphSpec:
+    """`static_lm.onnx`: the LLM over KV buffers of a fixed length L, written in place at
+    `write_at`, for the prefill (T = prompt) and every greedy step (T = 1); it also returns the
+    greedy choice, so a step sends only the ids back to the host."""
+    from blip2rt.static_decoding import StaticLM
+
+    past = kv_names("past", s.layers)
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    return GraphSpec("static_lm", StaticLM(lm), [
+        ("inputs_embeds", torch.randn(2, 3, s.width, dtype=dtype), {0: BATCH, 1: SEQ}),
+        ("attention_mask", torch.ones(2, 20, dtype=torch.long), {0: BATCH, 1: MAX_LENGTH}),
+        ("position_ids", torch.arange(3).expand(2, 3).contiguous(), {0: BATCH, 1: SEQ}),
+        ("write_at", torch.tensor(0), {}),
+        ("token_bias", torch.zeros(1, vocab), {}),
+        *((name, torch.zeros(2, s.kv_heads, 20, s.head_dim, dtype=dtype), {0: BATCH, 2: MAX_LENGTH}) for name in past),
+    ], ["logits", "next_ids", *kv_names("present", s.layers)])
+
+
+def _kv_written_in_place(path: Path, layers: int) -> bool:
+    """Whether each `past.i` of the static graph is read only by its shape and by one scatter that
+    yields `present.i`: then binding both names to one buffer updates the cache in place."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for i, name in enumerate(kv_names("past", layers)):
+        users = [n for n in graph.node if name in n.input]
+        writes = [n for n in users if n.op_type != "Shape"]
+        if len(writes) != 1 or writes[0].op_type != "ScatterElements" or writes[0].input[0] != name \
+                or list(writes[0].output) != [f"present.{name.split('.', 1)[1]}"]:
+            return False
+    return True
 
 
 def _decoder_only_specs(lm: nn.Module, s: LlmShape, dtype: torch.dtype) -> list[GraphSpec]:
@@ -432,7 +475,8 @@ def _t5_specs(lm: nn.Module, s: LlmShape, dtype: torch.dtype) -> list[GraphSpec]
     ]
 
 
-def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize: bool, external_over: int) -> dict:
+def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize: bool, external_over: int,
+                static_graph: bool) -> dict:
     float_dtype = torch.float16 if dtype == "fp16" else torch.float32
     lm = model.language_model
     cfg = lm.config
@@ -440,6 +484,8 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
     shape = _llm_shape(model)
     family = _t5_specs if model.config.is_encoder_decoder else _decoder_only_specs
     specs = [_vision_spec(model, float_dtype), *family(lm, shape, float_dtype)]
+    if static_graph and not model.config.is_encoder_decoder:
+        specs.append(_static_spec(lm, shape, float_dtype))
     for spec in specs:
         _export(spec, out / spec.file, opset, external_over, rewrite=optimize)
     if model.config.question_in_qformer:
@@ -454,6 +500,13 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
         for name, f in graphs.items():
             fusions[name] = _optimize(out / f, "vit" if name == "vision" else "bert")
             log.info("optimised %s: %s", f, fusions[name] or "nothing fused")
+    if "static_lm" in graphs and not _kv_written_in_place(out / graphs["static_lm"], layers):
+        log.warning("the %s graph does not write its KV cache with one scatter per tensor; static_lm.onnx is left "
+                    "out and greedy decoding uses the prefill/decode graphs", cfg.model_type)
+        for f in out.glob("static_lm.onnx*"):
+            f.unlink()
+        del graphs["static_lm"]
+        fusions.pop("static_lm", None)
     _write_reorder_graph(out / "reorder_kv.onnx", 2 * layers, dtype, opset)
     graphs["reorder_kv"] = "reorder_kv.onnx"
 

@@ -7,12 +7,17 @@ transformers' token for token on the same logits.
 Providers: CUDA first when onnxruntime offers it, then CPU. On CUDA the KV cache (and T5's
 encoder states and cross-attention KV) stay on the device through IO binding, and beams are
 reordered there by `reorder_kv.onnx`; per step the new token ids go up and the last position's
-logits (B x vocab) come back for the search.
+logits (B x vocab) come back for the search. Greedy search over `static_lm.onnx` (decoder-only
+exports) keeps fixed-length KV buffers bound in and out, so they are updated in place, and reads
+back only the B ids the graph chose; on CUDA its decode step replays as a CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +35,8 @@ from .search import Search
 EXPORT_CONFIG = "blip2rt_export.json"
 QFORMER_TOKENIZER_FILE = "qformer_tokenizer.json"  # exports whose soft prompt takes the question
 
+log = logging.getLogger(__name__)
+
 
 def kv_names(prefix: str, layers: int) -> list[str]:
     """The graphs' cache I/O names, e.g. past.0.key, past.0.value, past.1.key, ..."""
@@ -43,7 +50,7 @@ class _Session:
     already live on that device, and every output but the first `host` ones stays there.
     """
 
-    def __init__(self, path: Path, providers: list[str], inputs: list[str], outputs_prefix: list[str],
+    def __init__(self, path: Path, providers: list, inputs: list[str], outputs_prefix: list[str],
                  bind_device: str | None = None):
         import onnxruntime as ort
 
@@ -52,6 +59,8 @@ class _Session:
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as e:  # onnxruntime raises several types for an unreadable model
+            if "cuda graph" in str(e).lower() or "cuda_graph" in str(e).lower():
+                raise  # the caller retries without CUDA graphs
             raise CheckpointError(f"graph {path} could not be loaded by onnxruntime ({str(e).splitlines()[0]})") from None
         have_in = [i.name for i in self.session.get_inputs()]
         have_out = [o.name for o in self.session.get_outputs()]
@@ -80,8 +89,44 @@ class _Session:
         outs = binding.get_outputs()
         return [o.numpy() for o in outs[:host]] + list(outs[host:])
 
+    def run_bound(self, inputs: dict, outputs: dict, graph_id: int | None = None) -> None:
+        """One run through IO binding with every output bound to a given OrtValue (the static
+        cache: the same buffers in and out). inputs: OrtValues or numpy arrays (copied in).
+        graph_id: the CUDA graph this run captures or replays; -1 runs without one."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, v in inputs.items():
+            if isinstance(v, self._ortvalue):
+                binding.bind_ortvalue_input(name, v)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(v))
+        for name, v in outputs.items():
+            binding.bind_ortvalue_output(name, v)
+        options = None
+        if graph_id is not None:
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.session.run_with_iobinding(binding, options)
+
     def _numpy(self, v):
         return v.numpy() if isinstance(v, self._ortvalue) else v
+
+
+@dataclass
+class StaticBuffers:
+    """The OrtValues one batch size and cache length decode with, allocated once on the bound
+    device and kept (a CUDA graph replays on fixed addresses); the host writes into them in place."""
+
+    kv: list  # 2 x layers (B, kv heads, L, head dim): past.i and present.i both
+    mask: object  # (B, L) int64: the prompt's padding mask, then ones
+    embeds: object  # (B, 1, W): the decode step's input token, embedded on the host
+    position: object  # (B, 1) int64
+    write_at: object  # () int64
+    bias: object  # (1, V) float32: -inf on EOS while min_new_tokens is not reached
+    logits: object  # (B, V)
+    next_ids: object  # (B,) int64: the greedy choice, the only output read back
+    graph_id: int  # the CUDA graph of this shape (when CUDA graphs are on)
 
 
 class OrtBlip2:
@@ -90,9 +135,16 @@ class OrtBlip2:
         providers: onnxruntime providers in order of preference; CUDA then CPU by default.
         io_binding: keep the KV cache (and the encoder states) on the device between steps; the
             default is on for CUDA, off for CPU (where numpy arrays already are the device memory).
+        static_cache: greedy search through `static_lm.onnx` (KV buffers of a fixed length updated
+            in place, the token chosen inside the graph) where the export has it; the default. Beam
+            search, and exports without it, use the prefill/decode graphs. `last_search` says which
+            one the last generate call used.
+        cuda_graph: on the CUDA provider, capture the static graph's decode step as a CUDA graph
+            and replay it (default on); falls back to plain runs where onnxruntime cannot capture it.
     """
 
-    def __init__(self, export_dir: str | Path, providers: list[str] | None = None, io_binding: bool | None = None):
+    def __init__(self, export_dir: str | Path, providers: list[str] | None = None, io_binding: bool | None = None,
+                 static_cache: bool = True, cuda_graph: bool | None = None):
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
@@ -129,11 +181,17 @@ class OrtBlip2:
             self.decoder_with_past = _Session(self.dir / g["decoder_with_past"], self.providers,
                                               ["input_ids", "encoder_attention_mask", *past, *cross],
                                               ["logits", "present."], bind)
-        else:
-            self.prefill = _Session(self.dir / g["prefill"], self.providers,
-                                    ["inputs_embeds", "attention_mask", "position_ids"], ["logits", "present."], bind)
-            self.decode = _Session(self.dir / g["decode"], self.providers,
-                                   ["input_ids", "attention_mask", "position_ids", *past], ["logits", "present."], bind)
+        else:  # loaded on first use: greedy search needs only the static graph, beam search only these
+            for key in ("prefill", "decode"):
+                if not (self.dir / g[key]).is_file():
+                    raise CheckpointError(f"graph {self.dir / g[key]} is missing from the export folder")
+            self._bind = bind
+        self.use_static = static_cache and "static_lm" in g and not c["encoder_decoder"]
+        if self.use_static and not (self.dir / g["static_lm"]).is_file():
+            raise CheckpointError(f"graph {self.dir / g['static_lm']} is missing from the export folder")
+        self.cuda_graph = self.on_cuda if cuda_graph is None else cuda_graph and self.on_cuda
+        self._static_buffers: dict[tuple[int, int], StaticBuffers] = {}
+        self.last_search: str | None = None  # "static" or "dynamic": the graphs the last generate call ran
         self.reorder = None
         if bind is not None:
             n = len(past)
@@ -144,6 +202,55 @@ class OrtBlip2:
         self._load_tokenizer()
         eos = c["eos_token_id"]
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+
+    @functools.cached_property
+    def prefill(self) -> _Session:
+        return _Session(self.dir / self.cfg["graphs"]["prefill"], self.providers,
+                        ["inputs_embeds", "attention_mask", "position_ids"], ["logits", "present."], self._bind)
+
+    @functools.cached_property
+    def decode(self) -> _Session:
+        return _Session(self.dir / self.cfg["graphs"]["decode"], self.providers,
+                        ["input_ids", "attention_mask", "position_ids", *self.past_names], ["logits", "present."],
+                        self._bind)
+
+    @functools.cached_property
+    def static(self) -> _Session:
+        """static_lm.onnx, with CUDA graph capture where asked and onnxruntime allows it."""
+        path = self.dir / self.cfg["graphs"]["static_lm"]
+        names = ["inputs_embeds", "attention_mask", "position_ids", "write_at", "token_bias", *self.past_names]
+        outputs = ["logits", "next_ids", "present."]
+        device = "cuda" if self.on_cuda else "cpu"
+        if self.cuda_graph:
+            graphed = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *self.providers[1:]]
+            try:
+                return _Session(path, graphed, names, outputs, device)
+            except Exception as e:  # noqa: BLE001 (onnxruntime's own types) some node cannot be captured
+                log.warning("onnxruntime cannot capture static_lm.onnx as a CUDA graph (%s); running it without",
+                            str(e).splitlines()[0])
+                self.cuda_graph = False
+        return _Session(path, self.providers, names, outputs, device)
+
+    def static_buffers(self, batch: int, length: int) -> StaticBuffers:
+        """The static graph's buffers for this batch size and cache length (kept between calls)."""
+        import onnxruntime as ort
+
+        key = (batch, length)
+        if key not in self._static_buffers:
+            device = "cuda" if self.on_cuda else "cpu"
+            c = self.cfg
+
+            def zeros(shape, dtype):
+                return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0)
+
+            kv_shape = (batch, c["num_kv_heads"], length, c["head_dim"])
+            self._static_buffers[key] = StaticBuffers(
+                kv=[zeros(kv_shape, self.float) for _ in self.past_names],
+                mask=zeros((batch, length), np.int64), embeds=zeros((batch, 1, c["hidden_size"]), self.float),
+                position=zeros((batch, 1), np.int64), write_at=zeros((), np.int64),
+                bias=zeros((1, c["vocab_size"]), np.float32), logits=zeros((batch, c["vocab_size"]), self.float),
+                next_ids=zeros((batch,), np.int64), graph_id=len(self._static_buffers) + 1)
+        return self._static_buffers[key]
 
     def _load_tokenizer(self) -> None:
         from tokenizers import Tokenizer
@@ -234,6 +341,9 @@ class OrtBlip2:
         embeds = np.concatenate([soft.astype(self.float), self.embed[input_ids].astype(self.float)], axis=1)
         mask = np.concatenate([np.ones((b, soft.shape[1]), np.int64), attention_mask], axis=1)
         search = Search(self, max_new_tokens, min_new_tokens, num_beams, length_penalty)
+        self.last_search = "static" if self.use_static and search.num_beams == 1 else "dynamic"
+        log.info("ONNX Runtime %s search over the %s graphs", "greedy" if search.num_beams == 1 else "beam",
+                 "static_lm" if self.last_search == "static" else "prefill/decode")
         return search.run(embeds, mask)
 
     def caption(self, images, prompt: str | Sequence[str] | None = None, **gen) -> list[str]:

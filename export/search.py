@@ -1,6 +1,7 @@
 """The numpy searches of `OrtBlip2`, greedy and beam, token for token as transformers' generate:
 
-- greedy: argmax; finished rows are padded;
+- greedy: argmax; finished rows are padded; over `static_lm.onnx` where the export has it (the
+  graph takes the argmax, the KV buffers are bound in and out), else over the prefill/decode graphs;
 - beam: log-softmax, then 2 x beams candidates per step; a candidate ending in EOS (or at the
   length limit) joins the finished pool scored by log-prob / generated_length ** length_penalty;
   the search stops by transformers' default heuristic (early_stopping=False).
@@ -9,6 +10,8 @@
 from __future__ import annotations
 
 import numpy as np
+
+from blip2rt.front_end import static_cache_length
 
 NEG = -1.0e9
 
@@ -80,7 +83,9 @@ class Search:
     # -- searches -----------------------------------------------------------------------------
 
     def run(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self._greedy(embeds, mask) if self.num_beams == 1 else self._beam(embeds, mask)
+        if self.num_beams > 1:
+            return self._beam(embeds, mask)
+        return self._static_greedy(embeds, mask) if self.rt.use_static else self._greedy(embeds, mask)
 
     def _greedy(self, embeds, mask) -> np.ndarray:
         b = embeds.shape[0]
@@ -98,6 +103,49 @@ class Search:
                 break
             logits, state = self.step(state, tokens)
         return np.stack(out, axis=1) if out else np.zeros((b, 0), np.int64)
+
+    def _static_greedy(self, embeds, mask) -> np.ndarray:
+        """Greedy search over static_lm.onnx: the KV buffers are bound as both the graph's past
+        and present (updated in place), the graph picks the token, and per step only the B ids
+        come back; the host embeds them for the next step."""
+        rt = self.rt
+        b, p, _ = embeds.shape
+        pad = rt.cfg["pad_token_id"]
+        if self.max_new < 1:
+            return np.zeros((b, 0), np.int64)
+        buf = rt.static_buffers(b, static_cache_length(p, self.max_new))
+        length = buf.mask.shape()[1]
+        buf.mask.update_inplace(np.concatenate([mask, np.ones((b, length - p), np.int64)], axis=1))
+        free = np.zeros((1, rt.cfg["vocab_size"]), np.float32)
+        blocked = free.copy()
+        blocked[:, rt.eos] = -np.inf
+        buf.bias.update_inplace(blocked if self.min_new > 0 else free)
+        pos = np.cumsum(mask, axis=1) - 1
+        pos[mask == 0] = 1  # transformers' position ids for left padding
+        present = ["present." + name.split(".", 1)[1] for name in rt.past_names]
+        outputs = {"logits": buf.logits, "next_ids": buf.next_ids, **dict(zip(present, buf.kv))}
+        kv = dict(zip(rt.past_names, buf.kv))
+        graphed = rt.cuda_graph
+        rt.static.run_bound({"inputs_embeds": embeds, "attention_mask": buf.mask, "position_ids": pos,
+                             "write_at": np.zeros((), np.int64), "token_bias": buf.bias, **kv}, outputs,
+                            -1 if graphed else None)  # the prefill's shape is not the step's: never captured
+        step = {"inputs_embeds": buf.embeds, "attention_mask": buf.mask, "position_ids": buf.position,
+                "write_at": buf.write_at, "token_bias": buf.bias, **kv}
+        out = []
+        unfinished = np.ones(b, dtype=bool)
+        for t in range(self.max_new):
+            tokens = np.where(unfinished, buf.next_ids.numpy(), pad)
+            out.append(tokens)
+            unfinished &= ~np.isin(tokens, rt.eos)
+            if not unfinished.any() or t + 1 == self.max_new:
+                break
+            buf.embeds.update_inplace(np.ascontiguousarray(rt.embed[tokens][:, None].astype(rt.float)))
+            buf.position.update_inplace(pos[:, -1:] + 1 + t)
+            buf.write_at.update_inplace(np.array(p + t, np.int64))
+            if t + 1 == self.min_new:
+                buf.bias.update_inplace(free)
+            rt.static.run_bound(step, outputs, buf.graph_id if graphed else None)
+        return np.stack(out, axis=1)
 
     def _beam(self, embeds, mask) -> np.ndarray:
         nb, lp = self.num_beams, self.length_penalty

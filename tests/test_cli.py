@@ -33,6 +33,26 @@ def test_vqa_text_lines(images, capsys):
     assert line.startswith(images[0] + "\t")
 
 
+def test_static_cache_captions_equal_and_onnx_says_which_graphs(images, tmp_path, capsys):
+    torch.manual_seed(0)
+    from blip2rt import from_pretrained
+
+    from_pretrained("tiny").save_pretrained(tmp_path / "tiny")
+    common = ["--json", "--num-beams", "1", "--max-new-tokens", "6", *images]
+    runs = {}
+    for name, extra in (("torch", []), ("torch-static", ["--static-cache"])):
+        assert main(["caption", "--model", str(tmp_path / "tiny"), *extra, *common]) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+    assert main(["export", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "onnx")]) == 0
+    assert "static_lm" in capsys.readouterr().out
+    for name, extra, graphs in (("onnx", [], "static"), ("onnx-dynamic", ["--no-static-cache"], "dynamic")):
+        assert main(["caption", "--model", str(tmp_path / "onnx"), "--backend", "onnx", *extra, *common]) == 0
+        captured = capsys.readouterr()
+        runs[name] = json.loads(captured.out)
+        assert f"onnx runtime: {graphs} graphs" in captured.err
+    assert all(run == runs["torch"] for run in runs.values()), runs
+
+
 def test_retrieve_ranks_every_text(images, capsys):
     assert main(["retrieve", "--model", "tiny", "--json", "--text", "red", "--text", "blue", "--text", "green",
                  images[0]]) == 0
@@ -46,6 +66,8 @@ def test_retrieve_ranks_every_text(images, capsys):
     (["caption", "--model", "no-such-model", "IMG"], "is not a path that exists nor a preset"),
     (["caption", "--model", "tiny", "--device", "cuda:7", "IMG"], "CUDA is not available"),
     (["caption", "--model", "tiny", "--batch-size", "0", "IMG"], "--batch-size must be at least 1"),
+    (["caption", "--model", "tiny", "--static-cache", "IMG"], "num_beams=5 needs static_cache=False"),
+    (["caption", "--model", "tiny", "--compile", "--num-beams", "1", "IMG"], "give --static-cache too"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, reason, images, capsys):
     argv = [images[0] if a == "IMG" else a for a in argv]

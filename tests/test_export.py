@@ -206,6 +206,7 @@ def test_cli_export_with_check(tmp_path, capsys):
     lines = [line for line in text.splitlines()[1:] if ":" in line and "optimizer" not in line]
     diffs = {line.split(":")[0].strip(): float(line.split(":")[1]) for line in lines}
     assert diffs["soft_prompt"] < 1e-5 and diffs["first_logits"] < 1e-4 and diffs["decode_logits"] < 1e-4
+    assert diffs["static_logits"] < 1e-4
     assert diffs["greedy_tokens_equal"] == 1.0
 
 
@@ -217,7 +218,7 @@ def test_optimized_graphs_with_external_data_still_match(hf_opt, tmp_path):
     tiny_llm_tokenizer().save_pretrained(src)
     model = blip2rt.from_pretrained(src, device="cpu")
     manifest = export_model(model, tmp_path / "onnx", optimize=True, external_over=0)
-    for f in ("vision", "prefill", "decode"):
+    for f in ("vision", "prefill", "decode", "static_lm"):
         assert (tmp_path / "onnx" / f"{f}.onnx.data").stat().st_size > 10_000  # the weights live outside
     assert manifest["fusions"]["vision"].get("SkipLayerNormalization", 0) > 0, manifest["fusions"]
     rt = OrtBlip2(tmp_path / "onnx", providers=["CPUExecutionProvider"])
@@ -229,6 +230,7 @@ def test_optimized_graphs_with_external_data_still_match(hf_opt, tmp_path):
         gen = dict(max_new_tokens=8, min_new_tokens=2, num_beams=beams)
         np.testing.assert_array_equal(rt.generate(px.numpy(), ids, mask, **gen),
                                       model.generate(px, torch.from_numpy(ids), torch.from_numpy(mask), **gen).numpy())
+        assert rt.last_search == ("static" if beams == 1 else "dynamic")  # the optimized static graph kept its scatters
 
 
 def test_fp16_export_runs_close_to_fp32(hf_llama, tmp_path):
@@ -253,4 +255,5 @@ def test_fp16_export_runs_close_to_fp32(hf_llama, tmp_path):
         embeds = torch.cat([model.image_features(px[:1]), model.language_model.get_input_embeddings()(ids)], 1)
         logit_range = float(model.language_model(inputs_embeds=embeds).logits.abs().max())
     assert diffs["first_logits"] < 1e-2 * logit_range and diffs["decode_logits"] < 1e-2 * logit_range, (diffs, logit_range)
+    assert diffs["static_logits"] < 1e-2 * logit_range, (diffs, logit_range)
     assert diffs["greedy_tokens_equal"] == 1.0

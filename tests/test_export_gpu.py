@@ -38,3 +38,23 @@ def test_soft_prompt_and_greedy_tokens_match_pytorch(cuda_export):
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=2e-3)  # the CUDA EP may use TF32 in fp32 GEMMs
     got_ids = rt.generate(px.numpy(), max_new_tokens=12, num_beams=1)
     np.testing.assert_array_equal(np.asarray(got_ids), want_ids)
+
+
+def test_static_graph_with_cuda_graphs_gives_the_same_tokens(cuda_export):
+    """Greedy over static_lm.onnx on the CUDA provider: its decode step captured as a CUDA graph on the
+    first call and replayed on the next ones (one graph per batch size and cache length), against
+    PyTorch and the prefill/decode graphs."""
+    from blip2rt.export import OrtBlip2
+
+    model, rt = cuda_export
+    dynamic = OrtBlip2(rt.dir, providers=rt.providers, static_cache=False)
+    for b, seed in ((3, 1), (3, 2), (1, 3), (3, 4)):
+        px = torch.randn(b, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+        gen = dict(max_new_tokens=12, min_new_tokens=4, num_beams=1)
+        want = model.generate(px, **gen).numpy()
+        got = rt.generate(px.numpy(), **gen)
+        assert rt.last_search == "static"
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(dynamic.generate(px.numpy(), **gen), want)
+    print(f"cuda graphs: {rt.cuda_graph}; buffer sets {sorted(rt._static_buffers)}")
+    assert sorted(rt._static_buffers) == [(1, 64), (3, 64)]

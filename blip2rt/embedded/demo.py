@@ -349,9 +349,12 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
         # PyTorch first: onnxruntime's spinning worker threads would slow torch down afterwards
         sample = test[: plan.ort_compare_images]
         torch_caps = model.caption([im.image for im in sample], **CAPTION_GEN)  # from pixels, as ORT
+        static_caps = model.caption([im.image for im in sample], static_cache=True, **CAPTION_GEN)
         photo_torch = model.caption([str(p) for p in photos.values()], **CAPTION_GEN)
         one = [test[0].image]
-        latency = {"eager": _timed(lambda: model.caption(one, **CAPTION_GEN), plan.latency_repeats)}
+        latency = {"eager": _timed(lambda: model.caption(one, **CAPTION_GEN), plan.latency_repeats),
+                   "eager_static_cache": _timed(lambda: model.caption(one, static_cache=True, **CAPTION_GEN),
+                                                plan.latency_repeats)}
         if model.device.type == "cuda":
             backend = model.kernel_backend
             model.set_kernel_backend("triton")
@@ -362,6 +365,8 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
         photo_ort = session.caption([str(p) for p in photos.values()], **CAPTION_GEN)
         latency["ort"] = _timed(lambda: session.caption(one, **CAPTION_GEN), plan.latency_repeats)
         return {"equal": sum(a == b for a, b in zip(ort_caps, torch_caps)), "compared": len(sample),
+                "static_cache_equal": sum(a == b for a, b in zip(static_caps, torch_caps)),
+                "search": session.last_search,
                 "examples": [{"image": im.image.name, "truth": im.caption, "torch": t, "ort": o}
                              for im, t, o in zip(sample, torch_caps, ort_caps)],
                 "photos": [{"image": n, "truth": PHOTOS[n], "torch": t, "ort": o}
@@ -489,14 +494,21 @@ def format_report(r: dict) -> str:
             lines.append(f"                {e['question']!r} -> {e['generated']!r}, scored {e['scored']!r} "
                          f"(truth {e['answer']!r})")
     lines += [
-        f"  ONNX        ORT captions equal PyTorch's on {o['equal']}/{o['compared']} test images ({o['providers'][0]})",
+        f"  ONNX        ORT captions equal PyTorch's on {o['equal']}/{o['compared']} test images ({o['providers'][0]}"
+        + (f", {o['search']} graphs" if o.get("search") else "") + ")",
+    ]
+    if "static_cache_equal" in o:
+        lines.append(f"  static KV   PyTorch's static-cache captions equal its transformers-generate ones on "
+                     f"{o['static_cache_equal']}/{o['compared']}")
+    lines += [
         "  photos      (skimage.data; the model has only seen coloured shapes)",
     ]
     for e in o["photos"]:
         lines.append(f"              {e['image']}: ORT {e['ort']!r}, PyTorch {e['torch']!r} (by hand: {e['truth']!r})")
     lines += [
-        f"  latency     caption, batch 1 (median): eager PyTorch {lat['eager']:.0f} ms, fused {fused}, "
-        f"ONNX Runtime {lat['ort']:.0f} ms ({lat['eager'] / lat['ort']:.2f}x eager)",
+        f"  latency     caption, batch 1 (median): eager PyTorch {lat['eager']:.0f} ms"
+        + (f" (static cache {lat['eager_static_cache']:.0f} ms)" if "eager_static_cache" in lat else "")
+        + f", fused {fused}, ONNX Runtime {lat['ort']:.0f} ms ({lat['eager'] / lat['ort']:.2f}x eager)",
         "  time        " + ", ".join(f"{k} {v:.0f} s" for k, v in r["times_s"].items())
         + f"; {sum(r['times_s'].values()) / 60:.1f} min in all",
         f"  written     checkpoints {r['paths']['stage1']}, {r['paths']['stage2']}"
