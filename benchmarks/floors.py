@@ -47,12 +47,25 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def decode_floor_seconds(model, bandwidth: float) -> float:
-    return weight_bytes(model.language_model) / bandwidth
+def llm_bytes(model, rt=None) -> int:
+    """The LLM's weight bytes one token reads: the PyTorch model's parameters, or, given an
+    OrtBlip2 (whose weights may be quantised), its static_lm.onnx's initializers (the prefill/decode
+    graphs hold the same weights; the decode graph adds the embedding table, read a row a token)."""
+    import onnx
+
+    from blip2rt.export.graph_files import weight_bytes as graph_bytes
+
+    if rt is None:
+        return weight_bytes(model.language_model)
+    return graph_bytes(onnx.load(str(rt.dir / rt.cfg["graphs"]["static_lm"]), load_external_data=False))
 
 
-def caption_floor_seconds(model, new_tokens: int, bandwidth: float) -> float:
-    return (new_tokens * weight_bytes(model.language_model) + weight_bytes(model.vision_model)) / bandwidth
+def decode_floor_seconds(model, bandwidth: float, rt=None) -> float:
+    return llm_bytes(model, rt) / bandwidth
+
+
+def caption_floor_seconds(model, new_tokens: int, bandwidth: float, rt=None) -> float:
+    return (new_tokens * llm_bytes(model, rt) + weight_bytes(model.vision_model)) / bandwidth
 
 
 def record_floor(benchmark, floor_s: float, bandwidth: float) -> None:

@@ -25,15 +25,30 @@ def _saved(preset: str) -> Path:
     return root
 
 
-@functools.lru_cache(maxsize=8)
+def export_kind(impl: str) -> str:
+    """The export a case runs on: "ort", "ort-opt" (ORT's transformer optimizer), "ort-int8" or
+    "ort-int4" (the LLM's weights quantised)."""
+    for kind in ("ort-opt", "ort-int8", "ort-int4"):
+        if impl.startswith(kind):
+            return kind
+    return "ort"
+
+
 def model_and_export(preset: str, impl: str = "ort") -> tuple[object, object]:
-    """The eager model and its export; impl "ort-opt" exports through ORT's transformer optimizer."""
+    """The eager model and the export (`export_kind`) a case runs on."""
+    return _model_and_export(preset, export_kind(impl))
+
+
+@functools.lru_cache(maxsize=8)
+def _model_and_export(preset: str, kind: str) -> tuple[object, object]:
     from blip2rt.export import OrtBlip2, export_model
 
     root = _saved(preset)
-    out = root / impl
+    out = root / kind
     if not out.is_dir():
-        export_model(blip2rt.from_pretrained(root / "model", device="cpu"), out, optimize=impl == "ort-opt")
+        weights = kind.split("-")[1] if kind in ("ort-int8", "ort-int4") else "fp32"
+        export_model(blip2rt.from_pretrained(root / "model", device="cpu"), out, optimize=kind == "ort-opt",
+                     llm_weights=weights)
     model = blip2rt.from_pretrained(root / "model", device="cpu", kernels="torch")
     return model, OrtBlip2(out, providers=["CPUExecutionProvider"])
 
@@ -59,19 +74,20 @@ def decode_step(impl: str, preset: str, batch: int, past: int = 40) -> Callable[
     """One new token against `past` cached positions.
 
     impl: "ort" (decode.onnx: the cache grows by concatenation, the logits come back), "ort-static"
-    (static_lm.onnx: the cache's buffers bound in and out, only the ids come back), "eager"
-    (transformers' forward over a DynamicCache), "static-eager" / "static-compiled" (blip2rt's
-    static-cache decode step, eager or torch.compile'd)."""
+    (static_lm.onnx: the cache's buffers bound in and out, only the ids come back), "ort-int8" /
+    "ort-int4" (decode.onnx with quantised weights), "eager" (transformers' forward over a
+    DynamicCache), "static-eager" / "static-compiled" (blip2rt's static-cache decode step, eager or
+    torch.compile'd)."""
     from transformers import DynamicCache
 
-    model, rt = model_and_export(preset)
+    model, rt = model_and_export(preset, impl)
     c = rt.cfg
     kv = [np.random.default_rng(i).standard_normal((batch, c["num_kv_heads"], past, c["head_dim"])).astype(np.float32)
           for i in range(2 * c["num_layers"])]
     ids = np.full((batch, 1), 5, np.int64)
     mask = np.ones((batch, past + 1), np.int64)
     pos = np.full((batch, 1), past, np.int64)
-    if impl == "ort":
+    if impl in ("ort", "ort-int8", "ort-int4"):
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(rt.past_names, kv))}
         return lambda: rt.decode.run(feeds)
     if impl == "ort-static":
@@ -147,20 +163,23 @@ def _torch_static_step(model, kv: list[np.ndarray], past: int, compiled: bool) -
 
 def caption(impl: str, preset: str, batch: int, new_tokens: int = 20, pair: tuple | None = None
             ) -> Callable[[], None]:
-    """impl: "ort" (greedy over static_lm.onnx), "ort-dynamic" (over prefill/decode.onnx), "eager"
+    """impl: "ort" (OrtBlip2's default: over prefill/decode.onnx on the CPU, static_lm.onnx on CUDA),
+    "ort-static" / "ort-dynamic" (either, forced), "ort-int8" / "ort-int4" (the default, with the LLM's
+    weights quantised), "eager"
     (transformers' generate), "static-eager" / "static-compiled" (generate(static_cache=True)),
     "transformers-static" (transformers' generate with its own static cache), "transformers"
     (transformers' own Blip2)."""
-    model, rt = pair or model_and_export(preset)
+    model, rt = pair or model_and_export(preset, impl)
     size = model.config.vision_config.image_size
     px = torch.randn(batch, 3, size, size)
     gen = dict(num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    if impl in ("ort", "ort-dynamic"):
+    if impl.startswith("ort"):
         arr = px.numpy()
-        if impl == "ort-dynamic":
+        forced = {"ort-static": True, "ort-dynamic": False}.get(impl)
+        if forced is not None:
             from blip2rt.export import OrtBlip2
 
-            rt = OrtBlip2(rt.dir, providers=rt.providers, static_cache=False)
+            rt = OrtBlip2(rt.dir, providers=rt.providers, static_cache=forced)
         return lambda: rt.caption(arr, **gen)
     if impl.startswith("static-"):
         gen.update(static_cache=True, compile_step=impl == "static-compiled")

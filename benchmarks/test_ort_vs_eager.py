@@ -3,6 +3,7 @@ PyTorch (and transformers' Blip2ForConditionalGeneration where it can load the w
 one run. CPU: `tiny` (random weights) and `blip2-mini` (the embedded default's real weights),
 latency at batch 1 and throughput at batch 8, with the CPU provider.
 
+ORT's decode step and captions also with the LLM's weights in int8 and int4 (MatMulNBits).
 Decoding, both runtimes two ways: ORT's static graph (in-place KV buffers, the token chosen in the
 graph) against its prefill/decode graphs; blip2rt's static-cache step, eager and torch.compile'd,
 against transformers' forward over a growing cache. extra_info holds the memory-bandwidth floor
@@ -23,6 +24,8 @@ PRESETS = ["tiny", "blip2-mini"]
 def _skip_unsupported(preset, impl):
     if impl == "static-compiled" and quick_mode():
         pytest.skip("inductor compiles for minutes on the CPU: the quick run checks the eager static step")
+    if impl in ("ort-int8", "ort-int4") and preset != "tiny" and quick_mode():
+        pytest.skip("two more blip2-mini exports take minutes: the quick run checks the quantised ones on tiny")
     if impl == "ort-opt" and preset != "tiny":
         pytest.skip("the optimizer export is measured on tiny only (a second mini export costs minutes)")
     if impl == "transformers" and preset == "blip2-mini":
@@ -39,7 +42,8 @@ def test_visual_prefix(benchmark, preset, batch, impl):
     per_second(benchmark, "images_per_s", batch)
 
 
-@pytest.mark.parametrize("impl", ["ort", "ort-static", "eager", "static-eager", "static-compiled"])
+@pytest.mark.parametrize("impl", ["ort", "ort-static", "ort-int8", "ort-int4", "eager", "static-eager",
+                                  "static-compiled"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_decode_step(benchmark, preset, batch, impl):
@@ -48,11 +52,12 @@ def test_decode_step(benchmark, preset, batch, impl):
     measure(benchmark, decode_step(impl, preset, batch), rounds=50, warmup=5)
     per_second(benchmark, "tokens_per_s", batch)
     bw = cpu_copy_bandwidth()
-    record_floor(benchmark, decode_floor_seconds(model_and_export(preset)[0], bw), bw)
+    model, rt = model_and_export(preset, impl)
+    record_floor(benchmark, decode_floor_seconds(model, bw, rt if impl.startswith("ort") else None), bw)
 
 
-@pytest.mark.parametrize("impl", ["ort", "ort-dynamic", "eager", "static-eager", "static-compiled",
-                                  "transformers-static", "transformers"])
+@pytest.mark.parametrize("impl", ["ort", "ort-static", "ort-int8", "ort-int4", "eager", "static-eager",
+                                  "static-compiled", "transformers-static", "transformers"])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("preset", PRESETS)
 def test_caption(benchmark, preset, batch, impl):
@@ -62,4 +67,5 @@ def test_caption(benchmark, preset, batch, impl):
     per_second(benchmark, "captions_per_s", batch)
     per_second(benchmark, "tokens_per_s", 20 * batch)
     bw = cpu_copy_bandwidth()
-    record_floor(benchmark, caption_floor_seconds(model_and_export(preset)[0], 20, bw), bw)
+    model, rt = model_and_export(preset, impl)
+    record_floor(benchmark, caption_floor_seconds(model, 20, bw, rt if impl.startswith("ort") else None), bw)

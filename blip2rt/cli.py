@@ -58,8 +58,8 @@ def _add_generation_args(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --sample)")
     g.add_argument("--static-cache", action=argparse.BooleanOptionalAction, default=None,
                    help="greedy or sampled decoding over a preallocated KV cache, the token chosen on the device "
-                        "(decoder-only LLMs, --num-beams 1). PyTorch: off unless given; ONNX Runtime: on where the "
-                        "export has static_lm.onnx")
+                        "(decoder-only LLMs, --num-beams 1). PyTorch: off unless given; ONNX Runtime: on for the "
+                        "CUDA provider where the export has static_lm.onnx, off on the CPU (no faster there)")
     g.add_argument("--compile", action="store_true",
                    help="with --static-cache on PyTorch: torch.compile the decode step (the default on CUDA, where "
                         "it runs as a CUDA graph; on the CPU the first caption waits for the compile)")
@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rewrite the graphs with torch.onnx's optimizer, then run onnxruntime's transformer "
                    "optimizer on them and report what it fused (the export takes about 1.5x as long)")
     p.add_argument("--check", action="store_true", help="run the graphs against PyTorch and print the largest differences")
+    p.add_argument("--llm-weights", default="fp32", choices=["fp32", "int8", "int4"],
+                   help="the LLM graphs' MatMul weights: int8 or int4 (onnxruntime's MatMulNBits, blocks of 32, "
+                        "symmetric: 1.125 or 0.625 bytes a weight with its block's scale, against fp32's 4); the "
+                        "vision graph and the embeddings keep --dtype (default: fp32, that is --dtype's precision)")
     p.add_argument("--no-static-graph", action="store_true",
                    help="leave out static_lm.onnx (greedy decoding over a static KV cache; one more copy of the LLM's "
                         "weights on disk): greedy search then runs on the prefill/decode graphs")
@@ -215,8 +219,13 @@ def _run_export(args) -> None:
 
     model = from_pretrained(args.model, device="cpu", dtype="fp32", kernels="torch", config=args.config)
     manifest = export_model(model, args.out, dtype=args.dtype, opset=args.opset, optimize=args.optimize,
-                            static_graph=not args.no_static_graph)
+                            static_graph=not args.no_static_graph, llm_weights=args.llm_weights)
     print(f"exported {', '.join(manifest['graphs'])} to {args.out}")
+    weights = manifest["llm_weights"]
+    size = sum(manifest["bytes_on_disk"].values())
+    print(f"  LLM weights: {weights['format']}"
+          + (f" (MatMulNBits, blocks of {weights['block_size']}, LM head {weights['lm_head']}, embeddings "
+             f"{weights['embeddings']})" if "block_size" in weights else "") + f"; {size / 1e6:.0f} MB on disk")
     for graph, fused in manifest["fusions"].items():
         print(f"  optimizer, {graph}: " + (", ".join(f"{op} x{n}" for op, n in fused.items()) or "nothing fused"))
     if args.check:
@@ -240,7 +249,7 @@ def _load(args):
             raise Blip2rtError("--compile is for the PyTorch backend; ONNX Runtime captures CUDA graphs itself")
         return OrtBlip2(args.model, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
                         if args.device in (None, "cuda") or str(args.device).startswith("cuda") else ["CPUExecutionProvider"],
-                        static_cache=getattr(args, "static_cache", None) is not False)
+                        static_cache=getattr(args, "static_cache", None))
 
     return from_pretrained(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels, config=args.config)
 
@@ -264,8 +273,8 @@ def _say_search(model) -> None:
     """ONNX Runtime: which graphs the last captions or answers ran through, on stderr."""
     if getattr(model, "last_search", None):
         print(f"onnx runtime: {model.last_search} graphs "
-              f"({'static_lm.onnx' if model.last_search == 'static' else 'prefill.onnx + decode.onnx'})",
-              file=sys.stderr)
+              f"({'static_lm.onnx' if model.last_search == 'static' else 'prefill.onnx + decode.onnx'}), "
+              f"{model.llm_weights['format']} LLM weights", file=sys.stderr)
 
 
 def _batched(items: Sequence, size: int, fn: Callable[[list], list], desc: str) -> list:

@@ -41,11 +41,12 @@ from blip2rt.model import Blip2
 from blip2rt.tokenization import QFORMER_MAX_TEXT_TOKENS
 
 from .ort_runtime import EXPORT_CONFIG, QFORMER_TOKENIZER_FILE, kv_names
+from .graph_files import EXTERNAL_OVER, save_graph
+from .quantize import LLM_WEIGHTS, QUANTIZE_LM_HEAD, quantize_export
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-EXTERNAL_OVER = 1800 * 1024**2  # weights above this go to external data: protobuf's limit is 2 GB
 
 
 class VisualPrefix(nn.Module):
@@ -200,12 +201,9 @@ def _export(spec: GraphSpec, path: Path, opset: int | None, external_over: int =
         import onnxscript
 
         model = onnxscript.optimizer.optimize(model)
-    weight_bytes = sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-                       for t in model.graph.initializer)
-    external = weight_bytes > external_over
-    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-              location=path.name + ".data" if external else None)
-    log.info("exported %s in %.1fs (%.0f MB of weights%s)", path.name, time.perf_counter() - t0, weight_bytes / 1e6,
+    size = save_graph(model, path, external_over)
+    external = size > external_over
+    log.info("exported %s in %.1fs (%.0f MB of weights%s)", path.name, time.perf_counter() - t0, size / 1e6,
              ", external data" if external else "")
 
 
@@ -319,7 +317,8 @@ def _tokenizer_edges(tok, folder: Path) -> tuple[list[int], list[int]]:
 
 
 def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: int | None = None,
-                 optimize: bool = False, external_over: int = EXTERNAL_OVER, static_graph: bool = True) -> dict:
+                 optimize: bool = False, external_over: int = EXTERNAL_OVER, static_graph: bool = True,
+                 llm_weights: str = "fp32") -> dict:
     """Writes the ONNX folder; returns the manifest.
 
     dtype: fp32, or fp16 (a half copy is exported; `model` itself is left as it was).
@@ -328,6 +327,9 @@ def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: 
     external_over: weight bytes above which a graph keeps its weights in `<graph>.onnx.data`.
     static_graph: decoder-only LLMs also get `static_lm.onnx` (greedy decoding over a static KV
         cache, one more copy of the LLM's weights); beam search keeps the prefill/decode graphs.
+    llm_weights: "int8" or "int4" quantises the LLM graphs' MatMul weights to onnxruntime's
+        MatMulNBits (export/quantize.py); "fp32" leaves them in `dtype`. The vision graph and the
+        embeddings keep `dtype`.
     """
     if not model.config.with_llm:
         raise Blip2rtError("export needs a model with an LLM (captioning / VQA); this one is retrieval-only")
@@ -337,12 +339,14 @@ def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: 
     out.mkdir(parents=True, exist_ok=True)
     if dtype not in ("fp32", "fp16"):
         raise Blip2rtError(f"--dtype {dtype!r}: expected fp32 or fp16")
+    if llm_weights not in LLM_WEIGHTS:
+        raise Blip2rtError(f"--llm-weights {llm_weights!r}: expected one of {', '.join(LLM_WEIGHTS)}")
     model = model.eval().to("cpu")
     backend = model.kernel_backend
     model.set_kernel_backend("torch")  # the graphs hold plain ONNX ops
     try:
         return _export_all(copy.deepcopy(model).half() if dtype == "fp16" else model, out, dtype, opset, optimize,
-                           external_over, static_graph)
+                           external_over, static_graph, llm_weights)
     finally:
         model.set_kernel_backend(backend)
 
@@ -476,7 +480,7 @@ def _t5_specs(lm: nn.Module, s: LlmShape, dtype: torch.dtype) -> list[GraphSpec]
 
 
 def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize: bool, external_over: int,
-                static_graph: bool) -> dict:
+                static_graph: bool, llm_weights: str) -> dict:
     float_dtype = torch.float16 if dtype == "fp16" else torch.float32
     lm = model.language_model
     cfg = lm.config
@@ -530,6 +534,7 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
         "tokenizer_prepend_ids": prepend, "tokenizer_append_ids": append,
         "tokenizer_pad_id": model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0,
         "question_in_qformer": model.config.question_in_qformer,
+        "llm_weights": {"format": dtype},
         "graphs": graphs,
     }
     (out / EXPORT_CONFIG).write_text(json.dumps(runtime, indent=2))
@@ -541,8 +546,11 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
         "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "graphs": {name: _io(out / f) for name, f in graphs.items()},
-        "optimized": optimize, "fusions": fusions,
+        "optimized": optimize, "fusions": fusions, "llm_weights": {"format": dtype},
+        "bytes_on_disk": {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if llm_weights != "fp32":
+        return quantize_export(out, llm_weights, lm_head=QUANTIZE_LM_HEAD, external_over=external_over)
     return manifest
 

@@ -136,15 +136,16 @@ class OrtBlip2:
         io_binding: keep the KV cache (and the encoder states) on the device between steps; the
             default is on for CUDA, off for CPU (where numpy arrays already are the device memory).
         static_cache: greedy search through `static_lm.onnx` (KV buffers of a fixed length updated
-            in place, the token chosen inside the graph) where the export has it; the default. Beam
-            search, and exports without it, use the prefill/decode graphs. `last_search` says which
-            one the last generate call used.
+            in place, the token chosen inside the graph) where the export has it. Default: on the
+            CUDA provider; on the CPU, where it measured no faster than the prefill/decode graphs
+            (benchmarks/RESULTS.md), off. Beam search, and exports without it, use the
+            prefill/decode graphs. `last_search` says which the last generate call used.
         cuda_graph: on the CUDA provider, capture the static graph's decode step as a CUDA graph
             and replay it (default on); falls back to plain runs where onnxruntime cannot capture it.
     """
 
     def __init__(self, export_dir: str | Path, providers: list[str] | None = None, io_binding: bool | None = None,
-                 static_cache: bool = True, cuda_graph: bool | None = None):
+                 static_cache: bool | None = None, cuda_graph: bool | None = None):
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
@@ -186,7 +187,8 @@ class OrtBlip2:
                 if not (self.dir / g[key]).is_file():
                     raise CheckpointError(f"graph {self.dir / g[key]} is missing from the export folder")
             self._bind = bind
-        self.use_static = static_cache and "static_lm" in g and not c["encoder_decoder"]
+        wanted = self.on_cuda if static_cache is None else static_cache
+        self.use_static = wanted and "static_lm" in g and not c["encoder_decoder"]
         if self.use_static and not (self.dir / g["static_lm"]).is_file():
             raise CheckpointError(f"graph {self.dir / g['static_lm']} is missing from the export folder")
         self.cuda_graph = self.on_cuda if cuda_graph is None else cuda_graph and self.on_cuda
@@ -202,6 +204,12 @@ class OrtBlip2:
         self._load_tokenizer()
         eos = c["eos_token_id"]
         self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+
+    @property
+    def llm_weights(self) -> dict:
+        """What the LLM graphs' weights are: {"format": "fp32" | "fp16" | "int8" | "int4", ...}
+        (block size, the LM head's and the embeddings' precision, MatMuls quantised per graph)."""
+        return self.cfg.get("llm_weights") or {"format": self.cfg["dtype"]}
 
     @functools.cached_property
     def prefill(self) -> _Session:
@@ -342,7 +350,7 @@ class OrtBlip2:
         mask = np.concatenate([np.ones((b, soft.shape[1]), np.int64), attention_mask], axis=1)
         search = Search(self, max_new_tokens, min_new_tokens, num_beams, length_penalty)
         self.last_search = "static" if self.use_static and search.num_beams == 1 else "dynamic"
-        log.info("ONNX Runtime %s search over the %s graphs", "greedy" if search.num_beams == 1 else "beam",
+        log.debug("ONNX Runtime %s search over the %s graphs", "greedy" if search.num_beams == 1 else "beam",
                  "static_lm" if self.last_search == "static" else "prefill/decode")
         return search.run(embeds, mask)
 

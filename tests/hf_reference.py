@@ -79,6 +79,18 @@ def build_hf_folder(folder: Path, kind: str) -> HFReference:
     return HFReference(folder=Path(folder), model=model, kind=kind)
 
 
+def with_tiny_tokenizer(ref: HFReference, folder: Path) -> Path:
+    """A copy of the reference's folder with the 50-token LLM tokenizer (inside its vocabulary),
+    which export and the text APIs need."""
+    import shutil
+
+    from blip2rt.tokenization import tiny_llm_tokenizer
+
+    shutil.copytree(ref.folder, folder, dirs_exist_ok=True)
+    tiny_llm_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def hf_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' Blip2 layout: NUM_QUERIES image placeholders before the (left-padded) prompt."""
     b = input_ids.shape[0]

@@ -45,7 +45,7 @@ def test_static_cache_captions_equal_and_onnx_says_which_graphs(images, tmp_path
         runs[name] = json.loads(capsys.readouterr().out)
     assert main(["export", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "onnx")]) == 0
     assert "static_lm" in capsys.readouterr().out
-    for name, extra, graphs in (("onnx", [], "static"), ("onnx-dynamic", ["--no-static-cache"], "dynamic")):
+    for name, extra, graphs in (("onnx", [], "dynamic"), ("onnx-static", ["--static-cache"], "static")):
         assert main(["caption", "--model", str(tmp_path / "onnx"), "--backend", "onnx", *extra, *common]) == 0
         captured = capsys.readouterr()
         runs[name] = json.loads(captured.out)

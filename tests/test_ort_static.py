@@ -3,7 +3,6 @@ graph's past and present (updated in place), the greedy choice made inside the g
 prefill/decode graphs' search, the PyTorch model (transformers' generate), and the graph itself run
 with separate output buffers."""
 
-import shutil
 
 import numpy as np
 import onnx
@@ -14,17 +13,14 @@ import blip2rt
 from blip2rt.export import OrtBlip2, export_model
 from blip2rt.export.onnx_export import _kv_written_in_place
 from blip2rt.front_end import LENGTH_BUCKET
-from blip2rt.tokenization import tiny_llm_tokenizer
+from hf_reference import with_tiny_tokenizer
 
 PROMPTS = ["a", "a photo of", "the red one is"]
 
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
 def exported(request, tmp_path_factory):
-    ref = request.getfixturevalue(f"hf_{request.param}")
-    src = tmp_path_factory.mktemp(f"static_src_{request.param}")
-    shutil.copytree(ref.folder, src, dirs_exist_ok=True)
-    tiny_llm_tokenizer().save_pretrained(src)
+    src = with_tiny_tokenizer(request.getfixturevalue(f"hf_{request.param}"), tmp_path_factory.mktemp("static_src"))
     out = tmp_path_factory.mktemp(f"static_onnx_{request.param}")
     model = blip2rt.from_pretrained(src, device="cpu")
     export_model(model, out)
@@ -43,7 +39,7 @@ def _torch(model, px, ids, mask, **gen):
 def test_greedy_tokens_equal_the_dynamic_graphs_and_pytorch(exported, io_binding):
     """Prompts of different lengths, left-padded; min_new_tokens; an EOS that ends rows mid-way."""
     _, model, out = exported
-    static = OrtBlip2(out, providers=["CPUExecutionProvider"], io_binding=io_binding)
+    static = OrtBlip2(out, providers=["CPUExecutionProvider"], io_binding=io_binding, static_cache=True)
     dynamic = OrtBlip2(out, providers=["CPUExecutionProvider"], io_binding=io_binding, static_cache=False)
     px = pixels(3, seed=4)
     ids, mask = static.encode(PROMPTS)
@@ -70,7 +66,8 @@ def test_greedy_tokens_equal_the_dynamic_graphs_and_pytorch(exported, io_binding
 
 def test_captions_pick_the_static_graph_for_greedy_only(exported):
     _, model, out = exported
-    rt = OrtBlip2(out, providers=["CPUExecutionProvider"])
+    assert not OrtBlip2(out, providers=["CPUExecutionProvider"]).use_static  # the CPU's default: no faster there
+    rt = OrtBlip2(out, providers=["CPUExecutionProvider"], static_cache=True)
     px = pixels(2, seed=1)
     greedy = dict(num_beams=1, max_new_tokens=8)
     assert rt.caption(px.numpy(), prompt="a photo of", **greedy) == model.caption(px, prompt="a photo of", **greedy)
@@ -84,7 +81,7 @@ def test_buffers_are_kept_and_written_in_place(exported):
     """One buffer set per batch size and bucketed length, reused by the next call; after a call the
     prompt's and the new tokens' K/V sit in it, the positions past them untouched."""
     _, _, out = exported
-    rt = OrtBlip2(out, providers=["CPUExecutionProvider"])
+    rt = OrtBlip2(out, providers=["CPUExecutionProvider"], static_cache=True)
     px = pixels(2, seed=2).numpy()
     ids, mask = rt.encode(PROMPTS[1:])
     rt.generate(px, ids, mask, max_new_tokens=6, min_new_tokens=6)
@@ -141,13 +138,10 @@ def test_in_place_check_refuses_a_graph_that_reads_the_past_elsewhere(exported, 
 
 
 def test_export_without_the_static_graph_falls_back(hf_opt, tmp_path):
-    src = tmp_path / "src"
-    shutil.copytree(hf_opt.folder, src)
-    tiny_llm_tokenizer().save_pretrained(src)
-    model = blip2rt.from_pretrained(src, device="cpu")
+    model = blip2rt.from_pretrained(with_tiny_tokenizer(hf_opt, tmp_path / "src"), device="cpu")
     export_model(model, tmp_path / "onnx", static_graph=False)
     assert not (tmp_path / "onnx" / "static_lm.onnx").exists()
-    rt = OrtBlip2(tmp_path / "onnx", providers=["CPUExecutionProvider"])
+    rt = OrtBlip2(tmp_path / "onnx", providers=["CPUExecutionProvider"], static_cache=True)
     px = pixels(2, seed=5)
     got = rt.generate(px.numpy(), max_new_tokens=7)
     assert rt.last_search == "dynamic"
