@@ -77,12 +77,7 @@ class _Session:
         OrtValues on the bound device."""
         if self.bind_device is None or host is None:
             return self.session.run(None, {k: self._numpy(v) for k, v in feeds.items()})
-        binding = self.session.io_binding()
-        for name, v in feeds.items():
-            if isinstance(v, self._ortvalue):
-                binding.bind_ortvalue_input(name, v)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(v))
+        binding = self._bound_inputs(feeds)
         for i, name in enumerate(self.output_names):
             binding.bind_output(name, "cpu" if i < host else self.bind_device)
         self.session.run_with_iobinding(binding)
@@ -95,12 +90,7 @@ class _Session:
         graph_id: the CUDA graph this run captures or replays; -1 runs without one."""
         import onnxruntime as ort
 
-        binding = self.session.io_binding()
-        for name, v in inputs.items():
-            if isinstance(v, self._ortvalue):
-                binding.bind_ortvalue_input(name, v)
-            else:
-                binding.bind_cpu_input(name, np.ascontiguousarray(v))
+        binding = self._bound_inputs(inputs)
         for name, v in outputs.items():
             binding.bind_ortvalue_output(name, v)
         options = None
@@ -108,6 +98,16 @@ class _Session:
             options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", str(graph_id))
         self.session.run_with_iobinding(binding, options)
+
+    def _bound_inputs(self, feeds: dict):
+        """An IO binding with `feeds` bound: OrtValues where they live, numpy arrays copied in."""
+        binding = self.session.io_binding()
+        for name, v in feeds.items():
+            if isinstance(v, self._ortvalue):
+                binding.bind_ortvalue_input(name, v)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(v))
+        return binding
 
     def _numpy(self, v):
         return v.numpy() if isinstance(v, self._ortvalue) else v
