@@ -3,7 +3,7 @@ trained fp32 export (`blip2rt demo` writes one to DEMO_OUT/export) once per vari
 copy's LLM graphs, captions the test images greedily with ONNX Runtime as the demo does, and prints
 colour / shape accuracy and how many captions equal the fp32 export's.
 
-    python benchmarks/quantized_quality.py DEMO_OUT/export [--images 1000] [--variants fp32 int8 int4 int4-hqq]
+    python benchmarks/quantized_quality.py DEMO_OUT/export [--images 1000] [--variants fp32 int8 int4 int4-rtn]
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ from pathlib import Path
 
 VARIANTS = {  # name: (precision, quantize_graph's options)
     "fp32": (None, {}),
-    "int8": ("int8", {}),
-    "int4": ("int4", {}),
-    "int4-head-fp32": ("int4", {"lm_head": False}),
-    "int4-asym": ("int4", {"symmetric": False}),
-    "int4-b16": ("int4", {"block_size": 16}),
+    "int8": ("int8", {}),  # the export's: GGUF Q8_0 blocks
+    "int4": ("int4", {}),  # the export's: GGUF Q4_1 blocks, the LM head Q8_0
+    "int4-acc1": ("int4", {"accuracy_level": 1}),  # activations kept fp32 in the 4-bit product
+    # onnxruntime's quantiser (MatMulNBitsQuantizer), for comparison
+    "int8-rtn": ("int8", {"algorithm": "rtn"}),
+    "int4-rtn": ("int4", {"algorithm": "rtn"}),
+    "int4-rtn-head-fp32": ("int4", {"algorithm": "rtn", "lm_head": False}),
+    "int4-rtn-asym": ("int4", {"algorithm": "rtn", "symmetric": False}),
+    "int4-rtn-b16": ("int4", {"algorithm": "rtn", "block_size": 16}),
     "int4-hqq": ("int4", {"algorithm": "hqq"}),
 }
 

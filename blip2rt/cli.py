@@ -124,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "optimizer on them and report what it fused (the export takes about 1.5x as long)")
     p.add_argument("--check", action="store_true", help="run the graphs against PyTorch and print the largest differences")
     p.add_argument("--llm-weights", default="fp32", choices=["fp32", "int8", "int4"],
-                   help="the LLM graphs' MatMul weights: int8 or int4 (onnxruntime's MatMulNBits, blocks of 32, "
-                        "symmetric: 1.125 or 0.625 bytes a weight with its block's scale, against fp32's 4); the "
+                   help="the LLM graphs' MatMul weights as onnxruntime's MatMulNBits in blocks of 32, in GGUF's "
+                        "formats: int8 symmetric (1.125 bytes a weight with its block's scale) or int4 with a "
+                        "scale and a minimum per block (0.75 bytes; the LM head int8), against fp32's 4; the "
                         "vision graph and the embeddings keep --dtype (default: fp32, that is --dtype's precision)")
     p.add_argument("--no-static-graph", action="store_true",
                    help="leave out static_lm.onnx (greedy decoding over a static KV cache; one more copy of the LLM's "
@@ -215,6 +216,7 @@ def _run_bench(args) -> None:
 
 def _run_export(args) -> None:
     from .export import check_export, export_model
+    from .export.quantize import describe
     from .pretrained import from_pretrained
 
     model = from_pretrained(args.model, device="cpu", dtype="fp32", kernels="torch", config=args.config)
@@ -223,9 +225,7 @@ def _run_export(args) -> None:
     print(f"exported {', '.join(manifest['graphs'])} to {args.out}")
     weights = manifest["llm_weights"]
     size = sum(manifest["bytes_on_disk"].values())
-    print(f"  LLM weights: {weights['format']}"
-          + (f" (MatMulNBits, blocks of {weights['block_size']}, LM head {weights['lm_head']}, embeddings "
-             f"{weights['embeddings']})" if "block_size" in weights else "") + f"; {size / 1e6:.0f} MB on disk")
+    print(f"  LLM weights: {describe(weights)}; {size / 1e6:.0f} MB on disk")
     for graph, fused in manifest["fusions"].items():
         print(f"  optimizer, {graph}: " + (", ".join(f"{op} x{n}" for op, n in fused.items()) or "nothing fused"))
     if args.check:

@@ -328,8 +328,8 @@ def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: 
     static_graph: decoder-only LLMs also get `static_lm.onnx` (greedy decoding over a static KV
         cache, one more copy of the LLM's weights); beam search keeps the prefill/decode graphs.
     llm_weights: "int8" or "int4" quantises the LLM graphs' MatMul weights to onnxruntime's
-        MatMulNBits (export/quantize.py); "fp32" leaves them in `dtype`. The vision graph and the
-        embeddings keep `dtype`.
+        MatMulNBits in GGUF's block formats (export/quantize.py); "fp32" leaves them in `dtype`.
+        The vision graph and the embeddings keep `dtype`.
     """
     if not model.config.with_llm:
         raise Blip2rtError("export needs a model with an LLM (captioning / VQA); this one is retrieval-only")

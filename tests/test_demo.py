@@ -15,6 +15,7 @@ import warnings
 from blip2rt.embedded.demo import FULL, QUICK, _State, caption_accuracy, caption_parts, logged_to
 from blip2rt.embedded.easy_vqa import EasyVqaImage
 from blip2rt.errors import Blip2rtError
+from blip2rt.export import OrtBlip2
 
 
 def test_caption_parts_reads_the_first_colour_and_shape():
@@ -90,6 +91,19 @@ def test_quick_demo_learns_exports_and_resumes(tmp_path):
     for name in ("vision.onnx", "prefill.onnx", "decode.onnx", "static_lm.onnx", "manifest.json"):
         assert (out / "export" / name).is_file()
     assert report["machine"]["training"] == "none"
+    # The int4 export (GGUF's Q4_1 blocks, the LM head Q8_0: SmolLM2's own formats) keeps the
+    # captions. Measured: 193/200 equal PyTorch fp32's in this quick plan (both 76.0% vs 74.5%), and
+    # 997/1000 in the full plan (benchmarks/RESULTS.md). The few that differ come from the int8
+    # activations of MatMulNBits' fast product, at near-ties of this briefly trained model: with
+    # fp32 activations all 200 were equal (checked below on 64). 90% still fails a broken
+    # quantiser: round-to-nearest int4 kept 69% of the full plan's captions.
+    q = report["int4"]
+    assert q["compared"] == report["data"]["test_images"] and q["equal"] >= 0.9 * q["compared"], q
+    assert abs(q["captions"]["both"] - caps["both"]) <= 0.03, (q, caps)
+    assert q["llm_graphs_mb"]["int4"] < 0.3 * q["llm_graphs_mb"]["fp32"], q
+    assert OrtBlip2(out / "export_int4").llm_weights["format"] == "int4"
+    assert OrtBlip2(out / "export").llm_weights["format"] == "fp32"  # the fp32 export is left as it was
+    _quantised_captions_agree(out)
     # a quiet run: the exporter's logs and deprecation warnings went to its log file
     log = (out / "export.log").read_text()
     assert "exported vision.onnx" in log and "exported decode.onnx" in log
@@ -106,3 +120,36 @@ def test_quick_demo_learns_exports_and_resumes(tmp_path):
     second = json.loads((out / "report.json").read_text())
     assert second["retrieval"] == report["retrieval"] and second["captions"] == report["captions"]
     assert second["vqa"] == report["vqa"]
+
+
+def _quantised_captions_agree(out: Path) -> None:
+    """The demo's trained blip2-mini: int8 (GGUF's Q8_0 blocks) loads and its greedy captions of every
+    quick test image equal PyTorch fp32's on at least 90% (measured 193/200, as int4; the full plan
+    measured 998/1000 with onnxruntime's symmetric int8, the same format). And int4 with fp32
+    activations (accuracy level 1, the slow product) reproduces the fp32 export's captions: its
+    weights are SmolLM2's own, exactly."""
+    from blip2rt.embedded.demo import CAPTION_GEN
+    from blip2rt.embedded.easy_vqa import load_split
+    from blip2rt.export.quantize import quantize_export
+
+    torch_captions = json.loads((out / "demo_state.json").read_text())["captions"]
+    test = load_split("test")[: len(torch_captions)]
+
+    def captions(folder, images):
+        rt, got = OrtBlip2(folder), []
+        for i in range(0, len(images), 64):
+            got += rt.caption([im.image for im in images[i: i + 64]], **CAPTION_GEN)
+        return rt.llm_weights, got
+
+    quantize_export(out / "export", "int8", to=out / "export_int8")
+    weights, got = captions(out / "export_int8", test)
+    shutil.rmtree(out / "export_int8")  # 0.8 GB
+    assert weights["format"] == "int8" and weights["lm_head"] == "int8"
+    equal = sum(a == b for a, b in zip(got, torch_captions))
+    assert equal >= 0.9 * len(test), (equal, len(test))
+
+    quantize_export(out / "export", "int4", to=out / "export_int4_fp32_activations", accuracy_level=1)
+    weights, exact = captions(out / "export_int4_fp32_activations", test[:64])
+    shutil.rmtree(out / "export_int4_fp32_activations")
+    assert weights["accuracy_level"] == 1
+    assert exact == captions(out / "export", test[:64])[1]

@@ -17,6 +17,17 @@ from hf_reference import with_tiny_tokenizer
 LLM_GRAPHS = ("prefill", "decode", "static_lm")
 
 
+def _weight_readers(path) -> dict[str, int]:
+    """input name -> how many MatMuls over a constant 2-D weight read it."""
+    graph = onnx.load(str(path)).graph
+    weights = {t.name for t in graph.initializer if len(t.dims) == 2}
+    readers = {}
+    for n in graph.node:
+        if n.op_type == "MatMul" and n.input[1] in weights:
+            readers[n.input[0]] = readers.get(n.input[0], 0) + 1
+    return readers
+
+
 def _ops(path):
     return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
 
@@ -40,13 +51,25 @@ def test_quantised_exports_load_agree_and_say_what_they_are(source, weights):
     w = rt.llm_weights
     assert w["format"] == weights and w["block_size"] == 32 and w["embeddings"] == "fp32"
     assert manifest["llm_weights"] == w and json.loads((out / "manifest.json").read_text())["llm_weights"] == w
+    assert w["lm_head"] == "int8"  # GGUF keeps the head in 8 bits under int4 too
+    vocab = rt.cfg["vocab_size"]
     for name in LLM_GRAPHS:
-        nodes = [n for n in onnx.load(str(out / f"{name}.onnx"), load_external_data=False).graph.node
-                 if n.op_type == "MatMulNBits"]
-        assert len(nodes) == w["graphs"][name]["matmuls"] > 0, name
+        graph = onnx.load(str(out / f"{name}.onnx"), load_external_data=False).graph
+        nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert len(nodes) == w["graphs"][name]["matmul_nbits"] > 0, name
+        readers = _weight_readers(fp32 / f"{name}.onnx")  # the fp32 graph's MatMuls over weights, by input
+        assert w["graphs"][name]["matmuls"] == sum(readers.values()), name
+        assert len(nodes) == len(readers), name  # MatMuls reading one input (q/k/v; gate/up) became one
+        heads = 0
         for n in nodes:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-            assert attrs["bits"] == int(weights[3:]) and attrs["block_size"] == 32, attrs
+            heads += attrs["N"] == vocab
+            assert attrs["bits"] == (8 if attrs["N"] == vocab else int(weights[3:])), attrs
+            assert attrs["block_size"] == 32, attrs
+        assert heads == 1, name
+        offsets = sum(n.name.endswith("_AddOffsets") for n in graph.node)  # int4 blocks carry a minimum
+        assert offsets == (len(nodes) - 1 if weights == "int4" else 0), name
+        assert sum(n.name.endswith("_Split") for n in graph.node) == sum(c > 1 for c in readers.values()), name
     assert "MatMulNBits" not in _ops(out / "vision.onnx")  # the visual prefix keeps full precision
     diffs = check_export(model, out)
     assert diffs["soft_prompt"] < 1e-5
@@ -92,7 +115,8 @@ def test_cli_export_prints_the_weights_and_the_agreement(tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "onnx"), "--llm-weights",
                  "int4", "--check"]) == 0
     text = capsys.readouterr().out
-    assert "LLM weights: int4 (MatMulNBits, blocks of 32, LM head int4, embeddings fp32)" in text, text
+    assert ("LLM weights: int4 (MatMulNBits in blocks of 32 with a scale and a minimum; LM head int8; "
+            "embeddings fp32)") in text, text
     values = {line.split(":")[0].strip(): line.split(":")[1].strip() for line in text.splitlines() if ": " in line}
     assert float(values["top1_agreement"]) >= 0.25 and "greedy_rows_equal" in values
 
@@ -112,3 +136,30 @@ def test_hqq_fits_zero_points_per_block(source, tmp_path):
     rt = OrtBlip2(out, providers=["CPUExecutionProvider"], static_cache=False)
     px = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(2)).numpy()
     assert rt.generate(px, max_new_tokens=4).shape == (2, 4)
+
+
+
+def test_quantising_into_a_new_folder_leaves_the_fp32_export_as_it_was(source, tmp_path):
+    from blip2rt.export.quantize import quantize_export
+
+    model, fp32, _ = source
+    before = {f.name: f.read_bytes() for f in fp32.iterdir() if f.is_file()}
+    (tmp_path / "int4").mkdir()
+    (tmp_path / "int4" / "notes.txt").write_text("not an export")
+    with pytest.raises(blip2rt.Blip2rtError, match="holds files but no export"):
+        quantize_export(fp32, "int4", to=tmp_path / "int4")
+    (tmp_path / "int4" / "blip2rt_export.json").write_text("{}")
+    (tmp_path / "int4" / "stale.onnx").write_text("from an earlier run")
+    manifest = quantize_export(fp32, "int4", to=tmp_path / "int4")
+    assert {f.name: f.read_bytes() for f in fp32.iterdir() if f.is_file()} == before
+    assert not (tmp_path / "int4" / "stale.onnx").exists()
+    assert OrtBlip2(fp32).llm_weights == {"format": "fp32"}
+    rt = OrtBlip2(tmp_path / "int4", providers=["CPUExecutionProvider"])
+    assert rt.llm_weights == manifest["llm_weights"] and rt.llm_weights["format"] == "int4"
+    assert "MatMulNBits" in _ops(tmp_path / "int4" / "decode.onnx") and "MatMulNBits" not in _ops(fp32 / "decode.onnx")
+    px = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(3)).numpy()
+    assert rt.generate(px, max_new_tokens=3).shape == (2, 3)
+    with pytest.raises(blip2rt.Blip2rtError, match="into itself"):
+        quantize_export(fp32, "int4", to=fp32 / ".." / fp32.name)
+    with pytest.raises(blip2rt.Blip2rtError, match="already holds int4 LLM weights"):
+        quantize_export(tmp_path / "int4", "int8")

@@ -375,6 +375,30 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
 
     ort = state.phase("onnx runtime", onnx_runtime, "ort")
 
+    int4_dir = out / "export_int4"
+
+    def int4_export():
+        from blip2rt.export import OrtBlip2
+        from blip2rt.export.quantize import quantize_export
+
+        _say(f"int4: the export with the LLM's weights in GGUF's 4-bit blocks -> {int4_dir}")
+        with logged_to(out / EXPORT_LOG):
+            manifest = quantize_export(export_dir, "int4", to=int4_dir)
+        session = OrtBlip2(int4_dir, providers=_ort_providers(model))
+        caps = []
+        for i in range(0, len(test), 64):
+            caps += session.caption([im.image for im in test[i: i + 64]], **CAPTION_GEN)
+        one = [test[0].image]
+        llm = set(manifest["llm_weights"]["graphs"])  # prefill, decode, static_lm: <key>.onnx (+ .data)
+        fp32_mb = sum(f.stat().st_size for f in export_dir.iterdir() if f.name.split(".")[0] in llm) / 1e6
+        int4_mb = sum(f.stat().st_size for f in int4_dir.iterdir() if f.name.split(".")[0] in llm) / 1e6
+        return {"captions": caption_accuracy(test, caps), "compared": len(test),
+                "equal": sum(a == b for a, b in zip(caps, captions)),  # PyTorch's fp32 captions
+                "latency_ms": _timed(lambda: session.caption(one, **CAPTION_GEN), plan.latency_repeats),
+                "llm_graphs_mb": {"fp32": round(fp32_mb), "int4": round(int4_mb)}, "search": session.last_search}
+
+    int4 = state.phase("int4 export", int4_export, "int4")
+
     # ---- VQA fine-tuning (BLIP-2 §4.2) --------------------------------------------------
     vqa_ft = None
     if with_vqa:
@@ -403,9 +427,9 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
                 "fine_tuned": None if vqa_ft is None else {**{k: vqa_ft[k] for k in ("accuracy", "steps", "loss",
                                                                                       "checkpoints")},
                                                            "examples": _vqa_examples(vqa_records, vqa_ft)}},
-        "ort": ort, "times_s": state.times, "wall_s_this_run": round(time.perf_counter() - t_start, 1),
+        "ort": ort, "int4": int4, "times_s": state.times, "wall_s_this_run": round(time.perf_counter() - t_start, 1),
         "paths": {"stage1": str(out / "stage1" / "checkpoints"), "stage2": str(out / "stage2" / "checkpoints"),
-                  "export": str(export_dir), "export_log": str(out / EXPORT_LOG),
+                  "export": str(export_dir), "export_int4": str(int4_dir), "export_log": str(out / EXPORT_LOG),
                   "feature_cache": str(out / "feature_cache")},
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -500,6 +524,12 @@ def format_report(r: dict) -> str:
     if "static_cache_equal" in o:
         lines.append(f"  static KV   PyTorch's static-cache captions equal its transformers-generate ones on "
                      f"{o['static_cache_equal']}/{o['compared']}")
+    q = r.get("int4")
+    if q:
+        qc = q["captions"]
+        lines.append(f"  int4 LLM    ORT with the LLM's weights in 4 bits ({q['llm_graphs_mb']['int4']} MB of LLM graphs, "
+                     f"fp32 {q['llm_graphs_mb']['fp32']} MB): colour {_pct(qc['color'])}, shape {_pct(qc['shape'])}, "
+                     f"both {_pct(qc['both'])}; captions equal PyTorch fp32's on {q['equal']}/{q['compared']}")
     lines += [
         "  photos      (skimage.data; the model has only seen coloured shapes)",
     ]
@@ -508,7 +538,8 @@ def format_report(r: dict) -> str:
     lines += [
         f"  latency     caption, batch 1 (median): eager PyTorch {lat['eager']:.0f} ms"
         + (f" (static cache {lat['eager_static_cache']:.0f} ms)" if "eager_static_cache" in lat else "")
-        + f", fused {fused}, ONNX Runtime {lat['ort']:.0f} ms ({lat['eager'] / lat['ort']:.2f}x eager)",
+        + f", fused {fused}, ONNX Runtime {lat['ort']:.0f} ms ({lat['eager'] / lat['ort']:.2f}x eager)"
+        + (f", int4 {q['latency_ms']:.0f} ms" if q else ""),
         "  time        " + ", ".join(f"{k} {v:.0f} s" for k, v in r["times_s"].items())
         + f"; {sum(r['times_s'].values()) / 60:.1f} min in all",
         f"  written     checkpoints {r['paths']['stage1']}, {r['paths']['stage2']}"
