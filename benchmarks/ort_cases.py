@@ -237,6 +237,39 @@ def fp16_cuda_export(preset: str) -> tuple[object, object]:
     return model, OrtBlip2(root / "ort", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
+@functools.lru_cache(maxsize=8)
+def weights_export(preset: str, weights: str, providers: tuple[str, ...]) -> tuple[object, object]:
+    """The saved model's export with its LLM graphs in `weights`: "fp32" or "fp16" (the export's
+    dtype), optionally quantised: "fp16-int8", "fp16-int4" (the deployment precisions on CUDA),
+    "fp32-int4"...; returns (the CPU model, for the floor; OrtBlip2 on `providers`)."""
+    from blip2rt.export import OrtBlip2, export_model
+    from blip2rt.export.quantize import quantize_export
+
+    root = _saved(preset)
+    dtype, _, quantised = weights.partition("-")
+    base = root / f"weights-{dtype}"
+    model = blip2rt.from_pretrained(root / "model", device="cpu", dtype="fp32", kernels="torch")
+    if not base.is_dir():
+        export_model(model, base, dtype=dtype)
+    out = base
+    if quantised:
+        out = root / f"weights-{weights}"
+        if not out.is_dir():
+            quantize_export(base, quantised, to=out)
+    return model, OrtBlip2(out, providers=list(providers))
+
+
+def weights_caption(weights: str, preset: str, batch: int, providers: tuple[str, ...],
+                    new_tokens: int = 20) -> Callable[[], None]:
+    """Greedy captions (OrtBlip2's default search for the provider) of the `weights_export`."""
+    model, rt = weights_export(preset, weights, providers)
+    size = model.config.vision_config.image_size
+    px = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(
+        np.float16 if weights.startswith("fp16") else np.float32)
+    gen = dict(num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    return lambda: rt.caption(px, **gen)
+
+
 def ort_cuda_fp16_caption(impl: str, preset: str, batch: int, new_tokens: int) -> Callable[[], None]:
     """impl: "ort" (static_lm.onnx, its decode step a CUDA graph) or "ort-dynamic"."""
     from blip2rt.export import OrtBlip2

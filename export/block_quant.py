@@ -122,7 +122,7 @@ def rewrite_matmuls(model, formats: dict[str, str], block_size: int, accuracy_le
         if offsets is not None:
             sums = blocksums.get((x, k))
             if sums is None:  # (..., K) @ (K, blocks) 0/1 -> (..., blocks): each block's sum of x
-                indicator = f"block_indicator_{k}_{block_size}"
+                indicator = f"block_indicator_{k}_{block_size}_{np.dtype(dtype).name}"  # one per dtype
                 if indicator not in indicators:
                     ind = (np.arange(k)[:, None] // block_size == np.arange(offsets.shape[0])[None]).astype(dtype)
                     new_inits.append(numpy_helper.from_array(ind, indicator))

@@ -95,3 +95,15 @@ def test_stage2_step_case_runs(impl):
     bench, ran = runs_as_labelled(step, impl, FUSED_STAGE2)
     if impl == "triton":
         check_attention_dropout(bench, ran)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "fp32-int4"])
+def test_llm_weights_caption_case_runs(weights):
+    """test_ort_gpu's case over an export in each LLM precision, on the CPU provider at tiny size
+    (the GPU run adds fp16 and fp16 + int8 / int4: the same steps with the export's dtype)."""
+    from ort_cases import weights_caption, weights_export
+
+    step = weights_caption(weights, "tiny", 2, ("CPUExecutionProvider",), new_tokens=3)
+    step()
+    _, rt = weights_export("tiny", weights, ("CPUExecutionProvider",))
+    assert rt.llm_weights["format"] == weights.split("-")[-1]
