@@ -344,9 +344,16 @@ def export_model(model: Blip2, out_dir: str | Path, dtype: str = "fp32", opset: 
     model = model.eval().to("cpu")
     backend = model.kernel_backend
     model.set_kernel_backend("torch")  # the graphs hold plain ONNX ops
+    traced = model
+    if dtype == "fp16":
+        traced = copy.deepcopy(model).half()
+        # transformers' eager attention: fp16 products with an fp32 softmax cast back. torch.onnx's
+        # lowering of SDPA casts Q·K and V to fp32 and leaves the attention output there, so OPT's
+        # next LayerNorm met fp32 input with fp16 weights and the graph failed to load, and Llama's
+        # attention and o_proj ran in fp32
+        traced.language_model.set_attn_implementation("eager")
     try:
-        return _export_all(copy.deepcopy(model).half() if dtype == "fp16" else model, out, dtype, opset, optimize,
-                           external_over, static_graph, llm_weights)
+        return _export_all(traced, out, dtype, opset, optimize, external_over, static_graph, llm_weights)
     finally:
         model.set_kernel_backend(backend)
 

@@ -135,3 +135,26 @@ def test_an_initializer_read_elsewhere_is_kept():
     _, w_out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": np.ones((1, 32), np.float32)})
     np.testing.assert_array_equal(w_out, w)
+
+
+def test_matmuls_of_two_dtypes_get_an_indicator_each():
+    """An fp32 MatMul beside an fp16 one of the same K (their block sums need one indicator per
+    dtype: a shared one failed to load)."""
+    rng = np.random.default_rng(4)
+    w16, w32 = (rng.standard_normal((32, 8)) * 0.1 for _ in range(2))
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w16"], ["y16"], name="mm16"),
+         helper.make_node("MatMul", ["b", "w32"], ["y32"], name="mm32")], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT16, [1, 32]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("y16", TensorProto.FLOAT16, [1, 8]),
+         helper.make_tensor_value_info("y32", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(w16.astype(np.float16), "w16"), numpy_helper.from_array(w32.astype(np.float32), "w32")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    rewrite_matmuls(model, {"mm16": "minmax", "mm32": "minmax"}, 32, accuracy_level=0)
+    a, b = rng.standard_normal((1, 32)), rng.standard_normal((1, 32))
+    y16, y32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"a": a.astype(np.float16), "b": b.astype(np.float32)})
+    for x, y, w in ((a, y16, w16.astype(np.float16)), (b, y32, w32.astype(np.float32))):
+        q, d, off = quantize_blocks(w.astype(np.float64), "minmax", 32)
+        np.testing.assert_allclose(y.astype(np.float64), x @ dequantize_blocks(q, d, off, 32), rtol=2e-2, atol=2e-2)

@@ -6,12 +6,14 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 import blip2rt
 from blip2rt.export import OrtBlip2, export_model
 from blip2rt.tokenization import tiny_llm_tokenizer
+from hf_reference import with_tiny_tokenizer
 
 PROMPTS = ["a", "a photo of", "the red one is"]
 
@@ -234,13 +236,19 @@ def test_optimized_graphs_with_external_data_still_match(hf_opt, tmp_path):
         assert rt.last_search == ("static" if beams == 1 else "dynamic")  # the optimized static graph kept its scatters
 
 
-def test_fp16_export_runs_close_to_fp32(hf_llama, tmp_path):
-    src = tmp_path / "src"
-    shutil.copytree(hf_llama.folder, src)
-    tiny_llm_tokenizer().save_pretrained(src)
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_fp16_export_runs_close_to_fp32(family, request, tmp_path):
+    """Both decoder families load and stay in fp16: every MatMul weight of the LLM graphs is fp16
+    (torch.onnx's SDPA lowering once left the attention in fp32, and OPT's graph failed to load)."""
+    src = with_tiny_tokenizer(request.getfixturevalue(f"hf_{family}"), tmp_path / "src")
     model = blip2rt.from_pretrained(src, device="cpu")
     export_model(blip2rt.from_pretrained(src, device="cpu"), tmp_path / "onnx", dtype="fp16")
     rt = OrtBlip2(tmp_path / "onnx", providers=["CPUExecutionProvider"])
+    for name in ("prefill", "decode", "static_lm"):
+        graph = onnx.load(str(tmp_path / "onnx" / f"{name}.onnx")).graph
+        weights = {t.name: t.data_type for t in graph.initializer}
+        matmuls = [weights[n.input[1]] for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        assert matmuls and set(matmuls) == {onnx.TensorProto.FLOAT16}, name
     px = pixels(2, seed=3)
     got = rt.image_features(px.numpy())
     assert got.dtype == np.float16
@@ -257,4 +265,8 @@ def test_fp16_export_runs_close_to_fp32(hf_llama, tmp_path):
         logit_range = float(model.language_model(inputs_embeds=embeds).logits.abs().max())
     assert diffs["first_logits"] < 1e-2 * logit_range and diffs["decode_logits"] < 1e-2 * logit_range, (diffs, logit_range)
     assert diffs["static_logits"] < 1e-2 * logit_range, (diffs, logit_range)
-    assert diffs["greedy_tokens_equal"] == 1.0
+    assert diffs["top1_agreement"] >= 0.85, diffs  # measured 1.0 for both
+    if family == "llama":
+        assert diffs["greedy_tokens_equal"] == 1.0
+    # the random tiny OPT's logits are flatter: one of its four greedy rows left fp32's path at a
+    # near-tie (measured greedy_rows_equal 0.75), which fp16 arithmetic may move on another CPU
