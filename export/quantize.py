@@ -92,9 +92,9 @@ def quantize_graph(path: Path, llm_weights: str, vocab: int, lm_head: bool, exte
     weighted = [n for n in model.graph.node if n.op_type == "MatMul" and constants.get(n.input[1]) == 2]
     before = len(weighted)  # weights, not QK/AV
     if algorithm == "block":
-        formats = {n.name: HEAD_FORMAT if n.name in head else BLOCK_FORMAT[llm_weights]
-                   for n in weighted if lm_head or n.name not in head}
-        if len(formats) != sum(1 for n in weighted if lm_head or n.name not in head):
+        chosen = [n for n in weighted if lm_head or n.name not in head]
+        formats = {n.name: HEAD_FORMAT if n.name in head else BLOCK_FORMAT[llm_weights] for n in chosen}
+        if len(formats) != len(chosen):
             raise Blip2rtError(f"{path.name}: MatMul nodes without unique names; cannot quantise by name")
         out = model
         quantized = rewrite_matmuls(out, formats, block_size, accuracy_level)

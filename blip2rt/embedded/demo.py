@@ -390,12 +390,12 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
             caps += session.caption([im.image for im in test[i: i + 64]], **CAPTION_GEN)
         one = [test[0].image]
         llm = set(manifest["llm_weights"]["graphs"])  # prefill, decode, static_lm: <key>.onnx (+ .data)
-        fp32_mb = sum(f.stat().st_size for f in export_dir.iterdir() if f.name.split(".")[0] in llm) / 1e6
-        int4_mb = sum(f.stat().st_size for f in int4_dir.iterdir() if f.name.split(".")[0] in llm) / 1e6
+        mb = {name: round(sum(f.stat().st_size for f in folder.iterdir() if f.name.split(".")[0] in llm) / 1e6)
+              for name, folder in (("fp32", export_dir), ("int4", int4_dir))}
         return {"captions": caption_accuracy(test, caps), "compared": len(test),
                 "equal": sum(a == b for a, b in zip(caps, captions)),  # PyTorch's fp32 captions
                 "latency_ms": _timed(lambda: session.caption(one, **CAPTION_GEN), plan.latency_repeats),
-                "llm_graphs_mb": {"fp32": round(fp32_mb), "int4": round(int4_mb)}, "search": session.last_search}
+                "llm_graphs_mb": mb, "search": session.last_search}
 
     int4 = state.phase("int4 export", int4_export, "int4")
 
