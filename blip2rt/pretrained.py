@@ -17,6 +17,7 @@ transformers keep the Q-Former.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -70,20 +71,40 @@ def from_pretrained(
     *,
     config: str | Path | Blip2Config | None = None,
     trainable_dtype: str | torch.dtype = torch.float32,
+    seed: int | None = 0,
 ) -> Blip2:
-    """Builds a BLIP-2 model in eval mode; see the module docstring for what `path_or_preset` may be."""
+    """Builds a BLIP-2 model in eval mode; see the module docstring for what `path_or_preset` may be.
+
+    seed: what no checkpoint fills (a preset's parts, blip2-mini's cross-attention and language
+    projection) is initialised from its own generator seeded with this, so two loads give the same
+    model and torch's global generator is left as it was. None draws from the global generator."""
     device = parse_device(device)
     frozen_dtype = parse_dtype(dtype, device)
     trainable_dtype = parse_dtype(trainable_dtype, device)
     backend = resolve_backend(kernels, device)
     path = Path(path_or_preset)
 
-    with device:  # parameters are created (and randomly initialised) where they will run
+    with _seeded(device, seed), device:  # parameters are created (and randomly initialised) where they will run
         model, tokenizer_dir = _build(path, path_or_preset, config, frozen_dtype)
     _cast_trainable(model, trainable_dtype)
     model.to(device)
     model.set_kernel_backend(backend)
     return model.eval()
+
+
+@contextmanager
+def _seeded(device: torch.device, seed: int | None):
+    """torch's generator for `device` seeded with `seed` inside, as it was outside (None: untouched)."""
+    if seed is None:
+        yield
+        return
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
+    with torch.random.fork_rng(devices=[] if index is None else [index]):
+        torch.default_generator.manual_seed(seed)  # CPU initialisation draws from it
+        if index is not None:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def _build(path: Path, path_or_preset, config, frozen_dtype: torch.dtype) -> tuple[Blip2, Path | None]:

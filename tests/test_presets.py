@@ -71,3 +71,28 @@ def test_bad_config_file_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(blip2rt.CheckpointError, match="is not valid JSON"):
         blip2rt.from_pretrained(tmp_path)
+
+
+def test_the_parts_no_checkpoint_fills_are_drawn_from_the_seed():
+    """Two loads give the same model whatever torch's global generator holds, and leave it as it was;
+    another seed gives other weights; seed=None draws from the global generator."""
+    def weights(m):
+        return {k: v.clone() for k, v in m.state_dict().items() if v.is_floating_point()}
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = weights(blip2rt.from_pretrained("tiny", device="cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(7)
+    b = weights(blip2rt.from_pretrained("tiny", device="cpu"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = weights(blip2rt.from_pretrained("tiny", device="cpu", seed=1))
+    differ = [k for k in a if not torch.equal(a[k], other[k])]
+    assert "language_projection.weight" in differ and any(".crossattention." in k for k in differ), differ
+
+    torch.manual_seed(5)
+    c = weights(blip2rt.from_pretrained("tiny", device="cpu", seed=None))
+    torch.manual_seed(5)
+    d = weights(blip2rt.from_pretrained("tiny", device="cpu", seed=None))
+    assert all(torch.equal(c[k], d[k]) for k in c)
+    assert not torch.equal(c["language_projection.weight"], a["language_projection.weight"])

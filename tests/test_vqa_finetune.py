@@ -54,8 +54,7 @@ def vqa_toy(tmp_path_factory):
 
 
 def tiny_vqa_model(seed=0):
-    torch.manual_seed(seed)
-    m = blip2rt.from_pretrained("tiny", device="cpu", kernels="torch")
+    m = blip2rt.from_pretrained("tiny", device="cpu", kernels="torch", seed=seed)
     m.config.question_in_qformer = True
     return m
 

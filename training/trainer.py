@@ -85,7 +85,7 @@ class Trainer:
         frozen = DTYPES[cfg.frozen_dtype] if cfg.frozen_dtype != "auto" else None
         if model is None:
             model = blip2rt.from_pretrained(cfg.model, device=self.device, dtype=frozen, kernels=cfg.kernels,
-                                            config=cfg.model_config)
+                                            config=cfg.model_config, seed=cfg.seed)
         self.model = model
         if cfg.init:
             init = Path(cfg.init)
