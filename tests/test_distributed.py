@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dist_worker
-from sampling_stats import chi_square_z
+from sampling_stats import FALSE_ALARM, chi_square_p
 
 DEADLINE_S = 240  # the two ranks take 5-30 s here; a hang must fail the test, not the whole CI run
 EXIT_GRACE_S = 60  # from both ranks' "done" to their exit: 1-2.5 s measured
@@ -102,9 +102,12 @@ def test_hard_negatives_across_two_ranks_with_unequal_shards(tmp_path):
             mine, whole = got[case], single[case]
             for key in ("sim_i2t", "sim_t2i"):  # this rank's rows, every rank's columns, in rank order
                 torch.testing.assert_close(mine[key], whole[key][offset:offset + b], atol=1e-5, rtol=1e-5)
+            sharper = []
             for counts, sim in ((mine["counts_img"], mine["sim_t2i"]), (mine["counts_txt"], mine["sim_i2t"])):
                 weights = sim.masked_fill(mine["positives"], float("-inf")).softmax(1)
-                assert abs(chi_square_z(counts, weights)) < 5, (rank, case)
+                assert chi_square_p(counts, weights) > FALSE_ALARM, (rank, case)
+                sharper.append(chi_square_p(counts, (3 * sim).masked_fill(mine["positives"], float("-inf")).softmax(1)))
+            assert min(sharper) < FALSE_ALARM, (rank, case, sharper)  # the draws tell another sampler apart
 
 
 @pytest.mark.slow
