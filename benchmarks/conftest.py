@@ -16,6 +16,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from blip2rt.precision import training_precision  # noqa: E402
+
 
 @pytest.fixture
 def cuda():
@@ -48,6 +50,8 @@ def blip2rt_machine_info() -> dict:
         "transformers": _version("transformers"), "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "quick_mode": os.environ.get("BLIP2RT_BENCH_QUICK", "") == "1",
         "gpu": None, "gpu_driver": None, "cuda": torch.version.cuda,
+        # what the CPU step cases' "auto" precision means here, and why
+        "cpu_precision": training_precision("cpu").describe(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -3,7 +3,10 @@
 - GPU (paper shapes): ViT-g + BERT-base Q-Former (stage 1, B = 64) and ViT-g + OPT-2.7B
   (stage 2, B = 32); kernels="triton" vs "torch" vs a LAVIS-style eager stage-1 step. MFU uses
   the H100/H200 dense bf16 peak (989 TFLOP/s); the FLOP counts are estimates (see the cases).
-- CPU (fp32, `tiny` and `mini` shapes, random weights): "torch" vs the LAVIS-style step.
+- CPU (`tiny` and `mini` shapes, random weights): "torch" vs the LAVIS-style step, in the precision
+  the trainer's `amp: auto` picks on this CPU ("auto": bf16 autocast only where the CPU has native
+  bf16) and in fp32 with bf16 forced off ("fp32"), as a CPU without native bf16 runs. Where "auto" is
+  fp32 too, its case is skipped as a repeat.
 
 Run: blip2rt bench -k train_step
 """
@@ -12,7 +15,7 @@ import pytest
 import torch
 
 from timing import measure, per_second
-from train_step_cases import FUSED_STAGE1, FUSED_STAGE2, check_attention_dropout, stage1_step, stage2_step
+from train_step_cases import FUSED_STAGE1, FUSED_STAGE2, check_attention_dropout, stage1_step, stage2_step, step_precision
 
 PEAK_BF16 = 989e12
 CPU = torch.device("cpu")
@@ -45,18 +48,29 @@ def test_stage2_step_gpu(benchmark, cuda, impl):
     _mfu(benchmark, flops)
 
 
+def _cpu_precision(benchmark, precision: str) -> bool:
+    """Records the case's precision and why; False for bf16 on (auto) when auto is fp32 here."""
+    chosen = step_precision(CPU, bf16=precision == "auto")
+    if precision == "auto" and chosen.amp == "none":
+        pytest.skip(f"amp auto is fp32 on this CPU ({chosen.reason}): the fp32 case times it")
+    benchmark.extra_info.update(precision=chosen.describe())
+    return precision == "auto"
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
 @pytest.mark.parametrize("impl", ["torch", "lavis"])
 @pytest.mark.parametrize("preset,batch", CPU_CASES)
-def test_stage1_step_cpu(benchmark, preset, batch, impl):
-    benchmark.group = f"stage-1 step {preset} B={batch} (cpu)"
-    step, _ = stage1_step(impl, CPU, preset, batch=batch, text_len=16)
+def test_stage1_step_cpu(benchmark, preset, batch, impl, precision):
+    benchmark.group = f"stage-1 step {preset} B={batch} (cpu, {precision})"
+    step, _ = stage1_step(impl, CPU, preset, batch=batch, text_len=16, bf16=_cpu_precision(benchmark, precision))
     measure(benchmark, step, rounds=5, warmup=1)
     per_second(benchmark, "samples_per_s", batch)
 
 
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
 @pytest.mark.parametrize("preset,batch", CPU_CASES)
-def test_stage2_step_cpu(benchmark, preset, batch):
-    benchmark.group = f"stage-2 step {preset} B={batch} (cpu)"
-    step, _ = stage2_step("torch", CPU, preset, batch=batch, text_len=16)
+def test_stage2_step_cpu(benchmark, preset, batch, precision):
+    benchmark.group = f"stage-2 step {preset} B={batch} (cpu, {precision})"
+    step, _ = stage2_step("torch", CPU, preset, batch=batch, text_len=16, bf16=_cpu_precision(benchmark, precision))
     measure(benchmark, step, rounds=5, warmup=1)
     per_second(benchmark, "samples_per_s", batch)

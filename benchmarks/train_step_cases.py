@@ -3,6 +3,8 @@ LAVIS-style eager stage-1 step (fp16 autocast, per-sample negative sampling with
 image K/V recomputed for all 3B ITM pairs) as the baseline the paper's code sets.
 
 Inputs are random token ids and pixels at the model's shapes: throughput does not depend on content.
+Each step trains in the precision `blip2rt.precision` picks for the device (bf16 autocast on CUDA and on
+CPUs with native bf16), or in fp32 when the case asks for it (`bf16=False`), as the trainer would.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from blip2rt.model import Blip2
+from blip2rt.precision import Precision, training_precision
 from blip2rt.presets import preset_config
 from blip2rt.kernels import AttentionMode
 from blip2rt.training.stage1 import Stage1Batch, Stage1Objective
@@ -75,8 +78,15 @@ def lavis_style_stage1_loss(obj: Stage1Objective, batch: Stage1Batch) -> torch.T
     return itc + itm + itg
 
 
-def stage1_step(impl: str, device, preset: str, batch: int, text_len: int = 32) -> tuple[Callable[[], None], float]:
-    """impl: "triton" | "torch" | "lavis". Returns (step, forward+backward FLOPs per step, approx)."""
+def step_precision(device, bf16: bool = True) -> Precision:
+    """The training precision of a step case: the trainer's `amp: auto` rule, or fp32 (bf16=False)."""
+    return training_precision(device, allow_bf16=bf16)
+
+
+def stage1_step(impl: str, device, preset: str, batch: int, text_len: int = 32,
+                bf16: bool = True) -> tuple[Callable[[], None], float]:
+    """impl: "triton" | "torch" | "lavis". Returns (step, forward+backward FLOPs per step, approx).
+    The LAVIS-style step autocasts to fp16 on CUDA, as LAVIS does; every other step as the trainer."""
     m = _model(preset, device, impl, 1)
     obj = Stage1Objective(m, dec_token_id=1, pad_token_id=0)
     opt = torch.optim.AdamW(param_groups(m, 0.05, 1e-5), lr=1e-5)
@@ -85,8 +95,9 @@ def stage1_step(impl: str, device, preset: str, batch: int, text_len: int = 32) 
     ids = torch.randint(5, m.config.qformer_config.vocab_size, (batch, text_len), generator=g).to(device)
     ids[:, 0] = 101 % m.config.qformer_config.vocab_size
     data = Stage1Batch(ids, torch.ones_like(ids), pixel_values=torch.randn(batch, 3, size, size, generator=g).to(device))
-    amp = torch.float16 if impl == "lavis" else torch.bfloat16
-    use_amp = device.type == "cuda"
+    precision = step_precision(device, bf16)
+    amp = torch.float16 if impl == "lavis" and device.type == "cuda" and bf16 else precision.dtype
+    use_amp = amp is not None
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp == torch.float16)
 
     def step():
@@ -105,8 +116,10 @@ def stage1_step(impl: str, device, preset: str, batch: int, text_len: int = 32) 
     return step, float(flops)
 
 
-def stage2_step(impl: str, device, preset: str, batch: int, text_len: int = 32) -> tuple[Callable[[], None], float]:
+def stage2_step(impl: str, device, preset: str, batch: int, text_len: int = 32,
+                bf16: bool = True) -> tuple[Callable[[], None], float]:
     m = _model(preset, device, impl, 2)
+    amp = step_precision(device, bf16).dtype
     obj = Stage2Objective(m)
     opt = torch.optim.AdamW(param_groups(m, 0.05, 1e-5), lr=1e-5)
     g = torch.Generator().manual_seed(0)
@@ -116,7 +129,7 @@ def stage2_step(impl: str, device, preset: str, batch: int, text_len: int = 32) 
     data = Stage2Batch(ids, torch.ones_like(ids), ids, pixel_values=torch.randn(batch, 3, size, size, generator=g).to(device))
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             loss = obj(data)["loss"]
         loss.backward()
         opt.step()

@@ -25,7 +25,8 @@ from .json_files import read_json
 # (blip2rt's kernels="torch" path) is the baseline every fast path is compared with.
 EAGER_IMPLS = ("eager", "torch")
 # What a comparison across machines must agree on for its ratios to mean anything.
-MACHINE_KEYS = ("gpu", "gpu_driver", "torch", "triton", "onnxruntime", "transformers", "cpu_count", "quick_mode")
+MACHINE_KEYS = ("gpu", "gpu_driver", "torch", "triton", "onnxruntime", "transformers", "cpu_count", "quick_mode",
+                "cpu_precision")
 
 
 def suite_dir() -> Path:

@@ -143,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains blip2-mini (DINOv2-S/14 and SmolLM2-135M frozen, a Q-Former from MiniLM) on easy-vqa "
                     "on this machine: caches the frozen image features, trains stage 1 and evaluates retrieval, "
                     "trains stage 2 and evaluates captioning and zero-shot VQA on the test split, exports to ONNX, "
-                    "captions test images and real photos with ONNX Runtime, and prints a report (11.4 minutes on "
-                    "a 2-core CPU without native bf16). --with-vqa then fine-tunes for VQA with the question in "
+                    "captions test images and real photos with ONNX Runtime, and prints a report (9 to 12 minutes "
+                    "on a 2-core CPU in fp32; README has the table). It trains in bf16 autocast only where the "
+                    "CPU has native bf16 (AVX512-BF16 or AMX), else in fp32, and says why. --with-vqa then "
+                    "fine-tunes for VQA with the question in "
                     "the Q-Former. The exporter's log goes to --out/export.log. A rerun of the same --out resumes "
                     "where it stopped.")
     p.add_argument("--out", default="blip2rt-demo", help="folder for checkpoints, export and report "
@@ -157,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "and report its accuracy on the test questions; about 8 more minutes on a 2-core CPU")
     p.add_argument("--no-bf16", action="store_true",
                    help="train in fp32 even where the CPU has native bf16 (what a CPU without it runs)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="shifts every seed of the run (the fresh Q-Former parts, the data order, dropout); "
+                        "default 0, the run README reports")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_demo)
 
@@ -342,7 +347,7 @@ def _run_demo(args) -> None:
             raise Blip2rtError(f"--fresh would delete {args.out}, which is not a demo folder; give another --out")
         shutil.rmtree(args.out)
     report = run_demo(args.out, quick=args.quick, device=args.device, show_progress=not args.no_progress,
-                      bf16=not args.no_bf16, with_vqa=args.with_vqa)
+                      bf16=not args.no_bf16, with_vqa=args.with_vqa, seed=args.seed)
     print()
     print(format_report(report))
 

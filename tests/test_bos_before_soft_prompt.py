@@ -149,7 +149,7 @@ def test_stage2_training_text_has_no_second_bos(bos_first, tmp_path):
     ann = make_toy_set(root, repeats=1, corrupt=0)
     cfg = TrainConfig(stage=2, model=str(folder), annotations=[str(ann)], image_root=str(root),
                       out_dir=str(tmp_path / "run"), batch_size=4, max_steps=1, warmup_steps=1, num_workers=0,
-                      kernels="torch", projection_lr=1e-2)
+                      kernels="torch", projection_lr=1e-2, amp="none")
     t = Trainer(cfg, show_progress=False)
     batch = next(iter(t.loader)).objective_inputs
     bos = t.model.config.text_config["bos_token_id"]

@@ -2,6 +2,7 @@
 far above chance, ORT captions equal PyTorch's, a rerun resumes instead of retraining), and the
 caption scoring it reports."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -32,10 +33,13 @@ def test_caption_accuracy_scores_colour_and_shape_apart():
     assert acc == {"color": 0.5, "shape": 0.5, "both": 0.25, "exact": 0.25}
 
 
-def test_a_folder_from_the_other_plan_is_refused(tmp_path):
+def test_a_folder_from_the_other_plan_or_seed_is_refused(tmp_path):
     _State(tmp_path / "demo_state.json", QUICK).put("times", {})
     with pytest.raises(Blip2rtError, match="another plan"):
         _State(tmp_path / "demo_state.json", FULL)
+    with pytest.raises(Blip2rtError, match="another plan"):
+        _State(tmp_path / "demo_state.json", dataclasses.replace(QUICK, seed=1))
+    _State(tmp_path / "demo_state.json", QUICK)  # its own plan resumes
 
 
 def test_the_exporters_output_goes_to_its_log_and_real_warnings_still_show(tmp_path, capsys):

@@ -24,7 +24,7 @@ def cfg(toy, out, **kw):
     root, ann, _ = toy
     base = dict(model="tiny", annotations=[str(ann)], image_root=str(root), out_dir=str(out), batch_size=12,
                 max_steps=200, warmup_steps=10, lr=1e-3, num_workers=0, log_every=20, save_every=1000,
-                kernels="torch", augment=False)
+                kernels="torch", augment=False, amp="none")
     return TrainConfig(**{**base, **kw})
 
 

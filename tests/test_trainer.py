@@ -29,7 +29,8 @@ def toy(tmp_path_factory):
 def config(toy, out, **kw) -> TrainConfig:
     root, ann = toy
     base = dict(stage=1, model="tiny", annotations=[str(ann)], image_root=str(root), out_dir=str(out), batch_size=5,
-                max_steps=8, warmup_steps=2, lr=1e-3, num_workers=0, log_every=1, save_every=100, kernels="torch")
+                max_steps=8, warmup_steps=2, lr=1e-3, num_workers=0, log_every=1, save_every=100, kernels="torch",
+                amp="none")  # fp32 on every CPU: the same arithmetic wherever CI runs
     base.update(kw)
     return TrainConfig(**base)
 
@@ -84,7 +85,8 @@ def test_killed_while_checkpointing_resumes_from_the_previous_checkpoint(toy, tm
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "blip2rt", "train", "stage1", "--model", "tiny", "--annotations", str(ann),
            "--image-root", str(root), "--out-dir", str(out), "--batch-size", "5", "--max-steps", "8",
-           "--warmup-steps", "2", "--lr", "1e-3", "--num-workers", "0", "--save-every", "2", "--kernels", "torch"]
+           "--warmup-steps", "2", "--lr", "1e-3", "--num-workers", "0", "--save-every", "2", "--kernels", "torch",
+           "--amp", "none"]
     env = {**os.environ, "BLIP2RT_TEST_SLOW_CHECKPOINT": "2"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = out / "checkpoints" / "step_00000004.tmp"

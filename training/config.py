@@ -38,7 +38,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    amp: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
+    amp: str = "auto"  # auto (bf16 where the device has it natively: blip2rt.precision) | bf16 | fp16 | none
     frozen_dtype: str = "auto"  # the frozen ViT / LLM: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     kernels: str = "auto"
     activation_checkpointing: bool = False

@@ -20,6 +20,7 @@ from torch import nn
 import blip2rt
 from blip2rt import parts
 from blip2rt.errors import Blip2rtError, CheckpointError
+from blip2rt.precision import training_precision
 from blip2rt.pretrained import DTYPES, apply_state
 
 from . import distributed as D
@@ -98,8 +99,12 @@ class Trainer:
         if cfg.activation_checkpointing:
             self.model.qformer.gradient_checkpointing = True
 
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[
-            cfg.amp if cfg.amp != "auto" else ("bf16" if self.device.type == "cuda" else "none")]
+        amp = cfg.amp
+        if amp == "auto":
+            precision = training_precision(self.device)
+            amp = precision.amp
+            log.info("amp auto: %s", precision.describe())
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
         self.objective = self._objective()
         self.module = self.objective
         if cfg.fsdp:

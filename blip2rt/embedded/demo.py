@@ -28,6 +28,7 @@ import statistics
 import time
 import warnings
 from contextlib import contextmanager, redirect_stdout
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from blip2rt.errors import Blip2rtError
+from blip2rt.precision import training_precision
 
 from . import assets
 from .easy_vqa import COLORS, SHAPES, EasyVqaImage, load_split, annotation_rows, majority_answer, write_annotations
@@ -79,7 +81,11 @@ class DemoPlan:
     max_text_len: int = 8  # the longest caption is 7 WordPieces ("teal" is "tea ##l"); stage 1 pads to this
     rerank_k: int = 4  # ITM re-ranks each image's 4 best captions by ITC (the paper: 128 of 25k texts)
     ort_compare_images: int = 16
+    int4_compare_images: int = 200  # the int4 export's captions against PyTorch fp32's, on the first test images
     latency_repeats: int = 5
+    # Added to every seed the demo uses: the parts no checkpoint fills (from_pretrained's seed) and each
+    # trainer's (42 + seed). 0 reproduces the figures in README and the quick test.
+    seed: int = 0
 
 
 FULL = DemoPlan(train_images=1600, test_images=1000, stage1_steps=120, stage1_batch=32, stage2_steps=160,
@@ -223,17 +229,19 @@ def _build_test_features(model, test_records: list[dict], folder: Path, show_pro
 
 
 def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None, show_progress: bool = True,
-             plan: DemoPlan | None = None, bf16: bool = True, with_vqa: bool = False) -> dict:
+             plan: DemoPlan | None = None, bf16: bool = True, with_vqa: bool = False, seed: int = 0) -> dict:
     """Runs the whole demo (resuming what `out_dir` already holds); returns the report dict,
     also written to out_dir/report.json and, as text, out_dir/report.txt.
 
-    bf16=False trains in fp32 even where the CPU has native bf16 (what a CPU without it runs).
-    with_vqa: then fine-tunes for VQA (the question in the Q-Former too) and reports its accuracy."""
+    bf16=False trains in fp32 even where the CPU has native bf16 (what a CPU without it runs); by
+    default the precision is blip2rt.precision's choice for the device.
+    with_vqa: then fine-tunes for VQA (the question in the Q-Former too) and reports its accuracy.
+    seed: shifts every seed of the run (DemoPlan.seed); a folder resumes only under its own seed."""
     from blip2rt.training import evaluate
     from blip2rt.training.config import TrainConfig
     from blip2rt.training.trainer import VQA_STAGE, Trainer
 
-    plan = plan or (QUICK if quick else FULL)
+    plan = dataclasses.replace(plan or (QUICK if quick else FULL), seed=seed)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     state = _State(out / "demo_state.json", plan)
@@ -259,9 +267,9 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
     _say(f"data: easy-vqa, {len(train)} train / {len(test)} test images, captions \"a {{color}} {{shape}}\" "
          f"({len({im.caption for im in test})} distinct in the test images)")
 
-    amp = training_amp(device, bf16)
-    _say(f"training precision: {'bf16 autocast' if amp == 'bf16' else 'fp32'}"
-         + ("" if amp == "bf16" else " (bf16 turned off)" if not bf16 else " (this CPU has no native bf16)"))
+    precision = training_precision(device or "cpu", allow_bf16=bf16)
+    amp = precision.amp
+    _say(f"training precision: {precision.describe()}")
 
     def stage_config(stage: int, steps: int, batch: int, lr: float, projection_lr: float | None = None,
                      annotations: Path = train_json) -> TrainConfig:
@@ -271,14 +279,15 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
                            model="blip2-mini", annotations=[str(annotations)], image_root="/", augment=False,
                            cache_features=True, feature_cache=str(out / "feature_cache"),
                            max_text_len=plan.max_text_len, weight_decay=0.05, num_workers=0, log_every=5,
-                           keep_checkpoints=1, kernels="auto", amp=amp, question_template=VQA_PROMPTS[0])
+                           keep_checkpoints=1, kernels="auto", amp=amp, question_template=VQA_PROMPTS[0],
+                           seed=42 + plan.seed)
 
     # ---- stage 1 ------------------------------------------------------------------------
     cfg1 = stage_config(1, plan.stage1_steps, plan.stage1_batch, plan.stage1_lr)
     _say(f"stage 1: loading blip2-mini and caching the frozen ViT features -> {cfg1.feature_cache}")
 
     def load():
-        trainer = Trainer(cfg1, show_progress=show_progress, model=_load_model(device))
+        trainer = Trainer(cfg1, show_progress=show_progress, model=_load_model(device, plan.seed))
         features = _build_test_features(trainer.model, test_records, out / "test_features", show_progress)
         return trainer, features
 
@@ -387,14 +396,15 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
         with logged_to(out / EXPORT_LOG):
             manifest = quantize_export(export_dir, "int4", to=int4_dir)
         session = OrtBlip2(int4_dir, providers=_ort_providers(model))
+        sample = test[: plan.int4_compare_images]
         caps = []
-        for i in range(0, len(test), 64):
-            caps += session.caption([im.image for im in test[i: i + 64]], **CAPTION_GEN)
+        for i in range(0, len(sample), 64):
+            caps += session.caption([im.image for im in sample[i: i + 64]], **CAPTION_GEN)
         one = [test[0].image]
         llm = set(manifest["llm_weights"]["graphs"])  # prefill, decode, static_lm: <key>.onnx (+ .data)
         mb = {name: round(sum(f.stat().st_size for f in folder.iterdir() if f.name.split(".")[0] in llm) / 1e6)
               for name, folder in (("fp32", export_dir), ("int4", int4_dir))}
-        return {"captions": caption_accuracy(test, caps), "compared": len(test),
+        return {"captions": caption_accuracy(sample, caps), "compared": len(sample),
                 "equal": sum(a == b for a, b in zip(caps, captions)),  # PyTorch's fp32 captions
                 "latency_ms": _timed(lambda: session.caption(one, **CAPTION_GEN), plan.latency_repeats),
                 "llm_graphs_mb": mb, "search": session.last_search}
@@ -416,7 +426,8 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
         _say(f"vqa, fine-tuned: {tuned['accuracy']:.1%}")
 
     report = {
-        "plan": "quick" if quick else "full", "out_dir": str(out), "machine": {**_machine(model), "training": amp},
+        "plan": "quick" if quick else "full", "out_dir": str(out), "machine": {**_machine(model), "training": amp,
+                                                                    "training_reason": precision.reason},
         "data": {"train_images": len(train), "test_images": len(test), "distinct_captions": retrieval["texts"],
                  "vqa_questions": len(vqa_records), "vqa_train_questions": sum(len(im.qa) for im in train)},
         "stage1": last1, "stage2": last2, "retrieval": retrieval,
@@ -446,21 +457,11 @@ def _vqa_examples(records: list[dict], result: dict, n: int = 6) -> list[dict]:
              "generated": result["answers"][i], "scored": result["scored"][i]} for i, r in enumerate(records[:n])]
 
 
-def training_amp(device: str | None, bf16: bool = True) -> str:
-    """bf16 autocast where the hardware has it (CUDA, or a CPU with AVX512-BF16/AMX); fp32 where
-    bf16 would be emulated, or where `bf16` is False."""
-    if not bf16:
-        return "none"
-    if device is not None and str(device).startswith("cuda"):
-        return "bf16"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "none"
-
-
-def _load_model(device: str | None):
+def _load_model(device: str | None, seed: int):
     import blip2rt
 
     # the demo trains, evaluates and exports one model: the CPU unless a device is asked for
-    return blip2rt.from_pretrained("blip2-mini", device=device or "cpu", dtype="fp32")
+    return blip2rt.from_pretrained("blip2-mini", device=device or "cpu", dtype="fp32", seed=seed)
 
 
 def _ort_providers(model) -> list[str] | None:
@@ -491,7 +492,8 @@ def format_report(r: dict) -> str:
     m = r["machine"]
     lines = [
         f"blip2rt demo ({r['plan']}): blip2-mini on easy-vqa, {m['device']}, torch {m['torch']}, "
-        f"{m['torch_threads']} threads, training in {'bf16 autocast' if m.get('training') == 'bf16' else 'fp32'}",
+        f"{m['torch_threads']} threads, training in {'bf16 autocast' if m.get('training') == 'bf16' else 'fp32'}"
+        + (f": {m['training_reason']}" if m.get("training_reason") else ""),
         "",
         f"  data        {r['data']['train_images']} train / {r['data']['test_images']} test images; captions "
         f"\"a {{color}} {{shape}}\", {r['data']['distinct_captions']} distinct",
@@ -530,8 +532,9 @@ def format_report(r: dict) -> str:
     if q:
         qc = q["captions"]
         lines.append(f"  int4 LLM    ORT with the LLM's weights in 4 bits ({q['llm_graphs_mb']['int4']} MB of LLM graphs, "
-                     f"fp32 {q['llm_graphs_mb']['fp32']} MB): colour {_pct(qc['color'])}, shape {_pct(qc['shape'])}, "
-                     f"both {_pct(qc['both'])}; captions equal PyTorch fp32's on {q['equal']}/{q['compared']}")
+                     f"fp32 {q['llm_graphs_mb']['fp32']} MB), on the first {q['compared']} test images: colour "
+                     f"{_pct(qc['color'])}, shape {_pct(qc['shape'])}, both {_pct(qc['both'])}; captions equal "
+                     f"PyTorch fp32's on {q['equal']}/{q['compared']}")
     lines += [
         "  photos      (skimage.data; the model has only seen coloured shapes)",
     ]
