@@ -11,9 +11,11 @@ sm_80 (A100), and reads what the compiler made of it:
 2. Each distinct configuration is bound as Triton's JIT binds it at a launch (the same argument
    specialisation), compiled to TTGIR, PTX and a cubin, and `ptxas -v` reports its registers
    and spills. Compiles run in parallel processes and are cached by Triton (by source hash).
-3. Checks, for every compile: it succeeds; shared memory fits the architecture's per-block
-   limit; no spill stores or loads; on sm_90 every 16-bit `tl.dot` is a wgmma unless its tile
-   cannot be (`WGMMA_EXCEPTIONS`, with the reason); the cross-entropy row kernel moves logits
+3. Checks, for every compile: it succeeds and ptxas reported its registers (a report that does
+   not parse is an error, never 0 registers); shared memory fits the architecture's per-block
+   limit; no spill stores or loads; every `tl.dot` of the source (`DOTS`) is in the compiled
+   kernel; on sm_90 every 16-bit `tl.dot` is a wgmma unless its tile cannot be
+   (`WGMMA_EXCEPTIONS`, with the reason); the cross-entropy row kernel moves logits
    with 128-bit loads and stores. And every launch grid stays within CUDA's limits at the
    largest batch the trainer accepts (`launch.MAX_BATCH`).
 
@@ -47,6 +49,18 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # The one place that says which 16-bit tiles cannot lower to wgmma on sm_90, and why:
 # (kernel, BLOCK_M) -> (how many of its dots must still be wgmma, reason). Every other 16-bit dot
 # on sm_90 must be wgmma.
+# How many tl.dot each kernel holds in its source (attention: S and P.V forward; S, dP, dV, dK and, in
+# the row kernel, dQ backward; ITC: one product a program). A compile with fewer lost a product or
+# lowered it to something the gate cannot see; every other kernel (LayerNorm, CE rows, dropout masks)
+# has none.
+DOTS = {
+    ("fused_attention", "_fwd_kernel"): 2,
+    ("fused_attention", "_bwd_dkdv_kernel"): 4,
+    ("fused_attention", "_bwd_rows_kernel"): 5,
+    ("itc", "_qmax_fwd_kernel"): 1,
+    ("itc", "_qmax_bwd_img_kernel"): 1,
+    ("itc", "_qmax_bwd_txt_kernel"): 1,
+}
 WGMMA_EXCEPTIONS = {
     ("_fwd_kernel", 32): (0, "32 query rows (cross-attention, the query and text passes): wgmma needs 64 rows "
                              "per warpgroup, and a 64-row tile would be half padding in a kernel bound by "
@@ -325,17 +339,27 @@ def _ptxas_report(ptx: str, arch: int, triton_log: str = "") -> tuple[int, int, 
     path = os.path.join(cache, f"{key}.json")
     if os.path.exists(path):
         with open(path) as f:
-            return tuple(json.load(f))
+            cached = tuple(json.load(f))
+        if cached[0] > 0:  # (a report cached before unreadable ones were refused may hold 0 registers)
+            return cached
     report = triton_log if "Used" in triton_log else _run_ptxas(ptx, arch)
-    regs = re.search(r"Used (\d+) registers", report)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    out = (int(regs.group(1)) if regs else 0, int(spills.group(1)) if spills else 0,
-           int(spills.group(2)) if spills else 0)
+    out = parse_ptxas_report(report)
     os.makedirs(cache, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=cache, delete=False, suffix=".tmp") as f:
         json.dump(out, f)
     os.replace(f.name, path)
     return out
+
+
+def parse_ptxas_report(report: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from `ptxas -v`'s report. A report without a
+    register count (ptxas changed its wording, or printed an error) raises: read as 0 registers and 0
+    spills it would pass every check it was meant to feed."""
+    regs = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    if not regs or not spills or int(regs.group(1)) <= 0:
+        raise ValueError(f"ptxas -v reported no register count and spills: {report.strip()[:300]!r}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
 def _run_ptxas(ptx: str, arch: int) -> str:
@@ -410,10 +434,15 @@ def failures(rows: list[Row]) -> list[str]:
         limit = ARCHS[req.arch].max_shared_bytes
         if r.shared > limit:
             out.append(f"{where}: {r.shared} bytes of shared memory, over sm_{req.arch}'s {limit}")
+        if r.registers <= 0:
+            out.append(f"{where}: ptxas reported {r.registers} registers: the compile was not read")
         if r.spill_stores or r.spill_loads:
             out.append(f"{where}: spills {r.spill_stores} bytes stored, {r.spill_loads} loaded ({r.registers} registers)")
-        if req.arch == 90 and _sixteen_bit_dots(req):
-            want, _ = WGMMA_EXCEPTIONS.get((req.kernel, req.meta.get("BLOCK_M")), (r.dots, ""))
+        dots = expected_dots(req)
+        if r.dots < dots:
+            out.append(f"{where}: {r.dots} dots in the compiled kernel, want the source's {dots}")
+        if req.arch == 90 and dots and _sixteen_bit_dots(req):
+            want, _ = WGMMA_EXCEPTIONS.get((req.kernel, req.meta.get("BLOCK_M")), (dots, ""))
             if r.wgmma_dots < want:
                 out.append(f"{where}: {r.wgmma_dots} of {r.dots} dots are wgmma, want {want}")
         per_pass = _vector_ops_per_block(req) if req.kernel == "_ce_rows_kernel" else 0
@@ -422,6 +451,10 @@ def failures(rows: list[Row]) -> list[str]:
                 out.append(f"{where}: the main loops move logits in narrower than 128-bit accesses: "
                            f"{r.v4_loads} v4 loads and {r.v4_stores} v4 stores, want {2 * per_pass} each")
     return out
+
+
+def expected_dots(req: CompileRequest) -> int:
+    return DOTS.get((req.module.rsplit(".", 1)[-1], req.kernel), 0)
 
 
 def _name(req: CompileRequest) -> str:

@@ -39,6 +39,15 @@ def mark(rank: int, out: str, stage: str) -> None:
     Path(out).with_name(f"rank{rank}.stage").write_text(stage)
 
 
+def fail_at(stage: str, rank: int, world: int, port: int, out: str) -> None:
+    """A rank that gets as far as `stage` (without a group: only its notes) and then raises."""
+    for reached in ("joining", "joined", "done"):
+        mark(rank, out, reached)
+        if reached == stage:
+            break
+    raise RuntimeError(f"rank {rank} failed after {stage!r}")
+
+
 def build(backend: str = "torch"):
     import blip2rt
     from blip2rt.training.stage1 import Stage1Objective

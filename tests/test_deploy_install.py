@@ -1,6 +1,8 @@
 """The deployment install: blip2rt with --no-deps plus onnxruntime, numpy, tokenizers and Pillow in a
-fresh venv (README's recipe) captions with an exported model, and torch is never imported."""
+fresh venv (README's recipe) runs every ORT path of an export (dynamic and static graphs, answer()
+with and without the question in the Q-Former, int4 weights), and torch is never imported."""
 
+import json
 import os
 import subprocess
 import sys
@@ -16,14 +18,28 @@ REPO = Path(__file__).resolve().parents[1]
 RUNTIME_DEPS = ["onnxruntime", "numpy", "tokenizers", "pillow"]  # README's deployment recipe
 
 CODE = r"""
+import json
 import sys
-import numpy as np
-from PIL import Image
+
 from blip2rt.export import OrtBlip2
 
-export, photo = sys.argv[1], sys.argv[2]
-rt = OrtBlip2(export, providers=["CPUExecutionProvider"])
-print(repr(rt.caption([photo], num_beams=1, max_new_tokens=4)))
+export, vqa_export, int4_export, photo = sys.argv[1:5]
+cpu = ["CPUExecutionProvider"]
+gen = dict(num_beams=1, max_new_tokens=4)
+out = {}
+rt = OrtBlip2(export, providers=cpu, static_cache=False)
+out["dynamic caption"] = rt.caption([photo], **gen)
+out["dynamic search"] = rt.last_search
+rt = OrtBlip2(export, providers=cpu, static_cache=True)
+out["static caption"] = rt.caption([photo, photo], **gen)
+out["static search"] = rt.last_search
+out["answer"] = rt.answer([photo], ["what is in the picture?"], **gen)
+vqa = OrtBlip2(vqa_export, providers=cpu)
+out["question in the Q-Former"] = vqa.question_in_qformer
+out["conditioned answer"] = vqa.answer([photo, photo], ["what colour is it?", "is there a circle?"], **gen)
+int4 = OrtBlip2(int4_export, providers=cpu)
+out["int4 weights"] = int4.llm_weights["format"]
+out["int4 caption"] = int4.caption([photo], **gen)
 heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers", "triton", "safetensors"})
 assert not heavy, heavy
 try:
@@ -31,6 +47,7 @@ try:
     raise SystemExit("torch is installed in the deployment venv")
 except ImportError:
     pass
+print(json.dumps(out))
 """
 
 
@@ -40,10 +57,34 @@ def run(cmd, **kw):
     return done.stdout
 
 
+def expected(export: Path, vqa_export: Path, int4_export: Path, photo: str) -> dict:
+    """What the same calls give in this (full) install."""
+    cpu = ["CPUExecutionProvider"]
+    gen = dict(num_beams=1, max_new_tokens=4)
+    static = OrtBlip2(export, providers=cpu, static_cache=True)
+    vqa = OrtBlip2(vqa_export, providers=cpu)
+    return {"dynamic caption": OrtBlip2(export, providers=cpu, static_cache=False).caption([photo], **gen),
+            "dynamic search": "dynamic",
+            "static caption": static.caption([photo, photo], **gen), "static search": "static",
+            "answer": static.answer([photo], ["what is in the picture?"], **gen),
+            "question in the Q-Former": True,
+            "conditioned answer": vqa.answer([photo, photo], ["what colour is it?", "is there a circle?"], **gen),
+            "int4 weights": "int4",
+            "int4 caption": OrtBlip2(int4_export, providers=cpu).caption([photo], **gen)}
+
+
 @pytest.mark.slow
-def test_the_runtime_installs_and_captions_without_torch(tmp_path):
+def test_the_runtime_installs_and_runs_every_path_without_torch(tmp_path):
+    """Dynamic and static-graph captions, answer() with the question in the LLM's prompt and in the
+    Q-Former's graph, and an int4 export's caption: in the torch-free venv, equal to this install's."""
+    from blip2rt.export.quantize import quantize_export
+
     out = tmp_path / "export"
     export_model(blip2rt.from_pretrained("tiny", device="cpu"), out)
+    vqa_model = blip2rt.from_pretrained("tiny", device="cpu", seed=1)
+    vqa_model.config.question_in_qformer = True
+    export_model(vqa_model, tmp_path / "vqa_export")
+    quantize_export(out, "int4", to=tmp_path / "int4_export")
     photo = tmp_path / "photo.png"
     from PIL import Image
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(photo)
@@ -55,8 +96,6 @@ def test_the_runtime_installs_and_captions_without_torch(tmp_path):
     pip = [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     run(pip + ["-c", str(REPO / "constraints" / "cpu.txt"), *RUNTIME_DEPS], env=env)
     run(pip + ["--no-deps", str(REPO)], env=env, cwd=tmp_path)
-    got = run([str(py), "-c", CODE, str(out), str(photo)], env=env, cwd=tmp_path)
-
-    # the same caption as the runtime in this (full) install
-    want = OrtBlip2(out, providers=["CPUExecutionProvider"]).caption([str(photo)], num_beams=1, max_new_tokens=4)
-    assert got.strip() == repr(want)
+    exports = [str(out), str(tmp_path / "vqa_export"), str(tmp_path / "int4_export")]
+    got = json.loads(run([str(py), "-c", CODE, *exports, str(photo)], env=env, cwd=tmp_path).strip().splitlines()[-1])
+    assert got == expected(*map(Path, exports), str(photo))

@@ -49,7 +49,7 @@ def run_ranks(fn, out, world: int = 2) -> None:
         else:
             return
     except mp.ProcessRaisedException as e:
-        if "joined" in stages(out, world).values():
+        if {"joined", "done"} & set(stages(out, world).values()):  # the group formed: a failure of ours
             raise
         pytest.skip(f"no gloo process group on this machine: {str(e).strip().splitlines()[-1]}")
     finally:
@@ -60,6 +60,20 @@ def run_ranks(fn, out, world: int = 2) -> None:
     if "joined" not in seen.values() and "done" not in seen.values():
         pytest.skip(f"gloo ranks did not meet within {DEADLINE_S} s on this machine: {seen}")
     pytest.fail(f"ranks hung after forming the group: {seen}")
+
+
+@pytest.mark.parametrize("stage", ["joined", "done"])
+def test_a_rank_that_fails_after_the_group_formed_fails_the_test(tmp_path, stage):
+    try:
+        with pytest.raises(mp.ProcessRaisedException, match=f"failed after '{stage}'"):
+            run_ranks(functools.partial(dist_worker.fail_at, stage), tmp_path / "rank0.pt")
+    except pytest.skip.Exception as e:  # a skip would hide the failure: it must not happen here
+        pytest.fail(f"a rank that raised after {stage!r} was skipped: {e}")
+
+
+def test_a_group_that_never_forms_is_this_machines_limit(tmp_path):
+    with pytest.raises(pytest.skip.Exception, match="no gloo process group"):
+        run_ranks(functools.partial(dist_worker.fail_at, "joining"), tmp_path / "rank0.pt")
 
 
 def stages(out, world: int) -> dict[int, str]:

@@ -20,9 +20,19 @@ from blip2rt.gpu_compile import CompileRequest, CompileResult, Row
 from blip2rt.kernels import launch
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-# Where `make test` installs the GPU image's Triton (3.6) beside this environment's (3.8).
-GPU_IMAGE_TRITON = ROOT / ".venv" / "triton-gpu-image"
+# Where `make test` installs the GPU image's Triton (3.6): inside the environment running these tests,
+# beside its own Triton (3.8), wherever that environment lives; BLIP2RT_GPU_IMAGE_TRITON names another.
+GPU_IMAGE_TRITON = Path(os.environ.get("BLIP2RT_GPU_IMAGE_TRITON") or Path(sys.prefix) / "triton-gpu-image")
+
+
+def gpu_image_triton() -> Path:
+    """The GPU image's Triton, or a failure that says how to install it: the gate must run against the
+    Triton the GPU machine compiles with, and a missing install is not a pass."""
+    if not (GPU_IMAGE_TRITON / "triton").is_dir():
+        pytest.fail(f"the GPU image's Triton is not installed at {GPU_IMAGE_TRITON}: `make test` installs it "
+                    f"(pip install --no-deps --target {GPU_IMAGE_TRITON} triton==3.6.0), or set "
+                    "BLIP2RT_GPU_IMAGE_TRITON to a folder holding it")
+    return GPU_IMAGE_TRITON
 
 
 def compiler_env(pythonpath: Path | None = None) -> dict:
@@ -79,18 +89,19 @@ def test_the_gpu_images_triton_compiles_them_too(tmp_path):
     """The GPU image has Triton 3.6; `make test` installs it beside this environment's 3.8. The paper's
     shapes here (what the GPU check runs), to keep the gate's CI time near 5 minutes from a cold
     cache; `make gpu-compile` with PYTHONPATH=.venv/triton-gpu-image runs every shape."""
-    if not (GPU_IMAGE_TRITON / "triton").is_dir():
-        pytest.skip(f"the GPU image's Triton is not installed at {GPU_IMAGE_TRITON} (make test installs it)")
-    code, stdout, report = run_gate(tmp_path, GPU_IMAGE_TRITON, "--shapes", "paper")
+    code, stdout, report = run_gate(tmp_path, gpu_image_triton(), "--shapes", "paper")
     assert report["triton"].startswith("3.6"), report["triton"]
     assert {u[0] for c in report["compiles"] for u in c["uses"]} == {"paper"}
     assert report["failures"] == [], "\n".join(report["failures"])
     assert code == 0
+    assert all(c["registers"] > 0 for c in report["compiles"])
 
 
-def test_the_gate_reads_spills_and_mma_kind_off_a_real_compile(tmp_path):
-    """The checks can fail: the attention forward as it was (fp32 dots in full IEEE precision, 64x64
-    tiles on 4 warps) spills, runs on the FMA units and is caught; the same tile in bf16 is wgmma."""
+@pytest.mark.parametrize("triton_build", ["this environment's", "the GPU image's"])
+def test_the_gate_reads_spills_and_mma_kind_off_a_real_compile(tmp_path, triton_build):
+    """The checks can fail, under both Tritons: the attention forward as it was (fp32 dots in full IEEE
+    precision, 64x64 tiles on 4 warps) spills, runs on the FMA units and is caught; the same tile in
+    bf16 is wgmma."""
     script = """
 import json, sys
 from blip2rt import gpu_compile as gate
@@ -107,17 +118,23 @@ for name, dtype, precision in (("fp32-ieee", "fp32", "ieee"), ("bf16", "bf16", "
     fwd.kwargs.pop("maxnreg", None)
     result = gate.compile_request(gate.bind(fwd, 90))
     out[name] = dict(spills=result.spill_stores, mma=result.mma, wgmma=result.wgmma_dots, dots=result.dots,
+                     registers=result.registers,
                      failures=gate.failures([gate.Row(result, [("paper", dtype, "self-attention, ITM")])]))
+import triton
+out["triton"] = triton.__version__
 print(json.dumps(out))
 """
-    proc = subprocess.run([sys.executable, "-c", script], env=compiler_env(), capture_output=True, text=True,
+    path = gpu_image_triton() if triton_build == "the GPU image's" else None
+    proc = subprocess.run([sys.executable, "-c", script], env=compiler_env(path), capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.pop("triton").startswith("3.6" if path else "3.8")
     # FMA tiles at 64x64 spill (13-32 KB per thread in one build of ptxas, 400 B in another): any
     # spill is what the gate must read and refuse
     assert out["fp32-ieee"]["spills"] > 0 and out["fp32-ieee"]["mma"] == "fma"
     assert any("spills" in f for f in out["fp32-ieee"]["failures"])
+    assert out["bf16"].pop("registers") > 0 and out["fp32-ieee"]["registers"] > 0
     assert out["bf16"] == dict(spills=0, mma="wgmma", wgmma=2, dots=2, failures=[])
 
 
@@ -125,13 +142,15 @@ def _row(kernel="_fwd_kernel", arch=90, block_m=64, dtype="*bf16", precision="tf
     req = CompileRequest("blip2rt.kernels.fused_attention", kernel, arch, (("Q", dtype), ("LSE", "*fp32")),
                          (("BLOCK_M", block_m), ("BLOCK_N", 64), ("PRECISION", precision)), (),
                          (("num_warps", 4), ("num_stages", 2)))
-    return Row(CompileResult(req, **{"dots": 2, "wgmma_dots": 2, "mma": "wgmma", **result}), [("paper", "bf16", "op")])
+    dots = gate.DOTS[("fused_attention", kernel)]
+    return Row(CompileResult(req, **{"registers": 128, "dots": dots, "wgmma_dots": dots, "mma": "wgmma", **result}),
+               [("paper", "bf16", "op")])
 
 
 def _ce_row(v4_loads, v4_stores, dtype="*bf16", block=4096, warps=8) -> Row:
     req = CompileRequest("blip2rt.kernels.chunked_cross_entropy", "_ce_rows_kernel", 90, (("LOGITS", dtype),),
                          (("BLOCK_V", block),), (), (("num_warps", warps), ("num_stages", 3)))
-    return Row(CompileResult(req, v4_loads=v4_loads, v4_stores=v4_stores), [("paper", "bf16", "linear+CE")])
+    return Row(CompileResult(req, registers=40, v4_loads=v4_loads, v4_stores=v4_stores), [("paper", "bf16", "linear+CE")])
 
 
 def test_each_check_fails_on_what_it_guards():
@@ -147,6 +166,16 @@ def test_each_check_fails_on_what_it_guards():
     assert gate.failures([_row(block_m=32, wgmma_dots=0, mma="mma")]) == []  # listed in WGMMA_EXCEPTIONS
     assert gate.failures([_row(kernel="_bwd_rows_kernel", block_m=32, dots=5, wgmma_dots=2)]) == []
     assert "1 of 5 dots" in gate.failures([_row(kernel="_bwd_rows_kernel", block_m=32, dots=5, wgmma_dots=1)])[0]
+    # 64-row 16-bit tiles: every dot on wgmma
+    assert "2 of 5 dots are wgmma, want 5" in gate.failures([_row(kernel="_bwd_rows_kernel", wgmma_dots=2)])[0]
+    # a compile that could not be read, or that lost its products, fails instead of passing every check
+    assert "0 registers" in gate.failures([_row(registers=0)])[0]
+    no_dots = gate.failures([_row(dots=0, wgmma_dots=0, mma="")])
+    assert len(no_dots) == 2 and "0 dots in the compiled kernel, want the source's 2" in no_dots[0] and "0 of 0 dots are wgmma, want 2" in no_dots[1]
+    no_dots_fp32 = gate.failures([_row(dtype="*fp32", precision="tf32x3", dots=0, wgmma_dots=0, mma="")])
+    assert len(no_dots_fp32) == 1 and "want the source's 2" in no_dots_fp32[0]  # not only a 16-bit check
+    assert gate.failures([_row(arch=80, block_m=32, dots=1, wgmma_dots=0, mma="mma")])[0].endswith(
+        "1 dots in the compiled kernel, want the source's 2")
     # the CE row kernel: two full passes of 128-bit loads, two of stores (4096 bf16 on 256 threads: 2 each)
     assert gate.failures([_ce_row(4, 4)]) == []
     assert "narrower than 128-bit" in gate.failures([_ce_row(3, 4)])[0]
@@ -188,3 +217,28 @@ def test_launch_refuses_a_grid_past_cudas_limits():
         q = torch.empty(launch.MAX_BATCH * 3, 64, 12, 64, dtype=torch.bfloat16, device="meta")
         fa._launch_forward(q, q, q, fa.MODE_BIDIRECTIONAL, 32, 0, None)
     assert launches[0].grid == (launch.MAX_BATCH * 3 * 12, 1, 1)
+
+
+PTXAS_REPORT = """ptxas info    : Compiling entry function '_fwd_kernel' for 'sm_90a'
+ptxas info    : Function properties for _fwd_kernel
+    0 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 168 registers, used 1 barriers, 16384 bytes smem, 536 bytes cmem[0]
+"""
+
+
+def test_a_ptxas_report_that_does_not_parse_is_an_error_and_is_not_cached(tmp_path, monkeypatch):
+    from triton import knobs
+
+    assert gate.parse_ptxas_report(PTXAS_REPORT) == (168, 8, 12)
+    for bad in ("", "ptxas fatal   : Unresolved extern function 'foo'", PTXAS_REPORT.replace("Used 168", "Used 0"),
+                PTXAS_REPORT.replace("Used 168 registers", "Using 168 regs")):
+        with pytest.raises(ValueError, match="no register count"):
+            gate.parse_ptxas_report(bad)
+    monkeypatch.setattr(knobs.cache, "dir", str(tmp_path))
+    monkeypatch.setattr(gate, "_run_ptxas", lambda ptx, arch: "ptxas printed something new")
+    with pytest.raises(ValueError):
+        gate._ptxas_report(".version 8.0 // an unread kernel", 90)
+    assert not list((tmp_path / "blip2rt-gpu-compile").glob("*.json"))  # nothing cached
+    monkeypatch.setattr(gate, "_run_ptxas", lambda ptx, arch: PTXAS_REPORT)
+    assert gate._ptxas_report(".version 8.0 // an unread kernel", 90) == (168, 8, 12)  # read afresh, then cached
+    assert len(list((tmp_path / "blip2rt-gpu-compile").glob("*.json"))) == 1

@@ -100,9 +100,16 @@ def test_keep_fraction_is_one_minus_p_and_the_draws_are_independent():
         assert abs(rows.std().item() - (p * (1 - p) / 257) ** 0.5) < 0.25 * (p * (1 - p) / 257) ** 0.5
         centred = mask - mask.mean()
         for a, b in ((centred[..., 1:], centred[..., :-1]), (centred[:, :, 1:], centred[:, :, :-1]),
-                     (centred[:, 1:], centred[:, :-1])):  # next key, next row, next head
+                     (centred[:, 1:], centred[:, :-1]), (centred[1:], centred[:-1])):
+            # next key, next row, next head, next sample: uncorrelated (5 sigma of a correlation
+            # estimated from n draws)
             corr = (a * b).mean() / centred.pow(2).mean()
             assert abs(corr.item()) < 5 / n**0.5
+        # every sample its own mask: an offset that forgets the sample (pid_bh % heads) repeats one
+        for i in range(1, mask.shape[0]):
+            assert not torch.equal(mask[i], mask[0]), i
+            agree = (mask[i] == mask[0]).float().mean().item()  # p^2 + (1-p)^2 for independent masks
+            assert abs(agree - (p * p + (1 - p) ** 2)) < 0.01, (i, agree)
 
 
 def test_one_seed_one_mask_and_other_seeds_other_masks():

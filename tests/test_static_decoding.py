@@ -216,3 +216,30 @@ def test_static_cache_on_cuda_gives_transformers_tokens(hf_llama, compiled):
             assert torch.equal(got, want)
     finally:
         hf_llama.model.to("cpu")
+
+
+@pytest.mark.parametrize("ref_name", ["hf_opt", "hf_llama"])
+def test_sampled_tokens_equal_transformers_under_one_seed(ref_name, request):
+    """Sampling draws one multinomial per step from torch's generator, as transformers' generate does:
+    under the same seed and warpers (temperature, top-k, top-p), and an EOS that min_new_tokens holds
+    back for the first steps, the tokens are transformers' own, token for token. A first token chosen
+    greedily, or an EOS bias dropped under sampling, changes the draws."""
+    ref = request.getfixturevalue(ref_name)
+    m = blip2rt.from_pretrained(ref.folder, device="cpu")
+    cfg = ref.model.config.text_config
+    ids, mask = left_padded_prompts(LENGTHS, cfg.pad_token_id, cfg.bos_token_id, seed=6)
+    px = pixels(3, seed=12)
+    base = dict(max_new_tokens=12, num_beams=1, do_sample=False)
+    eos = _eos_mid_way(m, px, ids, mask, base)  # a token greedy decoding emits: likely under sampling too
+    ended = 0
+    for seed, warpers in ((0, dict(temperature=1.3, top_k=20, top_p=0.9)), (1, dict(temperature=0.8)),
+                          (2, dict(top_p=0.7)), (3, dict(top_k=5, min_new_tokens=8))):
+        gen = {**base, "do_sample": True, "eos_token_id": eos, "min_new_tokens": 4, **warpers}
+        torch.manual_seed(seed)
+        want = _hf_generate(ref, px, ids, mask, **gen)
+        torch.manual_seed(seed)
+        got = m.generate(px, ids, mask, static_cache=True, **gen)
+        assert torch.equal(got, want), (seed, warpers, got, want)
+        ended += int((got == eos).any())
+        assert not (got[:, : gen["min_new_tokens"]] == eos).any()
+    assert ended > 0  # the EOS was drawn at some point: its bias mattered
