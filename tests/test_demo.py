@@ -73,21 +73,30 @@ def _demo(out: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=1500)
 
 
+def assert_learned(report: dict) -> None:
+    """The quick plan's learned figures, each above its bar."""
+    # Each bar sits just under the lowest of five clean runs of this plan (`--quick --no-bf16`):
+    # seeds 0-3 (`--seed`) on a 2-core AMD EPYC (2026-12-04) and seed 0 on a 2-core Xeon (2026-12-01).
+    # Chance: 24 captions (4.2%); 8 colours (12.5%) x 3 shapes (33.3%).
+    #   seed              R@1    ITC R@1  colour  shape   both   int4 captions equal fp32's
+    #   0 (EPYC)         79.0%   87.5%    97.0%   99.5%   96.5%  199/200
+    #   1 (EPYC)         61.5%   66.0%    84.0%   99.0%   83.5%  194/200
+    #   2 (EPYC)         55.0%   83.5%    90.0%   98.5%   88.5%  195/200
+    #   3 (EPYC)         76.0%   73.0%    91.0%   99.0%   90.0%  195/200
+    #   0 (Xeon)         84.5%   90.0%    97.5%   99.5%   97.0%  200/200
+    assert report["retrieval"]["i2t_r1"] >= 0.50, report["retrieval"]
+    assert report["retrieval"]["itc_i2t_r1"] >= 0.60, report["retrieval"]
+    caps = report["captions"]
+    assert caps["color"] >= 0.80 and caps["shape"] >= 0.95 and caps["both"] >= 0.80, caps
+
+
 @pytest.mark.slow
 def test_quick_demo_learns_exports_and_resumes(tmp_path):
     out = tmp_path / "demo"
     done = _demo(out)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    chance = report["chance"]
-    # far above chance: 24 captions (4.2%); 8 colours x 3 shapes. The quick plan (stage 2 200 x 8)
-    # measured R@1 84.5% (ITC 90.0%), captions colour 97.5%, shape 99.5%, both 97.0%; from other
-    # stage-1 models its stage 2 reached colour 90.5% to 97.5% (benchmarks/RESULTS.md).
-    assert report["retrieval"]["i2t_r1"] >= 5 * chance["retrieval_r1"], report["retrieval"]
-    assert report["retrieval"]["itc_i2t_r1"] >= 5 * chance["retrieval_r1"], report["retrieval"]
-    caps = report["captions"]
-    assert caps["both"] >= 5 * chance["both"], caps
-    assert caps["color"] >= 2.5 * chance["color"] and caps["shape"] >= 2 * chance["shape"], caps
+    assert_learned(report)
     assert report["ort"]["equal"] == report["ort"]["compared"] > 0, report["ort"]["examples"]
     assert report["ort"]["search"] == "dynamic"  # on the CPU greedy runs on the prefill/decode graphs
     assert report["ort"]["static_cache_equal"] == report["ort"]["compared"]
@@ -97,14 +106,12 @@ def test_quick_demo_learns_exports_and_resumes(tmp_path):
         assert (out / "export" / name).is_file()
     assert report["machine"]["training"] == "none"
     # The int4 export (GGUF's Q4_1 blocks, the LM head Q8_0: SmolLM2's own formats) keeps the
-    # captions. Measured in this quick plan: 200/200 equal to PyTorch fp32's; 189/200 and 193/200
-    # with the older, shorter stage 2 (colour 75-80%, many near-ties); 997/1000 in the full plan
-    # (benchmarks/RESULTS.md). Captions that differ come from the int8 activations of MatMulNBits'
-    # fast product, at near-ties: with fp32 activations all 200 were equal (checked below on 64).
-    # 90% still fails a broken quantiser: round-to-nearest int4 kept 37-69% of the full plan's
-    # captions. int4's accuracy is compared with fp32's in the full plan, in RESULTS.md.
+    # captions: 194/200 to 200/200 equal to PyTorch fp32's in the five runs above. Captions that
+    # differ come from the int8 activations of MatMulNBits' fast product, at near-ties: with fp32
+    # activations all were equal (checked below on 64). Round-to-nearest int4 kept 37-69% of the full
+    # plan's captions. int4's accuracy is compared with fp32's in the full plan, in RESULTS.md.
     q = report["int4"]
-    assert q["compared"] == report["data"]["test_images"] and q["equal"] >= 0.9 * q["compared"], q
+    assert q["compared"] == report["data"]["test_images"] and q["equal"] >= 0.95 * q["compared"], q
     assert q["llm_graphs_mb"]["int4"] < 0.3 * q["llm_graphs_mb"]["fp32"], q
     assert OrtBlip2(out / "export_int4").llm_weights["format"] == "int4"
     assert OrtBlip2(out / "export").llm_weights["format"] == "fp32"  # the fp32 export is left as it was
