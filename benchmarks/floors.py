@@ -57,7 +57,7 @@ def llm_bytes(model, rt=None) -> int:
 
     if rt is None:
         return weight_bytes(model.language_model)
-    return graph_bytes(onnx.load(str(rt.dir / rt.cfg["graphs"]["static_lm"]), load_external_data=False))
+    return graph_bytes(onnx.load(str(rt.dir / rt.cfg.graphs["static_lm"]), load_external_data=False))
 
 
 def decode_floor_seconds(model, bandwidth: float, rt=None) -> float:

@@ -82,14 +82,14 @@ def decode_step(impl: str, preset: str, batch: int, past: int = 40) -> Callable[
 
     model, rt = model_and_export(preset, impl)
     c = rt.cfg
-    kv = [np.random.default_rng(i).standard_normal((batch, c["num_kv_heads"], past, c["head_dim"])).astype(np.float32)
-          for i in range(2 * c["num_layers"])]
+    kv = [np.random.default_rng(i).standard_normal((batch, c.num_kv_heads, past, c.head_dim)).astype(np.float32)
+          for i in range(2 * c.num_layers)]
     ids = np.full((batch, 1), 5, np.int64)
     mask = np.ones((batch, past + 1), np.int64)
     pos = np.full((batch, 1), past, np.int64)
     if impl in ("ort", "ort-int8", "ort-int4"):
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(rt.past_names, kv))}
-        return lambda: rt.decode.run(feeds)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(c.past_names, kv))}
+        return lambda: rt.graphs.decode.run(feeds)
     if impl == "ort-static":
         return _ort_static_step(rt, kv, past)
     if impl.startswith("static-"):
@@ -100,7 +100,7 @@ def decode_step(impl: str, preset: str, batch: int, past: int = 40) -> Callable[
 
     def eager():
         cache = DynamicCache()
-        for i in range(c["num_layers"]):
+        for i in range(c.num_layers):
             cache.update(tkv[2 * i], tkv[2 * i + 1], i)
         with torch.no_grad():
             lm(input_ids=t_ids, attention_mask=t_mask, position_ids=t_pos, past_key_values=cache, use_cache=True)
@@ -113,7 +113,8 @@ def _ort_static_step(rt, kv: list[np.ndarray], past: int) -> Callable[[], None]:
     from blip2rt.front_end import static_cache_length
 
     b = kv[0].shape[0]
-    buf = rt.static_buffers(b, static_cache_length(past, 1))
+    graphs, c = rt.graphs, rt.cfg
+    buf = graphs.static_buffers(b, static_cache_length(past, 1))
     length = buf.mask.shape()[1]
     for dst, src in zip(buf.kv, kv):
         full = np.zeros((*src.shape[:2], length, src.shape[3]), np.float32)
@@ -122,14 +123,13 @@ def _ort_static_step(rt, kv: list[np.ndarray], past: int) -> Callable[[], None]:
     buf.mask.update_inplace(np.ones((b, length), np.int64))
     buf.position.update_inplace(np.full((b, 1), past, np.int64))
     buf.write_at.update_inplace(np.array(past, np.int64))
-    buf.embeds.update_inplace(np.ascontiguousarray(rt.embed[np.full(b, 5)][:, None].astype(rt.float)))
-    present = ["present." + n.split(".", 1)[1] for n in rt.past_names]
+    buf.embeds.update_inplace(np.ascontiguousarray(graphs.embed[np.full(b, 5)][:, None].astype(graphs.float)))
     inputs = {"inputs_embeds": buf.embeds, "attention_mask": buf.mask, "position_ids": buf.position,
-              "write_at": buf.write_at, "token_bias": buf.bias, **dict(zip(rt.past_names, buf.kv))}
-    outputs = {"logits": buf.logits, "next_ids": buf.next_ids, **dict(zip(present, buf.kv))}
+              "write_at": buf.write_at, "token_bias": buf.bias, **dict(zip(c.past_names, buf.kv))}
+    outputs = {"logits": buf.logits, "next_ids": buf.next_ids, **dict(zip(c.present_names, buf.kv))}
 
     def step():
-        rt.static.run_bound(inputs, outputs)
+        graphs.static.run_bound(inputs, outputs)
         return buf.next_ids.numpy()  # the ids: all that crosses back per step
 
     return step

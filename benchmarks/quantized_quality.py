@@ -33,6 +33,7 @@ VARIANTS = {  # name: (precision, quantize_graph's options)
 def main() -> None:
     from blip2rt.embedded.demo import CAPTION_GEN, caption_accuracy
     from blip2rt.embedded.easy_vqa import load_split
+    from blip2rt.export.export_config import ExportConfig
     from blip2rt.export import OrtBlip2
     from blip2rt.export.quantize import quantize_graph
 
@@ -42,8 +43,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["fp32", "int8", "int4"], choices=list(VARIANTS))
     args = p.parse_args()
     test = load_split("test")[: args.images]
-    cfg = json.loads((args.export / "blip2rt_export.json").read_text())
-    llm = [key for key in cfg["graphs"] if key not in ("vision", "reorder_kv")]
+    cfg = ExportConfig.read(args.export)
+    llm = cfg.llm_graphs
     reference = None
     with tempfile.TemporaryDirectory() as tmp:
         for name in ["fp32"] + [v for v in args.variants if v != "fp32"]:
@@ -53,7 +54,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for key in llm if bits else []:
                 options = {"lm_head": True, **options}
-                quantize_graph(folder / cfg["graphs"][key], bits, cfg["vocab_size"], **options)
+                quantize_graph(folder / cfg.graphs[key], bits, cfg.vocab_size, **options)
             quantised_s = time.perf_counter() - t0
             rt = OrtBlip2(folder, providers=["CPUExecutionProvider"])
             t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from torch import nn
 from transformers.cache_utils import Cache, StaticLayer
 
 from .errors import InputError
-from .front_end import static_cache_length
+from .front_end import PromptLayout, static_cache_length
 
 SYNC_EVERY = 8  # decode steps between reads of "has every row finished?"
 
@@ -205,8 +205,7 @@ class StaticDecoder:
         kv = self.buffers(b, length, embeds.dtype, device)
         mask = mask.to(device=device, dtype=torch.long)
         full = torch.cat([mask, torch.ones(b, length - p, dtype=torch.long, device=device)], dim=1)  # (B, L)
-        position = mask.cumsum(1) - 1
-        position = position.masked_fill(mask == 0, 1)  # transformers' positions for left padding
+        position = PromptLayout.positions(mask)  # transformers' positions under left padding
         vocab = self.lm.get_output_embeddings().weight.shape[0]
         free = torch.zeros(1, vocab, device=device)
         blocked = free.clone()

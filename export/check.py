@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blip2rt.front_end import PromptLayout
+
 from .ort_runtime import OrtBlip2
 
 
@@ -22,6 +24,7 @@ def check_export(model, export_dir: str | Path, batch: int = 4, prompt_len: int 
     PyTorch's; and `greedy_rows_equal`, the share of rows whose greedy tokens are PyTorch's.
     Inputs are fixed (seeded): random pixels and random prompt ids."""
     rt = OrtBlip2(export_dir, providers=["CPUExecutionProvider"])
+    cfg, graphs = rt.cfg, rt.graphs
     model = model.eval().to("cpu")
     g = torch.Generator().manual_seed(0)
     size = model.config.vision_config.image_size
@@ -29,17 +32,13 @@ def check_export(model, export_dir: str | Path, batch: int = 4, prompt_len: int 
     soft_pt = model.image_features(px)
     soft_ort = rt.image_features(px.numpy()).astype(np.float32)
     out = {"soft_prompt": float(np.abs(soft_ort - soft_pt.float().numpy()).max())}
-    vocab = rt.cfg["vocab_size"]
-    ids = torch.randint(3, min(vocab, 1000), (batch, prompt_len), generator=g)
+    ids = torch.randint(3, min(cfg.vocab_size, 1000), (batch, prompt_len), generator=g)
     embeds = torch.cat([soft_pt, model.language_model.get_input_embeddings()(ids).to(soft_pt.dtype)], 1)
     mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-    from .search import Search
-
     lm = model.language_model
-    s = Search(rt, steps, 0, 1, 1.0)
-    logits, state = s.start(embeds.numpy().astype(rt.float), mask.numpy())
-    if rt.cfg["encoder_decoder"]:
-        dec = torch.full((batch, 1), rt.cfg["decoder_start_token_id"] or 0, dtype=torch.long)
+    logits, state = graphs.start(embeds.numpy().astype(rt.float), mask.numpy())
+    if cfg.encoder_decoder:
+        dec = torch.full((batch, 1), cfg.decoder_start_token_id or 0, dtype=torch.long)
 
         def reference(tokens):
             return lm(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=tokens).logits[:, -1]
@@ -49,7 +48,7 @@ def check_export(model, export_dir: str | Path, batch: int = 4, prompt_len: int 
         def reference(tokens):
             seq = torch.cat([embeds, lm.get_input_embeddings()(tokens).to(embeds.dtype)], 1)
             m = torch.ones(seq.shape[:2], dtype=torch.long)
-            return lm(inputs_embeds=seq, attention_mask=m, position_ids=m.cumsum(1) - 1).logits[:, -1]
+            return lm(inputs_embeds=seq, attention_mask=m, position_ids=PromptLayout.positions(m)).logits[:, -1]
     want = reference(dec).float().numpy()
     out["first_logits"] = float(np.abs(logits - want).max())
     agree = [logits.argmax(-1) == want.argmax(-1)]
@@ -57,14 +56,14 @@ def check_export(model, export_dir: str | Path, batch: int = 4, prompt_len: int 
     for _ in range(steps):
         tok = logits.argmax(-1)
         dec = torch.cat([dec, torch.from_numpy(tok)[:, None]], 1)
-        logits, state = s.step(state, tok)
+        logits, state = graphs.step(state, tok)
         want = reference(dec).float().numpy()
         worst = max(worst, float(np.abs(logits - want).max()))
         agree.append(logits.argmax(-1) == want.argmax(-1))
     out["decode_logits"] = worst
     out["top1_agreement"] = float(np.mean(agree))
-    if "static_lm" in rt.cfg["graphs"]:  # checked whether or not this provider's default search uses it
-        out["static_logits"] = _static_logits(rt, embeds.numpy().astype(rt.float), steps, reference, dec[:, :0])
+    if "static_lm" in cfg.graphs:  # checked whether or not this provider's default search uses it
+        out["static_logits"] = _static_logits(graphs, embeds.numpy().astype(rt.float), steps, reference, dec[:, :0])
     got_ids = rt.generate(px.numpy(), max_new_tokens=steps)
     want_ids = model.generate(px, max_new_tokens=steps).numpy()
     out["greedy_tokens_equal"] = float(got_ids.shape == want_ids.shape and bool((got_ids == want_ids).all()))
@@ -79,23 +78,15 @@ def _rows_equal(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.mean([np.array_equal(a, b) for a, b in zip(*pad)]))
 
 
-def _static_logits(rt: OrtBlip2, embeds: np.ndarray, steps: int, reference, dec: torch.Tensor) -> float:
-    """static_lm.onnx's prefill and `steps` greedy steps over a static cache (run without binding:
-    its present outputs are fed back as the next past) against the PyTorch reference."""
-    from blip2rt.front_end import static_cache_length
-
-    b, p, _ = embeds.shape
-    c = rt.cfg
-    length = static_cache_length(p, steps + 1)
-    kv = [np.zeros((b, c["num_kv_heads"], length, c["head_dim"]), rt.float) for _ in rt.past_names]
-    feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((b, length), np.int64),
-             "position_ids": np.broadcast_to(np.arange(p), (b, p)).copy(), "write_at": np.array(0, np.int64),
-             "token_bias": np.zeros((1, c["vocab_size"]), np.float32)}
+def _static_logits(graphs, embeds: np.ndarray, steps: int, reference, dec: torch.Tensor) -> float:
+    """static_lm.onnx's prefill and `steps` greedy steps (the graph's own choices fed back) against
+    the PyTorch reference: the largest logit difference."""
+    run = graphs.static_run(embeds, np.ones(embeds.shape[:2], np.int64), steps + 1, 0)
     worst = 0.0
     for t in range(steps + 1):
-        logits, ids, *kv = rt.static.session.run(None, {**feeds, **dict(zip(rt.past_names, kv))})
-        worst = max(worst, float(np.abs(logits - reference(dec).float().numpy()).max()))
+        worst = max(worst, float(np.abs(run.logits() - reference(dec).float().numpy()).max()))
+        ids = run.next_ids()
         dec = torch.cat([dec, torch.from_numpy(ids)[:, None]], 1)
-        feeds.update(inputs_embeds=rt.embed[ids][:, None].astype(rt.float), position_ids=np.full((b, 1), p + t),
-                     write_at=np.array(p + t, np.int64))
+        if t < steps:
+            run.advance(ids, t)
     return worst

@@ -40,13 +40,12 @@ from blip2rt.model import Blip2
 
 from blip2rt.tokenization import QFORMER_MAX_TEXT_TOKENS
 
-from .ort_runtime import EXPORT_CONFIG, QFORMER_TOKENIZER_FILE, kv_names
+from .export_config import EMBEDDINGS_FILE, MANIFEST_FILE, QFORMER_TOKENIZER_FILE, TOKENIZER_FILE, ExportConfig, kv_names
 from .graph_files import EXTERNAL_OVER, save_graph
 from .quantize import LLM_WEIGHTS, QUANTIZE_LM_HEAD, quantize_export
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 
 
 class VisualPrefix(nn.Module):
@@ -306,7 +305,7 @@ def _tokenizer_edges(tok, folder: Path) -> tuple[list[int], list[int]]:
     Python tokenizer class adds), so the runtime can reproduce it with `tokenizers` alone."""
     from tokenizers import Tokenizer
 
-    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    raw = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
     probe = "a photo of"
     full = tok(probe)["input_ids"]
     bare = raw.encode(probe).ids
@@ -501,7 +500,7 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
         _export(spec, out / spec.file, opset, external_over, rewrite=optimize)
     if model.config.question_in_qformer:
         _write_qformer_tokenizer(model.qformer_tokenizer, out / QFORMER_TOKENIZER_FILE)
-    np.save(out / "embed_tokens.npy", lm.get_input_embeddings().weight.detach().float().numpy().astype(
+    np.save(out / EMBEDDINGS_FILE, lm.get_input_embeddings().weight.detach().float().numpy().astype(
         np.float16 if dtype == "fp16" else np.float32))
     graphs = {spec.key: spec.file for spec in specs}
     width, layers, kv_heads, head_dim = shape.width, shape.layers, shape.kv_heads, shape.head_dim
@@ -522,29 +521,25 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
     graphs["reorder_kv"] = "reorder_kv.onnx"
 
     model.tokenizer.save_pretrained(out)
-    if not (out / "tokenizer.json").is_file():
+    if not (out / TOKENIZER_FILE).is_file():
         raise Blip2rtError("the LLM tokenizer has no tokenizer.json (a fast tokenizer is needed for the ONNX runtime)")
     prepend, append = _tokenizer_edges(model.tokenizer, out)
     model.config.save(out)
     gen = lm.generation_config
-    runtime = {
-        "format": 1, "dtype": dtype, "image_size": size,
-        "image_mean": list(model.config.vision_config.image_mean), "image_std": list(model.config.vision_config.image_std),
-        "num_query_tokens": model.config.num_query_tokens,
-        "encoder_decoder": model.config.is_encoder_decoder, "model_type": cfg.model_type,
-        "vocab_size": int(lm.get_output_embeddings().weight.shape[0]), "hidden_size": width,
-        "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim,
-        "bos_token_id": cfg.bos_token_id, "bos_before_soft_prompt": model.config.bos_before_soft_prompt,
-        "eos_token_id": gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id if cfg.pad_token_id is not None else 0,
-        "decoder_start_token_id": getattr(cfg, "decoder_start_token_id", None),
-        "tokenizer_prepend_ids": prepend, "tokenizer_append_ids": append,
-        "tokenizer_pad_id": model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0,
-        "question_in_qformer": model.config.question_in_qformer,
-        "llm_weights": {"format": dtype},
-        "graphs": graphs,
-    }
-    (out / EXPORT_CONFIG).write_text(json.dumps(runtime, indent=2))
+    ExportConfig(
+        dtype=dtype, image_size=size, image_mean=list(model.config.vision_config.image_mean),
+        image_std=list(model.config.vision_config.image_std), num_query_tokens=model.config.num_query_tokens,
+        encoder_decoder=model.config.is_encoder_decoder, model_type=cfg.model_type,
+        vocab_size=int(lm.get_output_embeddings().weight.shape[0]), hidden_size=width, num_layers=layers,
+        num_kv_heads=kv_heads, head_dim=head_dim, bos_token_id=cfg.bos_token_id,
+        bos_before_soft_prompt=model.config.bos_before_soft_prompt,
+        eos_token_id=gen.eos_token_id if gen.eos_token_id is not None else cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0,
+        decoder_start_token_id=getattr(cfg, "decoder_start_token_id", None),
+        tokenizer_prepend_ids=prepend, tokenizer_append_ids=append,
+        tokenizer_pad_id=model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0,
+        question_in_qformer=model.config.question_in_qformer, graphs=graphs,
+    ).write(out)
     import onnx
     import onnxruntime
 
@@ -556,7 +551,7 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
         "optimized": optimize, "fusions": fusions, "llm_weights": {"format": dtype},
         "bytes_on_disk": {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     if llm_weights != "fp32":
         return quantize_export(out, llm_weights, lm_head=QUANTIZE_LM_HEAD, external_over=external_over)
     return manifest

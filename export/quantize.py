@@ -26,6 +26,7 @@ from pathlib import Path
 from blip2rt.errors import Blip2rtError
 
 from .block_quant import rewrite_matmuls
+from .export_config import CONFIG_FILE, MANIFEST_FILE, ExportConfig
 from .graph_files import EXTERNAL_OVER, save_graph
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ SYMMETRIC = True  # rtn only
 # MatMulNBits' accuracy level 4: activations quantised to int8 per block for the product, the
 # fastest kernels on CPUs with integer dot products (onnxruntime's own recommendation for CPU)
 ACCURACY_LEVEL = 4
-NOT_LLM = ("vision", "reorder_kv")  # every other graph of an export runs the LLM
 # The LM head quantised like the other MatMuls, or kept in the export's dtype (RESULTS.md has both)
 QUANTIZE_LM_HEAD = True
 
@@ -144,36 +144,32 @@ def quantize_export(export_dir: str | Path, llm_weights: str, lm_head: bool = QU
     there is replaced), and records it in blip2rt_export.json and manifest.json under "llm_weights";
     returns the updated manifest. accuracy_level: MatMulNBits' (4: int8 activations in the product,
     the fast one; 1: fp32, for telling the weights' error from the activations')."""
-    from .ort_runtime import EXPORT_CONFIG
-
     src = Path(export_dir)
-    cfg = json.loads((src / EXPORT_CONFIG).read_text())
-    before = cfg.get("llm_weights", {}).get("format", cfg["dtype"])
+    cfg = ExportConfig.read(src)
+    before = cfg.llm_weights["format"]
     if before not in ("fp32", "fp16"):
         raise Blip2rtError(f"{src} already holds {before} LLM weights; quantise an fp32 or fp16 export")
-    graphs = [key for key in cfg["graphs"] if key not in NOT_LLM]
+    graphs = cfg.llm_graphs
     out = src if to is None else Path(to)
     if out != src:
         if out.resolve() == src.resolve():
             raise Blip2rtError(f"quantising {src} into itself: leave `to` out for in place")
-        if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_CONFIG).is_file():
+        if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
             raise Blip2rtError(f"{out} holds files but no export; quantise into an empty folder or an earlier export")
         shutil.rmtree(out, ignore_errors=True)
-        rewritten = {name for key in graphs for name in (cfg["graphs"][key], cfg["graphs"][key] + ".data")}
+        rewritten = {name for key in graphs for name in (cfg.graphs[key], cfg.graphs[key] + ".data")}
         shutil.copytree(src, out, ignore=lambda folder, names: [n for n in names if n in rewritten])
-    cfg_path, manifest_path = out / EXPORT_CONFIG, out / "manifest.json"
+    manifest_path = out / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text())
-    done = {key: quantize_graph(src / cfg["graphs"][key], llm_weights, cfg["vocab_size"], lm_head, external_over,
-                                accuracy_level=accuracy_level, dest=out / cfg["graphs"][key])
+    done = {key: quantize_graph(src / cfg.graphs[key], llm_weights, cfg.vocab_size, lm_head, external_over,
+                                accuracy_level=accuracy_level, dest=out / cfg.graphs[key])
             for key in graphs}
     head = head_bits(llm_weights, lm_head)
-    weights = {"format": llm_weights, "algorithm": ALGORITHM, "blocks": BLOCK_FORMAT[llm_weights],
-               "activations": cfg["dtype"], "block_size": BLOCK_SIZE, "accuracy_level": accuracy_level,
-               "lm_head": f"int{head}" if head else cfg["dtype"],
-               "embeddings": cfg["dtype"],
-               "graphs": done}
-    cfg["llm_weights"] = manifest["llm_weights"] = weights
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    cfg.llm_weights = manifest["llm_weights"] = {
+        "format": llm_weights, "algorithm": ALGORITHM, "blocks": BLOCK_FORMAT[llm_weights], "activations": cfg.dtype,
+        "block_size": BLOCK_SIZE, "accuracy_level": accuracy_level, "lm_head": f"int{head}" if head else cfg.dtype,
+        "embeddings": cfg.dtype, "graphs": done}
+    cfg.write(out)
     manifest["bytes_on_disk"] = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest

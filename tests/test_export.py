@@ -81,7 +81,7 @@ def test_prefill_and_decode_logits_over_past_lengths_0_to_30(exported, io_bindin
         soft = model.image_features(pixels(2))
         embeds = torch.cat([soft, lm.get_input_embeddings()(torch.from_numpy(ids))], 1)
     full_mask = torch.cat([torch.ones(2, soft.shape[1], dtype=torch.long), torch.from_numpy(mask)], 1)
-    search = Search(rt, 31, 0, 1, 1.0)
+    search = Search(rt.graphs, 31, 0, 1, 1.0)
     logits, state = search.start(embeds.numpy(), full_mask.numpy())
     seq, m = embeds, full_mask
     dec = torch.zeros(2, 1, dtype=torch.long)  # T5's decoder start
@@ -141,7 +141,7 @@ def test_eos_mid_sequence_equals_transformers(exported, num_beams, length_penalt
     middle = free[:, 2:6].reshape(-1)
     eos = int(np.bincount(middle).argmax())  # emitted by some sequence at step 3 to 6
     want = model.generate(px, torch.from_numpy(ids), torch.from_numpy(mask), eos_token_id=eos, **gen).numpy()
-    rt.eos = [eos]
+    rt.graphs.eos = [eos]
     got = rt.generate(px.numpy(), ids, mask, **gen)
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)

@@ -25,7 +25,7 @@ def cuda_export(tmp_path_factory, hf_opt):
 
 def test_cuda_provider_runs_with_io_binding(cuda_export):
     _, rt = cuda_export
-    assert rt.providers[0] == "CUDAExecutionProvider" and rt.on_cuda and rt.io_binding
+    assert rt.providers[0] == "CUDAExecutionProvider" and rt.graphs.on_cuda and rt.graphs.io_binding
 
 
 def test_soft_prompt_and_greedy_tokens_match_pytorch(cuda_export):
@@ -56,5 +56,5 @@ def test_static_graph_with_cuda_graphs_gives_the_same_tokens(cuda_export):
         assert rt.last_search == "static"
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(dynamic.generate(px.numpy(), **gen), want)
-    print(f"cuda graphs: {rt.cuda_graph}; buffer sets {sorted(rt._static_buffers)}")
-    assert sorted(rt._static_buffers) == [(1, 64), (3, 64)]
+    print(f"cuda graphs: {rt.graphs.cuda_graph}; buffer sets {sorted(rt.graphs._static_buffers)}")
+    assert sorted(rt.graphs._static_buffers) == [(1, 64), (3, 64)]

@@ -54,7 +54,7 @@ def test_greedy_tokens_equal_the_dynamic_graphs_and_pytorch(exported, io_binding
     free = _torch(model, px, ids, mask, eos_token_id=10_000, **gen)
     eos = int(np.bincount(free[:, 2:6].reshape(-1)).argmax())
     for rt in (static, dynamic):
-        rt.eos = [eos]
+        rt.graphs.eos = [eos]
     for extra in (dict(), dict(min_new_tokens=5)):
         want = _torch(model, px, ids, mask, eos_token_id=eos, **gen, **extra)
         got = static.generate(px.numpy(), ids, mask, **gen, **extra)
@@ -66,7 +66,7 @@ def test_greedy_tokens_equal_the_dynamic_graphs_and_pytorch(exported, io_binding
 
 def test_captions_pick_the_static_graph_for_greedy_only(exported):
     _, model, out = exported
-    assert not OrtBlip2(out, providers=["CPUExecutionProvider"]).use_static  # the CPU's default: no faster there
+    assert not OrtBlip2(out, providers=["CPUExecutionProvider"]).graphs.use_static  # the CPU's default: no faster there
     rt = OrtBlip2(out, providers=["CPUExecutionProvider"], static_cache=True)
     px = pixels(2, seed=1)
     greedy = dict(num_beams=1, max_new_tokens=8)
@@ -85,7 +85,7 @@ def test_buffers_are_kept_and_written_in_place(exported):
     px = pixels(2, seed=2).numpy()
     ids, mask = rt.encode(PROMPTS[1:])
     rt.generate(px, ids, mask, max_new_tokens=6, min_new_tokens=6)
-    (key, buf), = rt._static_buffers.items()
+    (key, buf), = rt.graphs._static_buffers.items()
     p = rt.cfg["num_query_tokens"] + ids.shape[1]
     assert key == (2, LENGTH_BUCKET)
     k0 = buf.kv[0].numpy()
@@ -93,7 +93,7 @@ def test_buffers_are_kept_and_written_in_place(exported):
     assert not k0[:, :, p + 5:].any()
     first = [id(v) for v in buf.kv]
     rt.generate(px, ids, mask, max_new_tokens=4)
-    assert list(rt._static_buffers) == [key] and [id(v) for v in rt._static_buffers[key].kv] == first
+    assert list(rt.graphs._static_buffers) == [key] and [id(v) for v in rt.graphs._static_buffers[key].kv] == first
 
 
 def test_aliased_buffers_equal_separate_outputs(exported):
@@ -107,16 +107,16 @@ def test_aliased_buffers_equal_separate_outputs(exported):
     rng = np.random.default_rng(0)
     b, length, at = 2, 12, 7
     kv = [rng.standard_normal((b, c["num_kv_heads"], length, c["head_dim"])).astype(np.float32)
-          for _ in rt.past_names]
+          for _ in rt.cfg.past_names]
     feeds = {"inputs_embeds": rng.standard_normal((b, 1, c["hidden_size"])).astype(np.float32),
              "attention_mask": np.ones((b, length), np.int64), "position_ids": np.full((b, 1), at, np.int64),
              "write_at": np.array(at, np.int64), "token_bias": np.zeros((1, c["vocab_size"]), np.float32)}
-    want = rt.static.session.run(None, {**feeds, **dict(zip(rt.past_names, kv))})
+    want = rt.graphs.static.session.run(None, {**feeds, **dict(zip(rt.cfg.past_names, kv))})
     bound = [ort.OrtValue.ortvalue_from_numpy(a.copy()) for a in kv]
     logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, c["vocab_size"]), np.float32))
     ids = ort.OrtValue.ortvalue_from_numpy(np.zeros(b, np.int64))
-    present = ["present." + n.split(".", 1)[1] for n in rt.past_names]
-    rt.static.run_bound({**feeds, **dict(zip(rt.past_names, bound))},
+    present = ["present." + n.split(".", 1)[1] for n in rt.cfg.past_names]
+    rt.graphs.static.run_bound({**feeds, **dict(zip(rt.cfg.past_names, bound))},
                         {"logits": logits, "next_ids": ids, **dict(zip(present, bound))})
     np.testing.assert_array_equal(ids.numpy(), want[1])
     np.testing.assert_array_equal(logits.numpy(), want[0])
@@ -128,7 +128,7 @@ def test_aliased_buffers_equal_separate_outputs(exported):
 
 def test_in_place_check_refuses_a_graph_that_reads_the_past_elsewhere(exported, tmp_path):
     _, model, out = exported
-    layers = len(OrtBlip2(out).past_names) // 2
+    layers = len(OrtBlip2(out).cfg.past_names) // 2
     assert _kv_written_in_place(out / "static_lm.onnx", layers)
     graph = onnx.load(str(out / "static_lm.onnx"))
     graph.graph.node.append(onnx.helper.make_node("Identity", ["past.0.key"], ["leak"]))

@@ -32,7 +32,7 @@ from PIL import Image
 from blip2rt.errors import Blip2rtError, ImageError
 from blip2rt.images import CLIP_MEAN, CLIP_STD, open_image, to_rgb
 from blip2rt.json_files import read_json
-from blip2rt.tokenization import prompt_token_rows
+from blip2rt.front_end import PromptLayout, pad_rows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -276,15 +276,15 @@ class Stage2Collate:
 
     def __init__(self, tokenizer, encoder_decoder: bool, max_length: int = 32, prompt: str = "",
                  text_suffix: str | None = None, bos_token_id: int | None = None, bos_before_soft_prompt: bool = False):
-        """bos_token_id (decoder-only): with no prompt, generation starts from the LLM's BOS after the
-        soft prompt (Blip2._default_prompt_ids), so training prepends it, unpredicted, where the
-        tokenizer does not add it itself (Llama-style GGUF tokenizers). With bos_before_soft_prompt
-        the model puts the BOS first itself, so a BOS the tokenizer adds is dropped instead."""
+        """The text behind the soft prompt is laid out as generation lays out its prompt
+        (front_end.PromptLayout): with no prompt, the LLM's BOS precedes the caption, given and not
+        predicted, where the tokenizer adds none; where the model puts the BOS before the soft prompt,
+        the one the tokenizer adds goes."""
         self.tok, self.enc_dec, self.max_length, self.prompt = tokenizer, encoder_decoder, max_length, prompt
         self.suffix = text_suffix if text_suffix is not None else (tokenizer.eos_token or "")
-        adds_bos = bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [bos_token_id]
-        self.drop_first = not encoder_decoder and bos_before_soft_prompt and adds_bos
-        self.bos = None if encoder_decoder or adds_bos or prompt or bos_before_soft_prompt else bos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.layout = PromptLayout(encoder_decoder, bos_token_id, pad, bos_before_soft_prompt)
+        self.prompt_len = len(tokenizer(prompt)["input_ids"]) if prompt else 0
 
     def __call__(self, samples: list[Sample]) -> Batch:
         from .stage2 import Stage2Batch, split_for_prefix_lm
@@ -295,36 +295,25 @@ class Stage2Collate:
         images = _stack_images(ok)
         if self.enc_dec:
             pairs = [split_for_prefix_lm(s.caption, random.Random(s.seed)) for s in ok]
-            enc = self.tok([self.prompt + p for p, _ in pairs], padding="longest", truncation=True,
-                           max_length=self.max_length, return_tensors="pt")
-            dec = self.tok([t for _, t in pairs], padding="longest", truncation=True, max_length=self.max_length,
-                           return_tensors="pt")
-            labels = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
-            batch = Stage2Batch(enc["input_ids"], enc["attention_mask"], labels, **images)
+            ids, mask = self.layout.prompt_ids(self._rows([self.prompt + p for p, _ in pairs]))
+            targets, target_mask = pad_rows(self._rows([t for _, t in pairs]), self.layout.pad_token_id, left=False)
+            labels = np.where(target_mask == 1, targets, -100)
         else:
-            texts = [self.prompt + s.caption + self.suffix for s in ok]
-            enc = self.tok(texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt",
-                           padding_side="right")
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            if self.drop_first:  # right-padded: column 0 is every row's BOS
-                ids, mask = ids[:, 1:], mask[:, 1:]
-            if self.bos is not None:
-                ids = torch.cat([torch.full_like(ids[:, :1], self.bos), ids], dim=1)
-                mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-            labels = ids.masked_fill(mask == 0, -100)
-            n_given = int(self.bos is not None)  # the BOS and the prompt are given, not predicted
-            if self.prompt:
-                n_given += len(self.tok(self.prompt)["input_ids"]) - int(self.drop_first)
-            labels[:, :n_given] = -100
-            batch = Stage2Batch(ids, mask, labels, **images)
+            laid = [self.layout.training_row(row, self.prompt_len, bool(self.prompt))
+                    for row in self._rows([self.prompt + s.caption + self.suffix for s in ok])]
+            ids, mask, labels = self.layout.teacher_forced([r for r, _ in laid], [g for _, g in laid])
+        batch = Stage2Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels), **images)
         return Batch(batch, len(ok), len(samples) - len(ok))
+
+    def _rows(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, truncation=True, max_length=self.max_length)["input_ids"]
 
 
 class VqaCollate:
     """Samples with questions -> Stage2Batch for VQA fine-tuning (BLIP-2 §4.2).
 
-    The LLM reads `template.format(question)` (given, not predicted; tokenised exactly as
-    `Blip2.encode_prompts` does at inference) and learns the answer after it, then `text_suffix`
+    The LLM reads `template.format(question)` (given, not predicted; tokenised and laid out exactly
+    as `Blip2.encode_prompts` does at inference) and learns the answer after it, then `text_suffix`
     (decoder-only) or its EOS (encoder-decoder). The question also goes to the Q-Former in its own
     WordPiece ids, [CLS] first."""
 
@@ -334,7 +323,8 @@ class VqaCollate:
         self.tok, self.qtok, self.enc_dec, self.template = tokenizer, qformer_tokenizer, encoder_decoder, template
         self.max_length, self.max_question_length = max_length, max_question_length
         self.suffix = text_suffix if text_suffix is not None else (tokenizer.eos_token or "")
-        self.drop_bos = bos_token_id if bos_before_soft_prompt and not encoder_decoder else None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.layout = PromptLayout(encoder_decoder, bos_token_id, pad, bos_before_soft_prompt)
 
     def __call__(self, samples: list[Sample]) -> Batch:
         from .stage2 import Stage2Batch
@@ -342,32 +332,24 @@ class VqaCollate:
         ok = [s for s in samples if s.error is None]
         if not ok:
             return Batch(None, 0, len(samples))
-        q = self.qtok([s.question for s in ok], padding="longest", truncation=True,
-                      max_length=self.max_question_length, return_tensors="pt")
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        q_rows = self.qtok([s.question for s in ok], truncation=True, max_length=self.max_question_length)["input_ids"]
+        q_ids, q_mask = pad_rows(q_rows, self.qtok.pad_token_id or 0, left=False)
+        prompts = [self.template.format(s.question) for s in ok]
         if self.enc_dec:
-            enc = self.tok([self.template.format(s.question) for s in ok], padding="longest", truncation=True,
-                           max_length=self.max_length, return_tensors="pt")
-            dec = self.tok([s.caption for s in ok], padding="longest", truncation=True, max_length=self.max_length,
-                           return_tensors="pt")
-            labels = dec["input_ids"].masked_fill(dec["attention_mask"] == 0, -100)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
+            ids, mask = self.layout.prompt_ids(self.tok(prompts, truncation=True, max_length=self.max_length)["input_ids"])
+            answers = self.tok([s.caption for s in ok], truncation=True, max_length=self.max_length)["input_ids"]
+            targets, target_mask = pad_rows(answers, self.layout.pad_token_id, left=False)
+            labels = np.where(target_mask == 1, targets, -100)
         else:
             rows, given = [], []
-            prompts = prompt_token_rows(self.tok, [self.template.format(s.question) for s in ok], self.drop_bos)
-            for s, p in zip(ok, prompts):
+            for s, p in zip(ok, self.layout.prompt_rows(self.tok(prompts)["input_ids"])):
                 a = self.tok(" " + s.caption + self.suffix, add_special_tokens=False)["input_ids"]
                 rows.append(p + a[: self.max_length])  # max_length caps the answer; the prompt stays whole
                 given.append(len(p))
-            t = max(len(r) for r in rows)
-            ids = torch.full((len(rows), t), pad, dtype=torch.long)
-            mask = torch.zeros(len(rows), t, dtype=torch.long)
-            labels = torch.full((len(rows), t), -100, dtype=torch.long)
-            for i, (r, g) in enumerate(zip(rows, given)):
-                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-                labels[i, g: len(r)] = ids[i, g: len(r)]  # the answer (and suffix) only
-        batch = Stage2Batch(ids, mask, labels, qformer_input_ids=q["input_ids"],
-                            qformer_attention_mask=q["attention_mask"], **_stack_images(ok))
+            ids, mask, labels = self.layout.teacher_forced(rows, given)
+        batch = Stage2Batch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels),
+                            qformer_input_ids=torch.from_numpy(q_ids), qformer_attention_mask=torch.from_numpy(q_mask),
+                            **_stack_images(ok))
         return Batch(batch, len(ok), len(samples) - len(ok))
 
 
