@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .parts import is_text_only
+from .parts import STAGE1, STAGE_NAMES, VQA, is_text_only, prefixes, stage_number
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,9 @@ OPTIONAL_PREFIXES = ("temp", "itg_head.")
 
 # ---- reading files -----------------------------------------------------------------------
 
-QUESTION_IN_QFORMER_KEY = "blip2rt_question_in_qformer"  # safetensors metadata of a VQA fine-tuning checkpoint
+STAGE_KEY = "blip2rt_stage"  # safetensors metadata of a training checkpoint: the stage that wrote it ("vqa", ...)
+# what VQA fine-tuning checkpoints wrote before they recorded their stage
+QUESTION_IN_QFORMER_KEY = "blip2rt_question_in_qformer"
 
 
 def tensor_file_metadata(path: str | Path) -> dict[str, str]:
@@ -44,9 +46,28 @@ def tensor_file_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"weights file {path} is not a readable safetensors file ({e})") from None
 
 
-def marks_question_in_qformer(path: str | Path) -> bool:
-    """Whether a weights file was written by VQA fine-tuning with the question in the Q-Former."""
-    return tensor_file_metadata(path).get(QUESTION_IN_QFORMER_KEY) == "true"
+def checkpoint_stage(path: str | Path, state: dict[str, torch.Tensor] | None = None) -> int | None:
+    """The training stage (parts.STAGE1, STAGE2 or VQA) whose trainable weights a file holds: as its
+    metadata records it; for files written before stages were recorded, a VQA checkpoint by its
+    old mark and a stage-1 one by its keys (`state`: the Q-Former's text path, no language
+    projection). None for weights that no stage wrote (a whole model, LAVIS, transformers)."""
+    meta = tensor_file_metadata(path) if Path(path).is_file() else {}
+    if STAGE_KEY in meta:
+        try:
+            return stage_number(meta[STAGE_KEY])
+        except KeyError as e:
+            raise CheckpointError(f"{path}: {e.args[0]}") from None
+    if meta.get(QUESTION_IN_QFORMER_KEY) == "true":
+        return VQA
+    if state is not None and any(is_text_only(k) for k in state) and not any(
+            k.startswith(prefixes({"language_projection"})) for k in state):
+        return STAGE1
+    return None
+
+
+def stage_metadata(stage: int) -> dict[str, str]:
+    """The metadata a checkpoint of `stage` carries."""
+    return {STAGE_KEY: STAGE_NAMES[stage]}
 
 
 def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:

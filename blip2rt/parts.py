@@ -38,6 +38,9 @@ FROZEN = frozenset({"vision_encoder", "llm"})
 TEXT_ONLY = frozenset({"qformer_text_ffn", "text_embeddings", "retrieval_heads", "itg_head"})
 
 STAGE1, STAGE2, VQA = 1, 2, 3
+STAGE_NAMES = {STAGE1: "stage1", STAGE2: "stage2", VQA: "vqa"}  # as `blip2rt train NAME` and checkpoints say
+# the stages whose model reads the question (or instruction) in its Q-Former
+QUESTION_IN_QFORMER = frozenset({VQA})
 STAGE_PARTS = {
     # representation learning: ITC, ITM and ITG, the text path included
     STAGE1: frozenset({"ln_vision", "query_tokens", "qformer", "qformer_text_ffn", "text_embeddings",
@@ -82,3 +85,11 @@ def trains_in(name: str, stage: int, num_layers: int) -> bool:
     if stage == VQA and part == "qformer_text_ffn":
         return int(_TEXT_FFN.match(name).group(1)) != num_layers - 1
     return True
+
+
+def stage_number(name: str) -> int:
+    """1, 2 or 3 for a stage's name ("stage1", "stage2", "vqa")."""
+    for number, n in STAGE_NAMES.items():
+        if n == name:
+            return number
+    raise KeyError(f"no training stage is named {name!r}; the stages are {', '.join(STAGE_NAMES.values())}")

@@ -25,7 +25,7 @@ import torch
 from blip2rt.kernels import resolve_backend
 
 from .checkpoint import (LAVIS_LN_VISION_EPS, is_lavis_state_dict, lavis_to_blip2rt, load_weights,
-                         marks_question_in_qformer, read_hf_folder, read_tensor_file)
+                         checkpoint_stage, read_hf_folder, read_tensor_file)
 from . import parts
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
@@ -184,21 +184,20 @@ def apply_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_
         # LAVIS trained (and computes) ln_vision with torch's default eps, not the ViT's
         model.config.vision_config.ln_vision_eps = LAVIS_LN_VISION_EPS
         model.vision_model.post_layernorm.eps = LAVIS_LN_VISION_EPS
-    # LAVIS saves only what trains; the frozen ViT and LLM may come from a base folder.
+    # A training stage's checkpoint holds what that stage trains (LAVIS's too: the frozen ViT and LLM
+    # are not in it); over a base, everything else stays the base's.
+    stage = checkpoint_stage(source, state)
+    reads_question = stage in parts.QUESTION_IN_QFORMER
+    if reads_question and not model.config.with_text_heads:
+        raise CheckpointError(f"{source} was fine-tuned with the question in the Q-Former, which needs the "
+                              "Q-Former's text embeddings; load it over a model that has them")
     allow = model.frozen_prefixes() if over_base else ()
-    stage1 = any(parts.is_text_only(k) for k in state) and not any(k.startswith("language_projection.") for k in state)
-    if over_base and stage1 and model.config.with_llm:
-        allow += ("language_projection.",)  # a stage-1 checkpoint has none; the base's stays
-    vqa = marks_question_in_qformer(source)  # a VQA fine-tuning checkpoint
-    if vqa and not model.config.with_text_heads:
-        raise CheckpointError(f"{source} was fine-tuned for VQA with the question in the Q-Former, which needs "
-                              "the Q-Former's text embeddings; load it over a model that has them")
-    if vqa and over_base:  # it holds what VQA trains; the retrieval heads (and the rest) stay the base's
-        trained = set(model.trainable_names(parts.VQA))
+    if over_base and stage is not None:
+        trained = set(model.trainable_names(stage))
         allow += tuple(n for n in model.state_dict() if n not in trained)  # tied names too
     # a model without the Q-Former text path (stage 2) cannot hold a stage-1 checkpoint's text parts
     load_weights(model, state, source, allow_missing_prefixes=allow, drop_text_only=not model.config.with_text_heads)
-    if vqa:
+    if reads_question:
         model.config.question_in_qformer = True
 
 
@@ -220,3 +219,17 @@ def _cast_trainable(model: Blip2, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if id(p) not in frozen:
             p.data = p.data.to(dtype)
+
+
+def save_pretrained(model: Blip2, folder: str | Path) -> None:
+    """config.json + model.safetensors (tied weights once) + tokenizer files: what from_pretrained reads."""
+    from safetensors.torch import save_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save(folder)
+    save_model(model, str(folder / "model.safetensors"))
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(folder)
+    if model.qformer_tokenizer is not None:
+        model.qformer_tokenizer.save_pretrained(folder / QFORMER_TOKENIZER_DIR if model.config.with_llm else folder)

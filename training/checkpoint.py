@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from blip2rt.checkpoint import QUESTION_IN_QFORMER_KEY, load_weights, marks_question_in_qformer, read_tensor_file
+from blip2rt.checkpoint import checkpoint_stage, load_weights, read_tensor_file, stage_metadata
+from blip2rt.parts import QUESTION_IN_QFORMER
 from blip2rt.errors import CheckpointError
 
 LATEST = "latest"
@@ -70,16 +71,17 @@ def _fsync_file(path: Path) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, state: dict, keep: int = 2,
-                    question_in_qformer: bool = False) -> Path:
-    """question_in_qformer: marks the weights as VQA fine-tuned (the soft prompt takes the question),
-    in the safetensors metadata, so that loading them sets the model's config to match."""
+                    stage: int | None = None) -> Path:
+    """stage: the training stage that wrote it (blip2rt.parts), recorded in the weights' safetensors
+    metadata, so that loading them knows what they hold and sets the model's config to match (a
+    VQA checkpoint's soft prompt takes the question)."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    meta = {QUESTION_IN_QFORMER_KEY: "true"} if question_in_qformer else None
+    meta = stage_metadata(stage) if stage is not None else None
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"), metadata=meta)
     torch.save(state, tmp / "state.pt")
     if os.environ.get("BLIP2RT_TEST_SLOW_CHECKPOINT"):  # tests kill the process here, mid-write
@@ -134,6 +136,6 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict:
         raise CheckpointError(f"{path / 'state.pt'} could not be read as a trainer state ({e})") from None
     frozen = tuple(n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)  # not saved
     load_weights(model, read_tensor_file(path / "trainable.safetensors"), str(path), allow_missing_prefixes=frozen)
-    if marks_question_in_qformer(path / "trainable.safetensors"):
+    if checkpoint_stage(path / "trainable.safetensors") in QUESTION_IN_QFORMER:
         model.config.question_in_qformer = True
     return state

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-STAGES = {"stage1": 1, "stage2": 2, "vqa": 3}  # `vqa` is stage 3 in a config file
 
 
 def add_train_parser(sub) -> None:
@@ -24,16 +23,20 @@ def add_train_parser(sub) -> None:
                "  blip2rt train vqa --model blip2-mini --init runs/s2/checkpoints/step_00000250 \\\n"
                "      --annotations vqa_train.json --image-root images --out-dir runs/vqa\n"
                "A run resumes from its out_dir's latest checkpoint (--resume false to start over).")
-    p.add_argument("stage", choices=list(STAGES))
+    from .stages import STAGES
+
+    p.add_argument("stage", choices=[s.name for s in STAGES.values()],
+                   help="; ".join(f"{s.name}: {s.description}" for s in STAGES.values()))
     p.add_argument("--config", default=None, help="JSON or TOML file of TrainConfig fields")
     p.set_defaults(run=_run_train, accepts_overrides=True)
 
 
 def _run_train(args, overrides: list[str]) -> None:
     from .config import load_config
+    from .stages import stage_named
     from .trainer import Trainer
 
-    cfg = load_config(args.config, ["--stage", str(STAGES[args.stage]), *overrides])
+    cfg = load_config(args.config, ["--stage", str(stage_named(args.stage).number), *overrides])
     last = Trainer(cfg).run()
     print("done:", ", ".join(f"{k}={v}" for k, v in last.items()))
 

@@ -60,12 +60,9 @@ class TrainConfig:
     resume: bool = True  # continue from out_dir's latest checkpoint if there is one
 
     def validate(self) -> None:
-        if self.stage not in (1, 2, 3):
-            raise Blip2rtError(f"stage must be 1, 2 or 3 (VQA fine-tuning), got {self.stage}")
-        if self.stage == 3 and self.shards:
-            raise Blip2rtError("VQA fine-tuning reads question annotations ({image, question, answer}), not shards")
-        if self.stage == 3 and self.question_template.count("{}") != 1:
-            raise Blip2rtError(f"question_template needs one {{}} for the question, got {self.question_template!r}")
+        from .stages import stage
+
+        stage(self.stage).check(self)
         if not self.annotations and not self.shards:
             raise Blip2rtError("no training data: set annotations (JSON files) or shards (WebDataset .tar files)")
         if self.cache_features and self.augment:

@@ -26,10 +26,9 @@ from blip2rt.pretrained import DTYPES, apply_state
 from . import distributed as D
 from .checkpoint import complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .data import VQA_FIELDS, CaptionDataset, ResumableSampler, ShardDataset, Stage1Collate, Stage2Collate, VqaCollate
+from .data import CaptionDataset, ResumableSampler, ShardDataset
 from .feature_cache import FeatureCache
-from .stage1 import Stage1Objective
-from .stage2 import Stage2Objective
+from .stages import stage
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, projection_lr
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            own = projection_lr is not None and name.startswith("language_projection.")
+            own = projection_lr is not None and parts.part_of(name) == "language_projection"
             groups.setdefault((own, p.ndim >= 2), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": projection_lr if own else lr}
             for (own, decay), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
@@ -75,6 +74,7 @@ class Trainer:
         continuing on the stage-1 model in memory; by default cfg.model is loaded."""
         cfg.validate()
         self.cfg = cfg
+        self.stage = stage(cfg.stage)
         self.device = self._device()
         D.init_from_env(self.device.type)
         self.is_main = D.rank() == 0
@@ -94,7 +94,7 @@ class Trainer:
             from blip2rt.checkpoint import read_tensor_file
 
             apply_state(self.model, read_tensor_file(init_file), str(init_file), over_base=True)
-        self.trainable = set_trainable(self.model, cfg.stage)
+        self.trainable = set_trainable(self.model, self.stage.number)
         self.model.train()
         if cfg.activation_checkpointing:
             self.model.qformer.gradient_checkpointing = True
@@ -105,10 +105,10 @@ class Trainer:
             amp = precision.amp
             log.info("amp auto: %s", precision.describe())
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-        self.objective = self._objective()
+        self.objective = self.stage.objective(self.model)
         self.module = self.objective
         if cfg.fsdp:
-            if cfg.stage == 1 or not D.is_distributed():
+            if not self.stage.uses_llm or not D.is_distributed():
                 raise Blip2rtError("fsdp shards the frozen LLM of stage 2 (or VQA) across processes: use it there "
                                    "under torchrun with 2 or more processes")
             n = D.shard_llm_layers(self.model.language_model)
@@ -116,11 +116,11 @@ class Trainer:
         if D.is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
             # the frozen LLM (possibly sharded) is not DDP's business: nothing of it trains
-            frozen = [n for n, _ in self.objective.named_parameters() if n.startswith("model.language_model.")]
-            frozen += [n for n, _ in self.objective.named_buffers() if n.startswith("model.language_model.")]
+            held = [*self.objective.named_parameters(), *self.objective.named_buffers()]
+            frozen = [n for n, _ in held if n.startswith("model.") and parts.part_of(n[len("model."):]) == "llm"]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.objective, frozen)
             self.module = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
-        projection_lr = cfg.projection_lr if cfg.stage != 1 else None
+        projection_lr = cfg.projection_lr if self.stage.uses_llm else None
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay, cfg.lr, projection_lr), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2))
         ratio = cfg.min_lr / cfg.lr
@@ -165,42 +165,11 @@ class Trainer:
             return torch.device("cuda", local)
         return torch.device("cpu")
 
-    def _objective(self) -> nn.Module:
-        m = self.model
-        if self.cfg.stage == 1:
-            tok = m.qformer_tokenizer
-            if tok is None:
-                raise Blip2rtError("stage 1 needs the Q-Former tokenizer (BERT + [DEC]) in the model folder")
-            if "[DEC]" not in tok.get_vocab():
-                tok.add_special_tokens({"bos_token": "[DEC]"})
-            if len(tok) > m.config.qformer_config.vocab_size:
-                raise Blip2rtError(f"the Q-Former tokenizer has {len(tok)} tokens, the Q-Former only "
-                                   f"{m.config.qformer_config.vocab_size}")
-            return Stage1Objective(m, tok.convert_tokens_to_ids("[DEC]"), tok.pad_token_id)
-        if self.cfg.stage == VQA_STAGE:
-            if not m.config.with_text_heads or m.qformer_tokenizer is None:
-                raise Blip2rtError("VQA fine-tuning puts the question into the Q-Former: it needs the Q-Former's "
-                                   "text embeddings and tokenizer (a model trained in stage 1)")
-            m.config.question_in_qformer = True
-        if m.tokenizer is None:
-            raise Blip2rtError(f"stage {self.cfg.stage} needs the LLM's tokenizer files in the model folder")
-        return Stage2Objective(m)
-
     def _data(self):
         cfg, m = self.cfg, self.model
         size = cfg.image_size or m.config.vision_config.image_size
         norm = (m.config.vision_config.image_mean, m.config.vision_config.image_std)
-        suffix = "\n" if m.config.with_llm and m.config.text_config["model_type"] == "opt" else None  # LAVIS ends OPT text at "\n"
-        if cfg.stage == 1:
-            collate = Stage1Collate(m.qformer_tokenizer, cfg.max_text_len)
-        elif cfg.stage == VQA_STAGE:
-            collate = VqaCollate(m.tokenizer, m.qformer_tokenizer, m.config.is_encoder_decoder, cfg.question_template,
-                                 cfg.max_text_len, suffix, m.config.text_config.get("bos_token_id"),
-                                 m.config.bos_before_soft_prompt)
-        else:
-            bos = None if m.config.is_encoder_decoder else m.config.text_config.get("bos_token_id")
-            collate = Stage2Collate(m.tokenizer, m.config.is_encoder_decoder, cfg.max_text_len, cfg.prompt, suffix,
-                                    bos_token_id=bos, bos_before_soft_prompt=m.config.bos_before_soft_prompt)
+        collate = self.stage.collate(m, cfg)
         if cfg.shards:
             ds = ShardDataset(cfg.shards, size, cfg.augment, cfg.max_words, cfg.seed, D.rank(), D.world_size(), norm)
             loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, collate_fn=collate,
@@ -213,15 +182,14 @@ class Trainer:
             if not FeatureCache.exists(folder):
                 from .data import load_annotations
 
-                fields = VQA_FIELDS if cfg.stage == VQA_STAGE else ("image", "caption")
-                images = [r["image"] for r in load_annotations(cfg.annotations, fields)]
+                images = [r["image"] for r in load_annotations(cfg.annotations, self.stage.fields)]
                 if self.is_main:
                     FeatureCache.build(m, images, cfg.image_root, folder, show_progress=self.show_progress)
                 if D.is_distributed():
                     torch.distributed.barrier()
             cache = FeatureCache(folder)
         ds = CaptionDataset(cfg.annotations, cfg.image_root, size, cfg.augment, cfg.max_words, cfg.seed, cache, norm,
-                            vqa=cfg.stage == VQA_STAGE)
+                            vqa=self.stage.vqa)
         sampler = ResumableSampler(len(ds), cfg.seed, D.rank(), D.world_size())
         # Its own generator: making an iterator draws a seed, which must not move the global RNG
         # (dropout, negatives), or a resumed run would diverge from an uninterrupted one.
@@ -236,12 +204,12 @@ class Trainer:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
                 "position": self.position, "nonfinite_total": self.nonfinite_total,
-                "skipped_images": self.skipped_images, "rng": rng_state(), "stage": self.cfg.stage}
+                "skipped_images": self.skipped_images, "rng": rng_state(), "stage": self.stage.number}
 
     def _restore(self, state: dict) -> None:
-        if state.get("stage") != self.cfg.stage:
+        if state.get("stage") != self.stage.number:
             raise Blip2rtError(f"the checkpoint in {self.out_dir} is from stage {state.get('stage')}, not "
-                               f"stage {self.cfg.stage}; use another out_dir or resume=false")
+                               f"stage {self.stage.number}; use another out_dir or resume=false")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -253,7 +221,7 @@ class Trainer:
         path = None
         if self.is_main:
             path = save_checkpoint(self.out_dir, self.step, self.model, self._state(), self.cfg.keep_checkpoints,
-                                   question_in_qformer=self.model.config.question_in_qformer)
+                                   stage=self.stage.number)
         if D.is_distributed():
             torch.distributed.barrier()
         return path
@@ -282,7 +250,7 @@ class Trainer:
         writer = self._tensorboard()
         from tqdm.auto import tqdm
 
-        desc = "vqa" if cfg.stage == VQA_STAGE else f"stage {cfg.stage}"
+        desc = self.stage.name
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=desc, unit="step", disable=not self.show_progress,
                    dynamic_ncols=True)
         batches = self._batches()
