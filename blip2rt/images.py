@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import CLIP_MEAN, CLIP_STD
-from .errors import ImageError
+from .errors import ImageError, InputError
+from .front_end import as_image_list
 
 MIN_IMAGE_SIDE = 8  # smaller images carry no usable content once resized to 224 px
 
@@ -102,3 +103,16 @@ def pixel_values(images: Sequence[ImageInput], image_size: int, mean: Sequence[f
     import torch
 
     return torch.from_numpy(pixel_array(images, image_size, mean, std))
+
+
+def encoder_pixels(images, vision_config):
+    """What an image encoder reads: a pixel tensor (B, 3, H, W) as it is, or images (a path or PIL
+    image, or a list of them) resized and normalised as `vision_config` says. A torch tensor."""
+    import torch
+
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise InputError(f"pixel_values must be (B, 3, H, W), got {tuple(images.shape)}")
+        return images
+    vc = vision_config
+    return pixel_values(as_image_list(images), vc.image_size, vc.image_mean, vc.image_std)

@@ -8,10 +8,10 @@ here, so the no-weights pipeline can run end to end without any file.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import CheckpointError
-from .front_end import drop_leading_bos
+from .errors import CheckpointError, InputError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model")
@@ -38,13 +38,6 @@ def load_tokenizer(folder: str | Path):
     except Exception as e:  # transformers raises many types here; the reason is in the message
         raise CheckpointError(f"could not load the tokenizer in {folder}: {e}") from None
 
-
-
-
-def prompt_token_rows(tokenizer, prompts, drop_bos: int | None = None) -> list[list[int]]:
-    """Each prompt's ids as the LLM's tokenizer gives them, without a leading `drop_bos` (the model
-    puts the BOS before the soft prompt itself: Blip2Config.bos_before_soft_prompt)."""
-    return drop_leading_bos(tokenizer(list(prompts))["input_ids"], drop_bos)
 
 
 def _char_tokenizer(specials: list[str], template: str, template_specials: list[tuple[str, int]]):
@@ -75,3 +68,22 @@ def tiny_qformer_tokenizer():
     tok = _char_tokenizer(_TINY_QFORMER_SPECIALS, "[CLS] $A [SEP]", [("[CLS]", 1), ("[SEP]", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
                                    unk_token="[UNK]", bos_token="[DEC]")
+
+
+def qformer_text_ids(tokenizer, texts):
+    """The Q-Former's WordPiece ids and mask (B, T) of texts, right-padded and truncated at
+    QFORMER_MAX_TEXT_TOKENS; or of an already tokenized mapping (input_ids, attention_mask). torch."""
+    import torch
+
+    if isinstance(texts, Mapping):
+        ids = torch.as_tensor(texts["input_ids"])
+        mask = torch.as_tensor(texts["attention_mask"]) if "attention_mask" in texts else torch.ones_like(ids)
+        return ids, mask
+    if isinstance(texts, str):
+        texts = [texts]
+    if tokenizer is None:
+        raise InputError("this model has no Q-Former tokenizer; pass texts as a tokenized mapping "
+                         "(input_ids, attention_mask) or load a checkpoint folder with tokenizer files")
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=QFORMER_MAX_TEXT_TOKENS,
+                    return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]

@@ -32,7 +32,9 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
                                    ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
     """Plain PyTorch: full (N, V) logits; the same mean over labelled tokens (0 if there are none).
     16-bit logits are widened to fp32 for the loss; float64 stays float64."""
-    logits = F.linear(hidden, weight, bias).flatten(0, -2)
+    # flattened first: on a strided (B, T, W) slice (the LM positions of a batch) F.linear runs as a
+    # batched matmul over B copies of the weight, several times slower on a CPU than one (B*T, W) matmul
+    logits = F.linear(hidden.flatten(0, -2), weight, bias)
     logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     lab = labels.reshape(-1)
     total = F.cross_entropy(logits, lab, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="sum")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from blip2rt import model as model_scores
+from blip2rt import retrieval as model_scores
 from blip2rt.errors import Blip2rtError
 from blip2rt.images import pixel_values
 
