@@ -33,9 +33,10 @@ $(TRITON_GPU_IMAGE): | $(STAMP)
 test: $(STAMP) $(TRITON_GPU_IMAGE)
 	$(BIN)/pytest -q -ra
 
-# Every Triton kernel compiled for sm_90 and sm_80 without a GPU; the table (benchmarks/README.md)
+# Every Triton kernel compiled for sm_90 and sm_80 without a GPU (benchmarks/README.md); its table is
+# written to benchmarks/compile_gate.md, a generated file
 gpu-compile: $(STAMP)
-	$(BIN)/python -m blip2rt.gpu_compile $(ARGS)
+	$(BIN)/python -m blip2rt.kernels.compile_gate --markdown benchmarks/compile_gate.md $(ARGS)
 
 # On a CUDA machine with torch, triton and transformers installed: the prepared one-call check
 # (benchmarks/README.md). Results in $(OUT); the device tool sets OUT. Refuses at once without CUDA.

@@ -3,8 +3,10 @@
 It assumes a machine that already has torch, triton and transformers (the device image: torch
 2.11, triton 3.6, transformers 5.17, pytest, pytest-benchmark), and changes none of them:
 blip2rt goes into a throwaway virtual environment that sees the machine's packages
-(`--system-site-packages`, `pip install --no-deps --no-build-isolation -e .`); if pip cannot
-build it there, the checkout is put on PYTHONPATH instead, and the summary says which.
+(`--system-site-packages`, `pip install --no-deps --no-build-isolation -e .`); if that venv cannot
+be used, blip2rt is installed into a folder on PYTHONPATH instead, and the summary says which. What
+runs inside that python (the machine probe, rendering a benchmark run, the LLM's attention
+kernels) is `gpu_probes.py`.
 
 Steps, most important first; each has a time cap and the whole a deadline, and each writes its
 results into OUT as soon as it ends, so a call cut off by its limit still returns what finished:
@@ -136,18 +138,16 @@ class Check:
 
     # ---- steps ----
 
+    def probe(self, name: str, *args: str, timeout: float = 120) -> tuple[dict | None, str]:
+        """One probe of gpu_probes.py in the installed python: its RESULT, or None and what it printed."""
+        got = subprocess.run([self.python, str(ROOT / "benchmarks" / "gpu_probes.py"), name, *args], capture_output=True,
+                             text=True, timeout=timeout, env=self.env, cwd=ROOT)
+        found = [line for line in got.stdout.splitlines() if line.startswith("RESULT ")]
+        return (json.loads(found[-1][len("RESULT "):]) if found else None), got.stdout[-1000:] + got.stderr[-1000:]
+
     def machine(self) -> None:
-        probe = ("import json, platform, sys, torch, triton\n"
-                 "p = torch.cuda.get_device_properties(0)\n"
-                 "print(json.dumps(dict(gpu=torch.cuda.get_device_name(), sm=f'{p.major}{p.minor}', "
-                 "sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1), python=platform.python_version(), "
-                 "torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__)))\n")
-        got = subprocess.run([self.python, "-c", probe], capture_output=True, text=True, timeout=120)
-        info = json.loads(got.stdout.strip().splitlines()[-1]) if got.returncode == 0 else {"error": got.stderr[-500:]}
-        for pkg in ("transformers", "onnxruntime", "pytest_benchmark"):
-            v = subprocess.run([self.python, "-c", f"import {pkg}; print({pkg}.__version__)"], capture_output=True,
-                               text=True)
-            info[pkg] = v.stdout.strip() if v.returncode == 0 else None
+        info, output = self.probe("machine")
+        info = info or {"error": output[-500:]}
         smi = shutil.which("nvidia-smi")
         if smi:
             info["driver"] = subprocess.run([smi, "--query-gpu=driver_version,clocks.max.sm,power.limit",
@@ -158,35 +158,37 @@ class Check:
         self.write()
 
     def install(self) -> None:
-        """A venv over the machine's packages; blip2rt editable, no deps. Else (pip fails, or the venv does
-        not see the machine's packages): the checkout on PYTHONPATH."""
-        venv = Path(tempfile.gettempdir()) / "blip2rt-gpu-check-venv"
+        """A venv over the machine's packages with blip2rt editable, no deps. Else (pip fails, or the venv
+        does not see the machine's packages): blip2rt installed into a folder put on PYTHONPATH."""
+        import venv
+
+        env_dir = Path(tempfile.gettempdir()) / "blip2rt-gpu-check-venv"
+        shutil.rmtree(env_dir, ignore_errors=True)
+        venv.create(env_dir, system_site_packages=True, with_pip=True)
+        python = env_dir / "bin" / "python"
         # where the machine's python is itself a venv, --system-site-packages reaches only the base
         # interpreter's packages: a .pth file adds the machine's own site-packages
-        machine_sites = "\\n".join(site.getsitepackages())
-        code, _ = self.run("install", ["bash", "-c",
-                                       f"rm -rf {venv} && {sys.executable} -m venv --system-site-packages {venv} && "
-                                       f"printf '{machine_sites}\\n' > $({venv}/bin/python -c 'import site; "
-                                       f"print(site.getsitepackages()[0])')/machine-packages.pth && "
-                                       f"{venv}/bin/python -m pip install --quiet --no-deps --no-build-isolation "
-                                       f"--no-index -e {ROOT}"], cap=dict(STEPS)["install"])
-        # the machine's python may itself be a venv, whose packages a nested venv does not see
-        probe = ["-c", "import torch, triton, transformers, pytest, pytest_benchmark, blip2rt"]
-        if code == 0 and subprocess.run([str(venv / "bin" / "python"), *probe], capture_output=True).returncode == 0:
-            self.python = str(venv / "bin" / "python")
+        own_site = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                                  capture_output=True, text=True).stdout.strip()
+        Path(own_site, "machine-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+        code, _ = self.run("install", [str(python), "-m", "pip", "install", "--quiet", "--no-deps",
+                                       "--no-build-isolation", "--no-index", "-e", str(ROOT)],
+                           cap=dict(STEPS)["install"])
+        imports = ["-c", "import torch, triton, transformers, pytest, pytest_benchmark, blip2rt.kernels"]
+        if code == 0 and subprocess.run([str(python), *imports], capture_output=True).returncode == 0:
+            self.python = str(python)
             self.record("install", method="pip install --no-deps --no-build-isolation -e . (venv over the "
                                           "machine's site-packages)")
             return
-        shim = Path(tempfile.gettempdir()) / "blip2rt-gpu-check-src"
-        shutil.rmtree(shim, ignore_errors=True)
-        (shim / "blip2rt").mkdir(parents=True)
-        for item in (ROOT / "blip2rt").iterdir():
-            (shim / "blip2rt" / item.name).symlink_to(item)
-        for sub in ("kernels", "training", "export"):
-            (shim / "blip2rt" / sub).symlink_to(ROOT / sub)
-        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), self.env.get("PYTHONPATH")]))
-        self.record("install", status="ok (fallback)",
-                    method=f"the venv could not be used (see install.log); the checkout is on PYTHONPATH via {shim}")
+        target = Path(tempfile.gettempdir()) / "blip2rt-gpu-check-site"
+        shutil.rmtree(target, ignore_errors=True)
+        code, _ = self.run("install (fallback)", [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                                                  "--no-build-isolation", "--no-index", "--target", str(target),
+                                                  str(ROOT)], cap=dict(STEPS)["install"])
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), self.env.get("PYTHONPATH")]))
+        self.record("install", status="ok (fallback)" if code == 0 else "failed",
+                    method=f"the venv could not be used (see install.log); blip2rt installed into {target}, "
+                           "on PYTHONPATH")
 
     def gpu_tests(self, files: list[str] | None = None) -> int | None:
         results = self.summary["tests"]
@@ -213,19 +215,12 @@ class Check:
         self.run(step, cmd, cap=dict(STEPS)[step])
         if not out.is_file():
             return
-        render = ("import json, sys\n"
-                  "from blip2rt.bench import cases, load_run, render_table, speedups\n"
-                  "data = load_run(sys.argv[1]); now = cases(data); ups = speedups(now)\n"
-                  "print(json.dumps({'table': render_table(data), 'cases': {c['name']: {'group': c['group'], "
-                  "'impl': c['impl'], 'median_ms': round(c['median'] * 1e3, 4), 'vs_eager': None if ups[k] is None "
-                  "else round(ups[k], 3), 'extra': c['extra']} for k, c in now.items()}}))\n")
-        got = subprocess.run([self.python, "-c", render, str(out)], capture_output=True, text=True, env=self.env,
-                             cwd=ROOT)
-        if got.returncode == 0:
-            self.summary["benchmarks"][step] = json.loads(got.stdout.strip().splitlines()[-1])
+        result, output = self.probe("render", str(out))
+        if result is not None:
+            self.summary["benchmarks"][step] = result
             self.write()
         else:
-            self.record(step, render_error=got.stderr[-500:])
+            self.record(step, render_error=output[-500:])
 
     def host_vs_device(self) -> None:
         """Wall time against summed CUDA kernel time per step, fused and torch (host_device_split.py)."""
@@ -238,28 +233,10 @@ class Check:
 
     def llm_attention_kernels(self) -> None:
         """Which CUDA kernels run the LLM's attention (OPT-2.7B's shapes, bf16, 64 tokens)."""
-        script = (
-            "import json, torch\n"
-            "from blip2rt.llm import build_language_model, attention_implementation\n"
-            "from blip2rt.presets import preset_config\n"
-            "cfg = preset_config('blip2-opt-2.7b').text_config\n"
-            "with torch.device('cuda'):\n"
-            "    lm = build_language_model(cfg, torch.device('cuda'), torch.bfloat16).eval()\n"
-            "ids = torch.randint(3, 1000, (2, 64), device='cuda')\n"
-            "with torch.no_grad():\n"
-            "    lm(input_ids=ids)\n"
-            "    torch.cuda.synchronize()\n"
-            "    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:\n"
-            "        lm(input_ids=ids)\n"
-            "        torch.cuda.synchronize()\n"
-            "names = sorted({e.key for e in prof.key_averages()})\n"
-            "attn = [n for n in names if any(s in n.lower() for s in ('flash', 'fmha', 'attention', 'softmax'))]\n"
-            "print('RESULT ' + json.dumps(dict(attn_implementation=attention_implementation(lm), kernels=attn)))\n")
-        code, text = self.run("llm attention kernels", [self.python, "-c", script],
-                              cap=dict(STEPS)["llm attention kernels"])
-        found = [line for line in text.splitlines() if line.startswith("RESULT ")]
-        if found:
-            self.record("llm attention kernels", **json.loads(found[-1][len("RESULT "):]))
+        started = time.monotonic()
+        result, output = self.probe("llm-attention", timeout=min(dict(STEPS)["llm attention kernels"], self.left()))
+        self.record("llm attention kernels", status="ok" if result else "failed",
+                    seconds=round(time.monotonic() - started, 1), **(result or {"output": output[-500:]}))
 
     def onnxruntime_cuda(self) -> None:
         probe = subprocess.run([self.python, "-c", "import onnxruntime as o; print(o.__version__, "

@@ -1,4 +1,5 @@
-"""The `blip2rt` command line: caption, vqa, retrieve and demo.
+"""The `blip2rt` command line: caption, vqa, retrieve, export, train, eval, demo and bench, one parser
+function each (train and eval: training/cli.py).
 
 Bad input (a missing or corrupt image, a bad checkpoint, an unknown preset) exits with code 2
 and a one-line reason on stderr, as argparse does for bad flags.
@@ -70,12 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="blip2rt", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="BLIP-2 inference: captions, visual question answering and image-text retrieval.",
+        description="BLIP-2: captions, visual question answering and image-text retrieval; ONNX export; "
+                    "training; the end-to-end demo on the embedded default; benchmarks.",
         epilog=EXAMPLES.format(presets=", ".join(PRESET_NAMES)))
     from . import __version__
     parser.add_argument("--version", action="version", version=f"blip2rt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from blip2rt.training.cli import add_eval_parser, add_train_parser
+
+    _add_caption_parser(sub)
+    _add_vqa_parser(sub)
+    _add_retrieve_parser(sub)
+    _add_export_parser(sub)
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    _add_demo_parser(sub)
+    _add_bench_parser(sub)
+    return parser
+
+
+def _add_caption_parser(sub) -> None:
     p = sub.add_parser("caption", help="describe images", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=f"Caption each image (beam search {CAPTION_DEFAULTS['num_beams']}, "
                                    f"{CAPTION_DEFAULTS['min_new_tokens']} to {CAPTION_DEFAULTS['max_new_tokens']} "
@@ -88,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     p.set_defaults(run=_run_caption)
 
+
+def _add_vqa_parser(sub) -> None:
     p = sub.add_parser("vqa", help="answer a question about images",
                        description=f'Zero-shot VQA with the prompt "{VQA_PROMPT}" (beam {VQA_DEFAULTS["num_beams"]}, '
                                    f'up to {VQA_DEFAULTS["max_new_tokens"]} tokens).')
@@ -99,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(run=_run_vqa)
 
+
+def _add_retrieve_parser(sub) -> None:
     p = sub.add_parser("retrieve", help="rank texts for each image (ITC, then ITM re-ranking)",
                        description="Ranks the given texts for every image: ITC similarity over all texts, then "
                                    "ITM + ITC over the top --top-k. Needs a checkpoint with the retrieval heads.")
@@ -108,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(run=_run_retrieve)
 
+
+def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="export to ONNX for ONNX Runtime (vision, prefill, decode graphs)",
                        description="Writes a folder that blip2rt.export.OrtBlip2 (or `blip2rt caption --backend onnx`) "
                                    "runs with onnxruntime alone: vision.onnx, prefill.onnx + decode.onnx and "
@@ -133,11 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights on disk): greedy search then runs on the prefill/decode graphs")
     p.set_defaults(run=_run_export)
 
-    from blip2rt.training.cli import add_eval_parser, add_train_parser
 
-    add_train_parser(sub)
-    add_eval_parser(sub)
-
+def _add_demo_parser(sub) -> None:
     p = sub.add_parser(
         "demo", help="train and run BLIP-2 end to end on the embedded default (blip2-mini, easy-vqa)",
         description="Trains blip2-mini (DINOv2-S/14 and SmolLM2-135M frozen, a Q-Former from MiniLM) on easy-vqa "
@@ -165,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=_run_demo)
 
+
+def _add_bench_parser(sub) -> None:
     p = sub.add_parser(
         "bench", help="run the benchmark suite, save and compare runs, plot them, profile a case",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -195,7 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", metavar="FILE", help="with --report: also plot it (needs matplotlib)")
     p.add_argument("--md", metavar="FILE", help="with --report: also write the table to FILE")
     p.set_defaults(run=_run_bench)
-    return parser
 
 
 def _run_bench(args) -> None:

@@ -100,7 +100,7 @@ def ce_rows_config(vocab: int, device: torch.device) -> dict:
     return dict(BLOCK_V=block, num_warps=max(1, min(8, block // 256)))  # >= 8 logits a thread: a 128-bit access
 
 
-def _launch_rows(logits: torch.Tensor, labels: torch.Tensor, loss_rows: torch.Tensor, scale: torch.Tensor,
+def launch_rows(logits: torch.Tensor, labels: torch.Tensor, loss_rows: torch.Tensor, scale: torch.Tensor,
                  eps: float, ignore_index: int) -> None:
     """logits (C, V) with unit column stride, becomes the grad; labels (C,) contiguous; loss_rows (C,)."""
     v = logits.shape[1]
@@ -184,7 +184,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(hc, w.t(), out=logits)
             else:
                 torch.addmm(b, hc, w.t(), out=logits)
-            _launch_rows(logits, lab[start:end], loss_rows[start:end], scale, eps, ignore_index)
+            launch_rows(logits, lab[start:end], loss_rows[start:end], scale, eps, ignore_index)
             if need_h:
                 grad_h[start:end] = logits @ w
             if need_w:

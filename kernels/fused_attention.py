@@ -25,7 +25,7 @@ Eager calls reach the launchers through an autograd.Function; torch.compile sees
 (opaque to its tracer) that call the same launchers.
 
 Tiles per dtype and GPU come from `attention_config`, which the compile gate checks on sm_90 and
-sm_80 (blip2rt.gpu_compile).
+sm_80 (blip2rt.kernels.compile_gate).
 
 Rows with nothing to see (only when a sample's whole text is padding, in a mode where text
 sees text only) give 0 here; the reference gives the mean of all values.
@@ -280,7 +280,7 @@ def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, 
 def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | None, precision: str, backward: bool,
                       dropout: bool) -> AttentionConfig:
     """Every choice made here is compiled for sm_90 and sm_80 by the compile gate
-    (blip2rt.gpu_compile), which checks spills, shared memory and wgmma; the comments say what it
+    (blip2rt.kernels.compile_gate), which checks spills, shared memory and wgmma; the comments say what it
     found."""
     block_d = max(16, triton.next_power_of_2(d))
     if target is None:
@@ -333,7 +333,7 @@ def _text_mask_arg(text_mask: torch.Tensor | None, device) -> tuple[torch.Tensor
     return text_mask.to(device=device, dtype=torch.int8).contiguous(), text_mask.shape[1]
 
 
-def _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int = 1, dropout_p: float = 0.0,
+def launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int = 1, dropout_p: float = 0.0,
                     seed: int = 0):
     b, lq, h, d = q.shape
     lk = k.shape[1]
@@ -371,7 +371,7 @@ def _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int
     return o, lse
 
 
-def _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p: float = 0.0,
+def launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p: float = 0.0,
                      seed: int = 0):
     b, lq, h, d = q.shape
     lk = k.shape[1]
@@ -400,7 +400,7 @@ def _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset
 def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_mask: torch.Tensor | None,
                          mode: int, num_queries: int, q_offset: int, splits: int, dropout_p: float,
                          seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
+    return launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
 
 
 @attention_forward_op.register_fake
@@ -413,7 +413,7 @@ def _(q, k, v, text_mask, mode, num_queries, q_offset, splits, dropout_p, seed):
 def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, text_mask: torch.Tensor | None, mode: int, num_queries: int,
                           q_offset: int, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p, seed)
+    return launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p, seed)
 
 
 @attention_backward_op.register_fake
@@ -444,7 +444,7 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, text_mask, mode, num_queries, q_offset, splits, dropout_p, seed):
-        o, lse = _launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
+        o, lse = launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
         ctx.save_for_backward(q, k, v, o, lse, text_mask)
         ctx.mode, ctx.num_queries, ctx.q_offset, ctx.dropout_p, ctx.seed = mode, num_queries, q_offset, dropout_p, seed
         return o
@@ -452,7 +452,7 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, text_mask = ctx.saved_tensors
-        dq, dk, dv = _launch_backward(do, q, k, v, o, lse, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset,
+        dq, dk, dv = launch_backward(do, q, k, v, o, lse, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset,
                                       ctx.dropout_p, ctx.seed)
         return dq, dk, dv, None, None, None, None, None, None, None
 

@@ -127,7 +127,7 @@ def itc_config(d: int, dtype: torch.dtype, device: torch.device) -> dict:
     return dict(BLOCK_I=64, BLOCK_T=64, BLOCK_D=block_d, PRECISION=precision, num_warps=4)
 
 
-def _launch_forward(img, txt):
+def launch_forward(img, txt):
     bi, q, d = img.shape
     bt = txt.shape[0]
     s = torch.empty(bi, bt, dtype=torch.float32, device=img.device)
@@ -138,7 +138,7 @@ def _launch_forward(img, txt):
     return s, arg
 
 
-def _launch_backward(g, arg, img, txt, need_img: bool, need_txt: bool):
+def launch_backward(g, arg, img, txt, need_img: bool, need_txt: bool):
     bi, q, d = img.shape
     bt = txt.shape[0]
     cfg = itc_config(d, img.dtype, img.device)
@@ -159,7 +159,7 @@ class _QueryMaxSimilarity(torch.autograd.Function):
     def forward(ctx, img, txt):
         img = img.contiguous()
         txt = txt.contiguous()
-        s, arg = _launch_forward(img, txt)
+        s, arg = launch_forward(img, txt)
         ctx.save_for_backward(img, txt, arg)
         ctx.mark_non_differentiable(arg)
         return s, arg
@@ -167,7 +167,7 @@ class _QueryMaxSimilarity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _):
         img, txt, arg = ctx.saved_tensors
-        return _launch_backward(g.contiguous().float(), arg, img, txt, *ctx.needs_input_grad[:2])
+        return launch_backward(g.contiguous().float(), arg, img, txt, *ctx.needs_input_grad[:2])
 
 
 def query_max_similarity_triton(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:

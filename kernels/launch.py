@@ -10,7 +10,7 @@ Every kernel in blip2rt.kernels is launched through `launch()`, which gives:
   assert that the fused path really executed;
 - `plan_for(target)`: launches recorded instead of run, with the launch sizes of a chosen GPU.
   Run on meta tensors, the launchers then list the exact kernel configurations they would use
-  on that GPU; the ahead-of-time compile gate (`blip2rt.gpu_compile`) builds its list this way.
+  on that GPU; the ahead-of-time compile gate (`blip2rt.kernels.compile_gate`) builds its list this way.
 """
 
 from __future__ import annotations

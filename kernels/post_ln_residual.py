@@ -126,7 +126,7 @@ def backward_rows(d: int) -> int:
     return max(1, min(8, 2048 // triton.next_power_of_2(d)))
 
 
-def _launch_forward(h, residual, weight, bias, eps: float, p: float, seed: int):
+def launch_forward(h, residual, weight, bias, eps: float, p: float, seed: int):
     d = h.shape[-1]
     h2 = h.reshape(-1, d).contiguous()
     r2 = residual.reshape(-1, d).contiguous()
@@ -141,7 +141,7 @@ def _launch_forward(h, residual, weight, bias, eps: float, p: float, seed: int):
     return y.view(h.shape), mean, rstd
 
 
-def _launch_backward(dy, h, residual, weight, mean, rstd, p: float, seed: int):
+def launch_backward(dy, h, residual, weight, mean, rstd, p: float, seed: int):
     d = h.shape[-1]
     h2 = h.reshape(-1, d).contiguous()
     r2 = residual.reshape(-1, d).contiguous()
@@ -166,7 +166,7 @@ def _launch_backward(dy, h, residual, weight, mean, rstd, p: float, seed: int):
 def residual_layer_norm_forward_op(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                    bias: torch.Tensor, eps: float, p: float,
                                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_forward(h, residual, weight, bias, eps, p, seed)
+    return launch_forward(h, residual, weight, bias, eps, p, seed)
 
 
 @residual_layer_norm_forward_op.register_fake
@@ -180,7 +180,7 @@ def _(h, residual, weight, bias, eps, p, seed):
 def residual_layer_norm_backward_op(dy: torch.Tensor, h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                     mean: torch.Tensor, rstd: torch.Tensor, p: float,
                                     seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_backward(dy, h, residual, weight, mean, rstd, p, seed)
+    return launch_backward(dy, h, residual, weight, mean, rstd, p, seed)
 
 
 @residual_layer_norm_backward_op.register_fake
@@ -211,7 +211,7 @@ class _EagerResidualLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, residual, weight, bias, eps, p, seed):
-        y, mean, rstd = _launch_forward(h, residual, weight, bias, eps, p, seed)
+        y, mean, rstd = launch_forward(h, residual, weight, bias, eps, p, seed)
         ctx.save_for_backward(h, residual, weight, mean, rstd)
         ctx.p, ctx.seed = p, seed
         return y
@@ -219,7 +219,7 @@ class _EagerResidualLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         h, residual, weight, mean, rstd = ctx.saved_tensors
-        dh, dres, dw, db = _launch_backward(dy, h, residual, weight, mean, rstd, ctx.p, ctx.seed)
+        dh, dres, dw, db = launch_backward(dy, h, residual, weight, mean, rstd, ctx.p, ctx.seed)
         return dh, dres, dw, db, None, None, None
 
 

@@ -1,5 +1,5 @@
 """The compile gate: every Triton kernel, configured by its own launcher, compiled for sm_90 and
-sm_80 without a GPU (blip2rt.gpu_compile), against this environment's Triton and the GPU image's.
+sm_80 without a GPU (blip2rt.kernels.compile_gate), against this environment's Triton and the GPU image's.
 
 The gate runs in a subprocess: this test process imported the kernels under Triton's
 interpreter (TRITON_INTERPRET=1), where @triton.jit makes interpreted functions, not compilable
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blip2rt import gpu_compile as gate
-from blip2rt.gpu_compile import CompileRequest, CompileResult, Row
+from blip2rt.kernels import compile_gate as gate
+from blip2rt.kernels.compile_gate import CompileRequest, CompileResult, Row
 from blip2rt.kernels import launch
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def compiler_env(pythonpath: Path | None = None) -> dict:
 
 def run_gate(tmp_path: Path, pythonpath: Path | None = None, *args: str) -> tuple[int, str, dict]:
     out = tmp_path / "gate.json"
-    proc = subprocess.run([sys.executable, "-m", "blip2rt.gpu_compile", "--json", str(out), *args], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "blip2rt.kernels.compile_gate", "--json", str(out), *args], cwd=tmp_path,
                           env=compiler_env(pythonpath), capture_output=True, text=True, timeout=900)
     assert out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.returncode, proc.stdout, json.loads(out.read_text())
@@ -104,7 +104,7 @@ def test_the_gate_reads_spills_and_mma_kind_off_a_real_compile(tmp_path, triton_
     bf16 is wgmma."""
     script = """
 import json, sys
-from blip2rt import gpu_compile as gate
+from blip2rt.kernels import compile_gate as gate
 from blip2rt.kernels import launch
 from blip2rt.kernels import fused_attention as fa
 out = {}
@@ -215,7 +215,7 @@ def test_launch_refuses_a_grid_past_cudas_limits():
         from blip2rt.kernels import fused_attention as fa
 
         q = torch.empty(launch.MAX_BATCH * 3, 64, 12, 64, dtype=torch.bfloat16, device="meta")
-        fa._launch_forward(q, q, q, fa.MODE_BIDIRECTIONAL, 32, 0, None)
+        fa.launch_forward(q, q, q, fa.MODE_BIDIRECTIONAL, 32, 0, None)
     assert launches[0].grid == (launch.MAX_BATCH * 3 * 12, 1, 1)
 
 

@@ -6,7 +6,7 @@ import torch
 import blip2rt
 from blip2rt import kernels
 from blip2rt.kernels import AttentionMode
-from blip2rt.kernels.fused_attention import _launch_forward
+from blip2rt.kernels.fused_attention import launch_forward
 from formulas import attention64, qformer_allowed
 from tolerances import assert_matches
 
@@ -100,8 +100,8 @@ def test_queries_only_and_text_only_passes():
 @pytest.mark.parametrize("splits", [2, 3, 7])
 def test_split_kv_forward_equals_one_pass(splits):
     q, k, v = (t.detach() for t in qkv(1, 32, 257, torch.float32))
-    whole, lse = _launch_forward(q, k, v, 0, 0, 0, None, splits=1)
-    split, lse_split = _launch_forward(q, k, v, 0, 0, 0, None, splits=splits)
+    whole, lse = launch_forward(q, k, v, 0, 0, 0, None, splits=1)
+    split, lse_split = launch_forward(q, k, v, 0, 0, 0, None, splits=splits)
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse_split, lse, atol=1e-5, rtol=1e-5)
 
@@ -150,7 +150,7 @@ def test_offsets_past_two_to_the_31_elements(lq):
     9216 per image), so batch offsets must be computed in int64. K/V here are views whose batch
     stride fits int32 (as it does at paper size) but whose third sample starts past 2^31 elements;
     the storage is reserved, and only the used slices are touched."""
-    from blip2rt.kernels.fused_attention import _launch_backward
+    from blip2rt.kernels.fused_attention import launch_backward
 
     n, stride_b = 5, 2**30 + 64
     store = torch.empty(2 * stride_b + 2 * n * H * D, dtype=torch.float16)
@@ -162,8 +162,8 @@ def test_offsets_past_two_to_the_31_elements(lq):
         t.copy_(torch.randn(t.shape, generator=g))
     q = torch.randn(3, lq, H, D, generator=g).half()
     do = torch.randn(3, lq, H, D, generator=g).half()
-    o, lse = _launch_forward(q, k, v, 0, 0, 0, None)
-    dq, dk, dv = _launch_backward(do, q, k, v, o, lse, None, 0, 0, 0)
+    o, lse = launch_forward(q, k, v, 0, 0, 0, None)
+    dq, dk, dv = launch_backward(do, q, k, v, o, lse, None, 0, 0, 0)
     leaves = [t.detach().double().requires_grad_() for t in (q, k.contiguous(), v.contiguous())]
     ref = kernels.qformer_cross_attention(*leaves, backend="torch")
     grads = torch.autograd.grad(ref, leaves, do.double())

@@ -228,26 +228,61 @@ def _build_test_features(model, test_records: list[dict], folder: Path, show_pro
     return FeatureCache(folder)
 
 
-def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None, show_progress: bool = True,
-             plan: DemoPlan | None = None, bf16: bool = True, with_vqa: bool = False, seed: int = 0) -> dict:
-    """Runs the whole demo (resuming what `out_dir` already holds); returns the report dict,
-    also written to out_dir/report.json and, as text, out_dir/report.txt.
+@dataclass
+class DemoRun:
+    """What the phases of one demo run share: the plan, its folder and recorded state, the data, the
+    model being trained, and each phase's results (under `results`, by the report's names)."""
 
-    bf16=False trains in fp32 even where the CPU has native bf16 (what a CPU without it runs); by
-    default the precision is blip2rt.precision's choice for the device.
-    with_vqa: then fine-tunes for VQA (the question in the Q-Former too) and reports its accuracy.
-    seed: shifts every seed of the run (DemoPlan.seed); a folder resumes only under its own seed."""
-    from blip2rt.training import evaluate
-    from blip2rt.training.config import TrainConfig
-    from blip2rt.training.trainer import VQA_STAGE, Trainer
+    out: Path
+    plan: DemoPlan
+    state: _State
+    device: str | None
+    show_progress: bool
+    precision: object  # blip2rt.precision.Precision
+    data: dict = dataclasses.field(default_factory=dict)  # photos, train, test, train_json, vqa_json, ...
+    model: object = None
+    test_features: object = None
+    results: dict = dataclasses.field(default_factory=dict)
 
-    plan = dataclasses.replace(plan or (QUICK if quick else FULL), seed=seed)
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    state = _State(out / "demo_state.json", plan)
-    t_start = time.perf_counter()
+    def stage_config(self, number: int, steps: int, batch: int, lr: float, projection_lr: float | None = None,
+                     annotations: Path | None = None):
+        from blip2rt.training.config import TrainConfig
+        from blip2rt.training.stages import stage
 
-    # ---- data ---------------------------------------------------------------------------
+        return TrainConfig(stage=number, out_dir=str(self.out / stage(number).name), batch_size=batch,
+                           max_steps=steps, warmup_steps=max(1, steps // 10), lr=lr, min_lr=lr / 10,
+                           projection_lr=projection_lr, save_every=max(1, steps // 2), model="blip2-mini",
+                           annotations=[str(annotations or self.data["train_json"])], image_root="/", augment=False,
+                           cache_features=True, feature_cache=str(self.out / "feature_cache"),
+                           max_text_len=self.plan.max_text_len, weight_decay=0.05, num_workers=0, log_every=5,
+                           keep_checkpoints=1, kernels="auto", amp=self.precision.amp,
+                           question_template=VQA_PROMPTS[0], seed=42 + self.plan.seed)
+
+    def train(self, phase: str, cfg, key: str) -> dict:
+        """A training phase on the model (resumed from its checkpoints); its last metrics, recorded
+        under `key`, since a run that is already finished returns none."""
+        from blip2rt.training.trainer import Trainer
+
+        last = self.state.phase(phase, lambda: Trainer(cfg, show_progress=self.show_progress, model=self.model).run()
+                                or self.state.get(key) or {})
+        self.state.put(key, last)
+        self.model.eval()
+        return last
+
+    def vqa_accuracy(self, prompts=VQA_PROMPTS) -> dict:
+        from blip2rt.training import evaluate
+
+        vqa = {}
+        for prompt in prompts:
+            r = evaluate.vqa(self.model, self.data["vqa_records"], "/", batch_size=64, show_progress=self.show_progress,
+                             features=self.test_features, prompt_template=prompt, **VQA_GEN)
+            vqa[prompt] = {"accuracy": r["accuracy"], "answers": r["answers"][:12], "scored": r["scored"][:12]}
+        return vqa
+
+
+def _data_phase(run: DemoRun) -> None:
+    plan, out = run.plan, run.out
+
     def data():
         photos = {name: assets.skimage_photo(name) for name in PHOTOS}  # fail early if an asset is missing
         train = load_split("train")[: plan.train_images]
@@ -259,196 +294,211 @@ def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None
         vqa_json.write_text(json.dumps(_qa_records(train)))
         return photos, train, test, train_json, vqa_json
 
-    photos, train, test, train_json, vqa_json = state.phase("data", data)
-    test_records = annotation_rows(test)
+    photos, train, test, train_json, vqa_json = run.state.phase("data", data)
     vqa_records = _vqa_sample(test, plan.vqa_questions)
     majority, _ = majority_answer(train)  # the baseline answers what was most common in training
-    baseline = sum(r["answer"] == majority for r in vqa_records) / len(vqa_records)
+    run.data = dict(photos=photos, train=train, test=test, train_json=train_json, vqa_json=vqa_json,
+                    test_records=annotation_rows(test), vqa_records=vqa_records, majority=majority,
+                    baseline=sum(r["answer"] == majority for r in vqa_records) / len(vqa_records))
     _say(f"data: easy-vqa, {len(train)} train / {len(test)} test images, captions \"a {{color}} {{shape}}\" "
          f"({len({im.caption for im in test})} distinct in the test images)")
+    _say(f"training precision: {run.precision.describe()}")
 
-    precision = training_precision(device or "cpu", allow_bf16=bf16)
-    amp = precision.amp
-    _say(f"training precision: {precision.describe()}")
 
-    def stage_config(stage: int, steps: int, batch: int, lr: float, projection_lr: float | None = None,
-                     annotations: Path = train_json) -> TrainConfig:
-        return TrainConfig(stage=stage, out_dir=str(out / ("vqa" if stage == VQA_STAGE else f"stage{stage}")),
-                           batch_size=batch, max_steps=steps, warmup_steps=max(1, steps // 10), lr=lr, min_lr=lr / 10,
-                           projection_lr=projection_lr, save_every=max(1, steps // 2),
-                           model="blip2-mini", annotations=[str(annotations)], image_root="/", augment=False,
-                           cache_features=True, feature_cache=str(out / "feature_cache"),
-                           max_text_len=plan.max_text_len, weight_decay=0.05, num_workers=0, log_every=5,
-                           keep_checkpoints=1, kernels="auto", amp=amp, question_template=VQA_PROMPTS[0],
-                           seed=42 + plan.seed)
+def _stage1_phase(run: DemoRun) -> None:
+    from blip2rt.training import evaluate
+    from blip2rt.training.trainer import Trainer
 
-    # ---- stage 1 ------------------------------------------------------------------------
-    cfg1 = stage_config(1, plan.stage1_steps, plan.stage1_batch, plan.stage1_lr)
-    _say(f"stage 1: loading blip2-mini and caching the frozen ViT features -> {cfg1.feature_cache}")
+    plan, state = run.plan, run.state
+    cfg = run.stage_config(1, plan.stage1_steps, plan.stage1_batch, plan.stage1_lr)
+    _say(f"stage 1: loading blip2-mini and caching the frozen ViT features -> {cfg.feature_cache}")
 
     def load():
-        trainer = Trainer(cfg1, show_progress=show_progress, model=_load_model(device, plan.seed))
-        features = _build_test_features(trainer.model, test_records, out / "test_features", show_progress)
+        trainer = Trainer(cfg, show_progress=run.show_progress, model=_load_model(run.device, plan.seed))
+        features = _build_test_features(trainer.model, run.data["test_records"], run.out / "test_features",
+                                        run.show_progress)
         return trainer, features
 
-    t1, test_features = state.phase("load + feature cache", load)
-    model = t1.model
+    trainer, run.test_features = state.phase("load + feature cache", load)
+    run.model = trainer.model
     _say(f"stage 1: ITC + ITM + ITG, {plan.stage1_steps} steps of {plan.stage1_batch}")
-    last1 = state.phase("stage 1", lambda: t1.run() or state.get("stage1_last") or {})
-    state.put("stage1_last", last1)
-    del t1  # its optimizer state
-    model.eval()
+    run.results["stage1"] = state.phase("stage 1", lambda: trainer.run() or state.get("stage1_last") or {})
+    state.put("stage1_last", run.results["stage1"])
+    del trainer  # its optimizer state
+    run.model.eval()
     retrieval = state.phase("retrieval eval", lambda: evaluate.retrieval(
-        model, test_records, "/", k=plan.rerank_k, show_progress=show_progress, features=test_features), "retrieval")
+        run.model, run.data["test_records"], "/", k=plan.rerank_k, show_progress=run.show_progress,
+        features=run.test_features), "retrieval")
+    run.results["retrieval"] = retrieval
     _say(f"retrieval: image->text R@1 {retrieval['i2t_r1']:.1%} among {retrieval['texts']} captions "
          f"(chance {1 / retrieval['texts']:.1%})")
 
-    def train_phase(phase: str, cfg: TrainConfig, key: str) -> dict:
-        """A training phase on `model` (resumed from its checkpoints); its last metrics, recorded
-        under `key` since a run that is already finished returns none."""
-        last = state.phase(phase, lambda: Trainer(cfg, show_progress=show_progress, model=model).run()
-                           or state.get(key) or {})
-        state.put(key, last)
-        model.eval()
-        return last
 
-    # ---- stage 2 ------------------------------------------------------------------------
-    cfg2 = stage_config(2, plan.stage2_steps, plan.stage2_batch, plan.stage2_lr, plan.stage2_projection_lr)
+def _stage2_phase(run: DemoRun) -> None:
+    from blip2rt.training import evaluate
+
+    plan, state, data = run.plan, run.state, run.data
+    cfg = run.stage_config(2, plan.stage2_steps, plan.stage2_batch, plan.stage2_lr, plan.stage2_projection_lr)
     _say(f"stage 2: generative, through the frozen SmolLM2, {plan.stage2_steps} steps of {plan.stage2_batch}")
-
-    last2 = train_phase("stage 2", cfg2, "stage2_last")
+    run.results["stage2"] = run.train("stage 2", cfg, "stage2_last")
 
     def captioning():
-        result = evaluate.captioning(model, test_records, "/", batch_size=64, show_progress=show_progress,
-                                     features=test_features, **CAPTION_GEN)
-        return [result["captions"][r["image"]] for r in test_records]
+        result = evaluate.captioning(run.model, data["test_records"], "/", batch_size=64,
+                                     show_progress=run.show_progress, features=run.test_features, **CAPTION_GEN)
+        return [result["captions"][r["image"]] for r in data["test_records"]]
 
-    captions = state.phase("caption eval", captioning, "captions")
-    cap_acc = caption_accuracy(test, captions)
-    _say(f"captions: colour {cap_acc['color']:.1%}, shape {cap_acc['shape']:.1%}, both {cap_acc['both']:.1%}")
-
-    def vqa_eval(prompts=VQA_PROMPTS):
-        vqa = {}
-        for prompt in prompts:
-            r = evaluate.vqa(model, vqa_records, "/", batch_size=64, show_progress=show_progress,
-                             features=test_features, prompt_template=prompt, **VQA_GEN)
-            vqa[prompt] = {"accuracy": r["accuracy"], "answers": r["answers"][:12], "scored": r["scored"][:12]}
-        return vqa
-
-    vqa = state.phase("vqa eval (zero-shot)", vqa_eval, "vqa")
+    captions = run.results["caption_list"] = state.phase("caption eval", captioning, "captions")
+    acc = run.results["captions"] = caption_accuracy(data["test"], captions)
+    _say(f"captions: colour {acc['color']:.1%}, shape {acc['shape']:.1%}, both {acc['both']:.1%}")
+    vqa = run.results["vqa"] = state.phase("vqa eval (zero-shot)", run.vqa_accuracy, "vqa")
     _say("vqa, zero-shot: " + ", ".join(f"{p!r} {v['accuracy']:.1%}" for p, v in vqa.items())
-         + f"; always {majority!r} {baseline:.1%}")
+         + f"; always {data['majority']!r} {data['baseline']:.1%}")
 
-    # ---- export and ONNX Runtime --------------------------------------------------------
-    export_dir = out / "export"
+
+def _export_phase(run: DemoRun) -> None:
+    export_dir = run.out / "export"
 
     def export():
         from blip2rt.export import export_model
 
-        _say(f"export: ONNX graphs -> {export_dir} (the exporter's log: {out / EXPORT_LOG})")
-        if model.device.type != "cpu":
+        _say(f"export: ONNX graphs -> {export_dir} (the exporter's log: {run.out / EXPORT_LOG})")
+        if run.model.device.type != "cpu":
             raise Blip2rtError("the demo exports the CPU model; run it without --device")
-        with logged_to(out / EXPORT_LOG):
-            export_model(model, export_dir)
+        with logged_to(run.out / EXPORT_LOG):
+            export_model(run.model, export_dir)
         return str(export_dir)
 
-    state.phase("export", export, "export")
+    run.state.phase("export", export, "export")
+    run.results["ort"] = run.state.phase("onnx runtime", lambda: _onnx_runtime(run, export_dir), "ort")
 
-    def onnx_runtime():
-        from blip2rt.export import OrtBlip2
 
-        # PyTorch first: onnxruntime's spinning worker threads would slow torch down afterwards
-        sample = test[: plan.ort_compare_images]
-        torch_caps = model.caption([im.image for im in sample], **CAPTION_GEN)  # from pixels, as ORT
-        static_caps = model.caption([im.image for im in sample], static_cache=True, **CAPTION_GEN)
-        photo_torch = model.caption([str(p) for p in photos.values()], **CAPTION_GEN)
-        one = [test[0].image]
-        latency = {"eager": _timed(lambda: model.caption(one, **CAPTION_GEN), plan.latency_repeats),
-                   "eager_static_cache": _timed(lambda: model.caption(one, static_cache=True, **CAPTION_GEN),
-                                                plan.latency_repeats)}
-        if model.device.type == "cuda":
-            backend = model.kernel_backend
-            model.set_kernel_backend("triton")
-            latency["fused"] = _timed(lambda: model.caption(one, **CAPTION_GEN), plan.latency_repeats)
-            model.set_kernel_backend(backend)
-        session = OrtBlip2(export_dir, providers=_ort_providers(model))
-        ort_caps = session.caption([im.image for im in sample], **CAPTION_GEN)
-        photo_ort = session.caption([str(p) for p in photos.values()], **CAPTION_GEN)
-        latency["ort"] = _timed(lambda: session.caption(one, **CAPTION_GEN), plan.latency_repeats)
-        return {"equal": sum(a == b for a, b in zip(ort_caps, torch_caps)), "compared": len(sample),
-                "static_cache_equal": sum(a == b for a, b in zip(static_caps, torch_caps)),
-                "search": session.last_search,
-                "examples": [{"image": im.image.name, "truth": im.caption, "torch": t, "ort": o}
-                             for im, t, o in zip(sample, torch_caps, ort_caps)],
-                "photos": [{"image": n, "truth": PHOTOS[n], "torch": t, "ort": o}
-                           for n, t, o in zip(photos, photo_torch, photo_ort)],
-                "latency_ms": latency, "providers": session.providers}
+def _onnx_runtime(run: DemoRun, export_dir: Path) -> dict:
+    """ORT's captions of test images and photos beside PyTorch's, and caption latency at batch 1."""
+    from blip2rt.export import OrtBlip2
 
-    ort = state.phase("onnx runtime", onnx_runtime, "ort")
+    model, plan, test, photos = run.model, run.plan, run.data["test"], run.data["photos"]
+    # PyTorch first: onnxruntime's spinning worker threads would slow torch down afterwards
+    sample = test[: plan.ort_compare_images]
+    torch_caps = model.caption([im.image for im in sample], **CAPTION_GEN)  # from pixels, as ORT
+    static_caps = model.caption([im.image for im in sample], static_cache=True, **CAPTION_GEN)
+    photo_torch = model.caption([str(p) for p in photos.values()], **CAPTION_GEN)
+    one = [test[0].image]
+    latency = {"eager": _timed(lambda: model.caption(one, **CAPTION_GEN), plan.latency_repeats),
+               "eager_static_cache": _timed(lambda: model.caption(one, static_cache=True, **CAPTION_GEN),
+                                            plan.latency_repeats)}
+    if model.device.type == "cuda":
+        backend = model.kernel_backend
+        model.set_kernel_backend("triton")
+        latency["fused"] = _timed(lambda: model.caption(one, **CAPTION_GEN), plan.latency_repeats)
+        model.set_kernel_backend(backend)
+    session = OrtBlip2(export_dir, providers=_ort_providers(model))
+    ort_caps = session.caption([im.image for im in sample], **CAPTION_GEN)
+    photo_ort = session.caption([str(p) for p in photos.values()], **CAPTION_GEN)
+    latency["ort"] = _timed(lambda: session.caption(one, **CAPTION_GEN), plan.latency_repeats)
+    return {"equal": sum(a == b for a, b in zip(ort_caps, torch_caps)), "compared": len(sample),
+            "static_cache_equal": sum(a == b for a, b in zip(static_caps, torch_caps)),
+            "search": session.last_search,
+            "examples": [{"image": im.image.name, "truth": im.caption, "torch": t, "ort": o}
+                         for im, t, o in zip(sample, torch_caps, ort_caps)],
+            "photos": [{"image": n, "truth": PHOTOS[n], "torch": t, "ort": o}
+                       for n, t, o in zip(photos, photo_torch, photo_ort)],
+            "latency_ms": latency, "providers": session.providers}
 
-    int4_dir = out / "export_int4"
+
+def _int4_phase(run: DemoRun) -> None:
+    export_dir, int4_dir = run.out / "export", run.out / "export_int4"
 
     def int4_export():
         from blip2rt.export import OrtBlip2
         from blip2rt.export.quantize import quantize_export
 
         _say(f"int4: the export with the LLM's weights in GGUF's 4-bit blocks -> {int4_dir}")
-        with logged_to(out / EXPORT_LOG):
+        with logged_to(run.out / EXPORT_LOG):
             manifest = quantize_export(export_dir, "int4", to=int4_dir)
-        session = OrtBlip2(int4_dir, providers=_ort_providers(model))
-        sample = test[: plan.int4_compare_images]
+        session = OrtBlip2(int4_dir, providers=_ort_providers(run.model))
+        sample = run.data["test"][: run.plan.int4_compare_images]
         caps = []
         for i in range(0, len(sample), 64):
             caps += session.caption([im.image for im in sample[i: i + 64]], **CAPTION_GEN)
-        one = [test[0].image]
+        one = [run.data["test"][0].image]
         llm = set(manifest["llm_weights"]["graphs"])  # prefill, decode, static_lm: <key>.onnx (+ .data)
         mb = {name: round(sum(f.stat().st_size for f in folder.iterdir() if f.name.split(".")[0] in llm) / 1e6)
               for name, folder in (("fp32", export_dir), ("int4", int4_dir))}
         return {"captions": caption_accuracy(sample, caps), "compared": len(sample),
-                "equal": sum(a == b for a, b in zip(caps, captions)),  # PyTorch's fp32 captions
-                "latency_ms": _timed(lambda: session.caption(one, **CAPTION_GEN), plan.latency_repeats),
+                "equal": sum(a == b for a, b in zip(caps, run.results["caption_list"])),  # PyTorch's fp32 captions
+                "latency_ms": _timed(lambda: session.caption(one, **CAPTION_GEN), run.plan.latency_repeats),
                 "llm_graphs_mb": mb, "search": session.last_search}
 
-    int4 = state.phase("int4 export", int4_export, "int4")
+    run.results["int4"] = run.state.phase("int4 export", int4_export, "int4")
 
-    # ---- VQA fine-tuning (BLIP-2 §4.2) --------------------------------------------------
-    vqa_ft = None
-    if with_vqa:
-        cfg3 = stage_config(VQA_STAGE, plan.vqa_steps, plan.vqa_batch, plan.vqa_lr, plan.vqa_projection_lr,
-                            annotations=vqa_json)
-        _say(f"vqa fine-tuning: the question into the Q-Former and the frozen SmolLM2, {plan.vqa_steps} steps of "
-             f"{plan.vqa_batch} training questions (ViT frozen)")
 
-        last3 = train_phase("vqa fine-tuning", cfg3, "vqa_last")
-        tuned = state.phase("vqa eval (fine-tuned)", lambda: vqa_eval(VQA_PROMPTS[:1])[VQA_PROMPTS[0]], "vqa_tuned")
-        vqa_ft = {**tuned, "steps": last3.get("step"), "loss": last3.get("loss"),
-                  "checkpoints": str(out / "vqa" / "checkpoints")}
-        _say(f"vqa, fine-tuned: {tuned['accuracy']:.1%}")
+def _vqa_phase(run: DemoRun) -> None:
+    """VQA fine-tuning (BLIP-2 §4.2), then the same test questions as zero-shot."""
+    from blip2rt.training.trainer import VQA_STAGE
 
-    report = {
-        "plan": "quick" if quick else "full", "out_dir": str(out), "machine": {**_machine(model), "training": amp,
-                                                                    "training_reason": precision.reason},
-        "data": {"train_images": len(train), "test_images": len(test), "distinct_captions": retrieval["texts"],
-                 "vqa_questions": len(vqa_records), "vqa_train_questions": sum(len(im.qa) for im in train)},
-        "stage1": last1, "stage2": last2, "retrieval": retrieval,
-        "captions": {**cap_acc, "examples": [{"image": im.image.name, "truth": im.caption, "generated": c}
-                                            for im, c in list(zip(test, captions))[:6]]},
-        "chance": {"retrieval_r1": 1 / retrieval["texts"], "color": 1 / len(COLORS), "shape": 1 / len(SHAPES),
-                   "both": 1 / (len(COLORS) * len(SHAPES))},
-        "vqa": {"accuracy": {p: v["accuracy"] for p, v in vqa.items()}, "majority_answer": majority,
-                "majority_baseline": baseline, "examples": _vqa_examples(vqa_records, vqa[VQA_PROMPTS[0]]),
-                "fine_tuned": None if vqa_ft is None else {**{k: vqa_ft[k] for k in ("accuracy", "steps", "loss",
-                                                                                      "checkpoints")},
-                                                           "examples": _vqa_examples(vqa_records, vqa_ft)}},
-        "ort": ort, "int4": int4, "times_s": state.times, "wall_s_this_run": round(time.perf_counter() - t_start, 1),
-        "paths": {"stage1": str(out / "stage1" / "checkpoints"), "stage2": str(out / "stage2" / "checkpoints"),
-                  "export": str(export_dir), "export_int4": str(int4_dir), "export_log": str(out / EXPORT_LOG),
-                  "feature_cache": str(out / "feature_cache")},
-    }
+    plan = run.plan
+    cfg = run.stage_config(VQA_STAGE, plan.vqa_steps, plan.vqa_batch, plan.vqa_lr, plan.vqa_projection_lr,
+                           annotations=run.data["vqa_json"])
+    _say(f"vqa fine-tuning: the question into the Q-Former and the frozen SmolLM2, {plan.vqa_steps} steps of "
+         f"{plan.vqa_batch} training questions (ViT frozen)")
+    last = run.train("vqa fine-tuning", cfg, "vqa_last")
+    tuned = run.state.phase("vqa eval (fine-tuned)", lambda: run.vqa_accuracy(VQA_PROMPTS[:1])[VQA_PROMPTS[0]],
+                            "vqa_tuned")
+    run.results["vqa_fine_tuned"] = {**tuned, "steps": last.get("step"), "loss": last.get("loss"),
+                                     "checkpoints": str(run.out / "vqa" / "checkpoints")}
+    _say(f"vqa, fine-tuned: {tuned['accuracy']:.1%}")
+
+
+PHASES = (_data_phase, _stage1_phase, _stage2_phase, _export_phase, _int4_phase)
+
+
+def run_demo(out_dir: str | Path, quick: bool = False, device: str | None = None, show_progress: bool = True,
+             plan: DemoPlan | None = None, bf16: bool = True, with_vqa: bool = False, seed: int = 0) -> dict:
+    """Runs the whole demo (resuming what `out_dir` already holds); returns the report dict,
+    also written to out_dir/report.json and, as text, out_dir/report.txt.
+
+    bf16=False trains in fp32 even where the CPU has native bf16 (what a CPU without it runs); by
+    default the precision is blip2rt.precision's choice for the device.
+    with_vqa: then fine-tunes for VQA (the question in the Q-Former too) and reports its accuracy.
+    seed: shifts every seed of the run (DemoPlan.seed); a folder resumes only under its own seed."""
+    plan = dataclasses.replace(plan or (QUICK if quick else FULL), seed=seed)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    run = DemoRun(out, plan, _State(out / "demo_state.json", plan), device, show_progress,
+                  training_precision(device or "cpu", allow_bf16=bf16))
+    for phase in PHASES + ((_vqa_phase,) if with_vqa else ()):
+        phase(run)
+    report = _report(run, quick, time.perf_counter() - t_start)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    text = format_report(report)
-    (out / "report.txt").write_text(text)
+    (out / "report.txt").write_text(format_report(report))
     return report
+
+
+def _report(run: DemoRun, quick: bool, wall_s: float) -> dict:
+    """report.json: what every phase measured, with the machine and the paths."""
+    out, data, r = run.out, run.data, run.results
+    train, test, vqa_records, vqa = data["train"], data["test"], data["vqa_records"], r["vqa"]
+    ft = r.get("vqa_fine_tuned")
+    return {
+        "plan": "quick" if quick else "full", "out_dir": str(out),
+        "machine": {**_machine(run.model), "training": run.precision.amp, "training_reason": run.precision.reason},
+        "data": {"train_images": len(train), "test_images": len(test), "distinct_captions": r["retrieval"]["texts"],
+                 "vqa_questions": len(vqa_records), "vqa_train_questions": sum(len(im.qa) for im in train)},
+        "stage1": r["stage1"], "stage2": r["stage2"], "retrieval": r["retrieval"],
+        "captions": {**r["captions"], "examples": [{"image": im.image.name, "truth": im.caption, "generated": c}
+                                                   for im, c in list(zip(test, r["caption_list"]))[:6]]},
+        "chance": {"retrieval_r1": 1 / r["retrieval"]["texts"], "color": 1 / len(COLORS), "shape": 1 / len(SHAPES),
+                   "both": 1 / (len(COLORS) * len(SHAPES))},
+        "vqa": {"accuracy": {p: v["accuracy"] for p, v in vqa.items()}, "majority_answer": data["majority"],
+                "majority_baseline": data["baseline"], "examples": _vqa_examples(vqa_records, vqa[VQA_PROMPTS[0]]),
+                "fine_tuned": None if ft is None else {**{k: ft[k] for k in ("accuracy", "steps", "loss", "checkpoints")},
+                                                       "examples": _vqa_examples(vqa_records, ft)}},
+        "ort": r["ort"], "int4": r["int4"], "times_s": run.state.times, "wall_s_this_run": round(wall_s, 1),
+        "paths": {"stage1": str(out / "stage1" / "checkpoints"), "stage2": str(out / "stage2" / "checkpoints"),
+                  "export": str(out / "export"), "export_int4": str(out / "export_int4"),
+                  "export_log": str(out / EXPORT_LOG), "feature_cache": str(out / "feature_cache")},
+    }
 
 
 def _vqa_examples(records: list[dict], result: dict, n: int = 6) -> list[dict]:
