@@ -57,6 +57,26 @@ class ImageKV:
         return ImageKV(torch.cat([p.packed for p in parts]))
 
 
+class PackedLinears:
+    """Several nn.Linear over one input as one GEMM: their weights stacked [W_0; W_1; ...] (and biases).
+    The per-module weights stay the parameters (and the checkpoint format). The stacked copy is built
+    afresh under autograd (so the grads flow back to each) and under torch.compile, and otherwise kept
+    until a weight changes: its address or its version counter. Whatever writes the weights in place
+    without bumping the counter (torch's fused AdamW) must bump it (the trainer does)."""
+
+    def __init__(self):
+        self._cache: tuple | None = None
+
+    def weights(self, mods: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods)):
+            return torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])  # traced / trained: no cache
+        key = tuple((m.weight.data_ptr(), m.weight._version, m.bias._version) for m in mods)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
+        return self._cache[1], self._cache[2]
+
+
 class QFormerMultiHeadAttention(nn.Module):
     def __init__(self, cfg: QFormerConfig, is_cross_attention: bool = False):
         super().__init__()
@@ -67,10 +87,19 @@ class QFormerMultiHeadAttention(nn.Module):
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
+        self._qkv = PackedLinears()
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H*d) -> (B, L, H, d), a view
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention's q, k and v of x (B, L, D) from one GEMM: each (B, L, H, d), a strided view
+        of the (B, L, 3D) product (the fused and the torch attention both read strided heads)."""
+        w, bias = self._qkv.weights([self.query, self.key, self.value])
+        out = F.linear(x, w, bias)
+        b, n, _ = out.shape
+        return out.view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
 
 
 class QFormerResidualOutput(nn.Module):
@@ -130,9 +159,7 @@ class QFormerLayer(nn.Module):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         attn = self.attention.attention
         drop = attn.dropout_p if self.training else 0.0
-        q = attn.split_heads(attn.query(x))
-        k = attn.split_heads(attn.key(x))
-        v = attn.split_heads(attn.value(x))
+        q, k, v = attn.qkv(x)  # (B, L, H, d) each, from one GEMM
         if past is not None:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         ctx = kernels.qformer_self_attention(q, k, v, num_queries=num_queries, text_mask=text_mask, mode=mode,
@@ -181,28 +208,16 @@ class QFormer(nn.Module):
         self.encoder = QFormerEncoder(cfg)
         self.kernel_backend = "torch"  # "torch" | "triton": the one switch every op of the Q-Former reads
         self.gradient_checkpointing = False  # recompute each layer in the backward (training memory)
-        self._packed_cache: tuple | None = None
+        self._image_kv = PackedLinears()
 
     def cross_layers(self) -> list[QFormerLayer]:
         return [layer for layer in self.encoder.layer if layer.has_cross_attention]
 
-    def _packed_kv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[key_0; value_0; key_1; ...] weights (2*layers*D, Dv) and biases. The per-layer weights stay
-        the parameters (and the checkpoint format); the packed copy is rebuilt when they change, and
-        built afresh under autograd so their grads flow."""
-        mods = [m for layer in self.cross_layers() for m in (layer.crossattention.attention.key,
-                                                            layer.crossattention.attention.value)]
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods)):
-            return torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods])  # traced / trained: no cache
-        key = tuple((m.weight.data_ptr(), m.weight._version, m.bias._version) for m in mods)
-        if self._packed_cache is None or self._packed_cache[0] != key:
-            with torch.no_grad():
-                self._packed_cache = (key, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
-        return self._packed_cache[1], self._packed_cache[2]
-
     def image_kv(self, image_embeds: torch.Tensor) -> ImageKV:
         """(B, N, Dv) image tokens -> keys and values of every cross-attention layer, in one GEMM."""
-        w, bias = self._packed_kv_weights()
+        # [key_0; value_0; key_1; ...]: (2 * layers * D, Dv)
+        w, bias = self._image_kv.weights([m for layer in self.cross_layers() for m in (
+            layer.crossattention.attention.key, layer.crossattention.attention.value)])
         b, n, _ = image_embeds.shape
         packed = F.linear(image_embeds.to(w.dtype), w, bias)  # (B, N, 2 * layers * D)
         cfg = self.config
@@ -225,9 +240,12 @@ class QFormer(nn.Module):
         past_len = 0 if past is None else past[0][0].shape[1]
         num_text = past_len + x.shape[1] - num_queries
         if num_text > 0 and text_mask is None:
-            text_mask = torch.ones(x.shape[0], num_text, dtype=torch.long, device=x.device)
-        if text_mask is not None and text_mask.shape[1] != num_text:
-            raise ValueError(f"text_mask covers {text_mask.shape[1]} positions, the input has {num_text} text positions")
+            text_mask = torch.ones(x.shape[0], num_text, dtype=torch.int8, device=x.device)
+        if text_mask is not None:
+            if text_mask.shape[1] != num_text:
+                raise ValueError(f"text_mask covers {text_mask.shape[1]} positions, the input has {num_text} text "
+                                 "positions")
+            text_mask = text_mask.to(device=x.device, dtype=torch.int8).contiguous()  # once, for every layer
         present: PastKV = []
         cross_kv = iter(image_kv.layers()) if image_kv is not None else None  # in cross-attention layer order
         for i, layer in enumerate(self.encoder.layer):

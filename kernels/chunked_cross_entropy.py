@@ -157,55 +157,109 @@ def _compute_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return autocast_dtype(h.device) or torch.promote_types(h.dtype, weight.dtype)
 
 
+def _forward_and_grads(h, weight, bias, labels, eps: float, ignore_index: int, chunk: int | None, need_h: bool,
+                       need_w: bool, need_b: bool):
+    """The mean loss, and d(loss)/d(h, weight, bias) where asked (None elsewhere), computed in the
+    same pass over the chunks: the backward only scales them by the incoming grad."""
+    hidden = h.shape[-1]
+    h2 = h.reshape(-1, hidden)
+    lab = labels.reshape(-1).contiguous()  # the row kernel reads labels at unit stride
+    n, v = h2.shape[0], weight.shape[0]
+    dtype = _compute_dtype(h, weight)
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    n_valid = (lab != ignore_index).sum()
+    scale = 1.0 / n_valid.clamp(min=1).float()  # a device tensor: no sync
+    loss_rows = torch.empty(n, dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h2) if need_h else None
+    grad_w = torch.zeros(v, hidden, dtype=torch.float32, device=h.device) if need_w else None
+    grad_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_b else None
+    chunk = chunk or default_chunk(n, v, hidden)
+    rows = torch.empty(min(chunk, n), triton.cdiv(v, ROW_ALIGN) * ROW_ALIGN, dtype=dtype, device=h.device)
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        hc = h2[start:end].to(dtype)
+        logits = rows[: end - start, :v]  # (C, V) in padded rows; becomes d(loss)/d(logits)
+        if b is None:
+            torch.mm(hc, w.t(), out=logits)
+        else:
+            torch.addmm(b, hc, w.t(), out=logits)
+        launch_rows(logits, lab[start:end], loss_rows[start:end], scale, eps, ignore_index)
+        if need_h:
+            grad_h[start:end] = logits @ w
+        if need_w:
+            _accumulate(grad_w, logits.t(), hc)
+        if need_b:
+            grad_b += logits.sum(0, dtype=torch.float32)
+    return loss_rows.sum() * scale, grad_h, grad_w, grad_b
+
+
+def _scaled_grads(g, grad_h, grad_w, grad_b, h_shape, w_dtype):
+    dh = (grad_h * g.to(grad_h.dtype)).view(h_shape) if grad_h is not None else None
+    dw = (grad_w * g).to(w_dtype) if grad_w is not None else None
+    db = (grad_b * g).to(w_dtype) if grad_b is not None else None
+    return dh, dw, db
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, eps: float, ignore_index: int, chunk: int | None):
-        hidden = h.shape[-1]
-        h2 = h.reshape(-1, hidden)
-        lab = labels.reshape(-1).contiguous()  # the row kernel reads labels at unit stride
-        n, v = h2.shape[0], weight.shape[0]
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
-        dtype = _compute_dtype(h, weight)
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
-        n_valid = (lab != ignore_index).sum()
-        scale = 1.0 / n_valid.clamp(min=1).float()  # a device tensor: no sync
-        loss_rows = torch.empty(n, dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h2) if need_h else None
-        grad_w = torch.zeros(v, hidden, dtype=torch.float32, device=h.device) if need_w else None
-        grad_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_b else None
-        chunk = chunk or default_chunk(n, v, hidden)
-        rows = torch.empty(min(chunk, n), triton.cdiv(v, ROW_ALIGN) * ROW_ALIGN, dtype=dtype, device=h.device)
-        for start in range(0, n, chunk):
-            end = min(start + chunk, n)
-            hc = h2[start:end].to(dtype)
-            logits = rows[: end - start, :v]  # (C, V) in padded rows; becomes d(loss)/d(logits)
-            if b is None:
-                torch.mm(hc, w.t(), out=logits)
-            else:
-                torch.addmm(b, hc, w.t(), out=logits)
-            launch_rows(logits, lab[start:end], loss_rows[start:end], scale, eps, ignore_index)
-            if need_h:
-                grad_h[start:end] = logits @ w
-            if need_w:
-                _accumulate(grad_w, logits.t(), hc)
-            if need_b:
-                grad_b += logits.sum(0, dtype=torch.float32)
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        loss, grad_h, grad_w, grad_b = _forward_and_grads(h, weight, bias, labels, eps, ignore_index, chunk,
+                                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1], need_b)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.h_shape, ctx.w_dtype = h.shape, weight.dtype
-        return loss_rows.sum() * scale
+        return loss
 
     @staticmethod
     def backward(ctx, g):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        dh = (grad_h * g.to(grad_h.dtype)).view(ctx.h_shape) if grad_h is not None else None
-        dw = (grad_w * g).to(ctx.w_dtype) if grad_w is not None else None
-        db = (grad_b * g).to(ctx.w_dtype) if grad_b is not None else None
-        return dh, dw, db, None, None, None, None
+        return (*_scaled_grads(g, *ctx.saved_tensors, ctx.h_shape, ctx.w_dtype), None, None, None, None)
+
+
+# A custom op, so torch.compile treats the chunked loop and its kernel as one opaque, differentiable op;
+# the grads it does not compute come back as empty tensors (a custom op returns tensors only).
+@torch.library.custom_op("blip2rt::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                            eps: float, ignore_index: int, chunk: int | None, need_h: bool, need_w: bool,
+                            need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, grad_h, grad_w, grad_b = _forward_and_grads(h, weight, bias, labels, eps, ignore_index, chunk, need_h,
+                                                      need_w, need_b)
+    return loss, *(h.new_empty(0, dtype=torch.float32) if t is None else t for t in (grad_h, grad_w, grad_b))
+
+
+@linear_cross_entropy_op.register_fake
+def _(h, weight, bias, labels, eps, ignore_index, chunk, need_h, need_w, need_b):
+    n, hidden, v = h.numel() // h.shape[-1], h.shape[-1], weight.shape[0]
+    return (h.new_empty((), dtype=torch.float32),
+            h.new_empty(n, hidden, dtype=h.dtype) if need_h else h.new_empty(0, dtype=torch.float32),
+            h.new_empty(v, hidden, dtype=torch.float32) if need_w else h.new_empty(0, dtype=torch.float32),
+            h.new_empty(v, dtype=torch.float32) if need_b else h.new_empty(0, dtype=torch.float32))
+
+
+def _ce_setup_context(ctx, inputs, output):
+    h, weight, _, _, _, _, _, need_h, need_w, need_b = inputs
+    _, grad_h, grad_w, grad_b = output
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+    ctx.need = (need_h, need_w, need_b)
+    ctx.h_shape, ctx.w_dtype = h.shape, weight.dtype
+
+
+def _ce_backward(ctx, g, *_):
+    grads = [t if need else None for t, need in zip(ctx.saved_tensors, ctx.need)]
+    return (*_scaled_grads(g, *grads, ctx.h_shape, ctx.w_dtype), None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
 def linear_cross_entropy_triton(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                 bias: torch.Tensor | None = None, label_smoothing: float = 0.0,
                                 ignore_index: int = -100, chunk: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of `hidden` (..., H) @ `weight` (V, H)^T (+ bias) against `labels` (...)."""
+    if torch.compiler.is_compiling():
+        grad = torch.is_grad_enabled()
+        need = (grad and hidden.requires_grad, grad and weight.requires_grad,
+                grad and bias is not None and bias.requires_grad)
+        return linear_cross_entropy_op(hidden, weight, bias, labels, float(label_smoothing), int(ignore_index), chunk,
+                                       *need)[0]
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, float(label_smoothing), int(ignore_index), chunk)

@@ -113,6 +113,7 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], None]]]:
     """Every launch the model and trainer make at these shapes, as (op, run on meta tensors)."""
     from blip2rt.kernels import chunked_cross_entropy as ce
+    from blip2rt.kernels import dropout_rng
     from blip2rt.kernels import fused_attention as fa
     from blip2rt.kernels import itc
     from blip2rt.kernels import post_ln_residual as ln
@@ -134,19 +135,22 @@ def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], No
 
         def run():
             batch, lq = q.shape[:2]
-            mask = _meta(batch, k.shape[1] - num_queries, dtype=torch.int64) if text else None
+            mask = _meta(batch, k.shape[1] - num_queries, dtype=torch.int8) if text else None  # text_mask_arg's
             q_offset = k.shape[1] - lq if mode != MODE_NONE else 0
-            o, lse = fa.launch_forward(q, k, v, mode, num_queries, q_offset, mask, fa.forward_splits(q, k, grad), p, 1)
+            seed = _meta(1, dtype=torch.int64)  # the call's dropout seed, on the device
+            o, lse = fa.launch_forward(q, k, v, mode, num_queries, q_offset, mask, fa.forward_splits(q, k, grad), p,
+                                       seed)
             if grad:
-                fa.launch_backward(torch.empty_like(o), q, k, v, o, lse, mask, mode, num_queries, q_offset, p, 1)
+                fa.launch_backward(torch.empty_like(o), q, k, v, o, lse, mask, mode, num_queries, q_offset, p, seed)
         return run
 
     def post_ln(h_dtype, r_dtype, p):
         def run():
             hh, r = _meta(b * nq, d, dtype=h_dtype), _meta(b * nq, d, dtype=r_dtype)
             w, bias = _meta(d, dtype=r_dtype), _meta(d, dtype=r_dtype)
-            y, mean, rstd = ln.launch_forward(hh, r, w, bias, 1e-12, p, 1)
-            ln.launch_backward(torch.empty_like(y), hh, r, w, mean, rstd, p, 1)
+            seed = _meta(1, dtype=torch.int64)
+            y, stats = ln.launch_forward(hh, r, w, bias, 1e-12, p, seed)
+            ln.launch_backward(torch.empty_like(y), hh, r, w, stats, p, seed)
         return run
 
     def itc_loss():
@@ -190,6 +194,7 @@ def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], No
           for hidden, vocab, trainable in s.heads_ce),
         ("dropout keep mask", lambda: ln.dropout_keep_mask((b * nq, d), 0.1, 1, "meta")),
         ("attention dropout keep mask", lambda: fa.attention_keep_mask(b, h, nq + t, nq + t, 0.1, 1, "meta")),
+        ("dropout seed draw", lambda: dropout_rng.draw_in_kernel(_meta(2, dtype=torch.int64))),
     ]
     if dtype != torch.float32:  # autocast: 16-bit sublayer output, fp32 residual stream
         out.append(("residual LayerNorm, autocast", post_ln(dtype, torch.float32, 0.1)))
@@ -198,7 +203,9 @@ def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], No
 
 def plan(target: GpuTarget, shape_names: Iterable[str], dtype_names: Iterable[str], batch: int | None = None
          ) -> list[tuple[str, str, str, Launch]]:
-    """(shapes, dtype, op, launch) for every launch the workloads make on `target`."""
+    """(shapes, dtype, op, launch) for every launch the workloads make on `target`, from the
+    launchers' current choices (their kept plans are dropped first)."""
+    launch.forget_plans()
     rows = []
     for shape_name in shape_names:
         s = shapes_of(shape_name, batch)

@@ -21,8 +21,11 @@ and needing no atomics. Longer rows use two kernels (dK/dV per key block, dQ per
 Split-KV: for inference at small B*H (B = 1 is 12 programs) over more than 512 keys, the keys
 are split across programs and the partial softmax states combined, so the GPU fills.
 
-Eager calls reach the launchers through an autograd.Function; torch.compile sees custom ops
-(opaque to its tracer) that call the same launchers.
+Eager calls reach the launchers through an autograd.Function (inference calls skip autograd and
+keep no log-sum-exp); torch.compile sees custom ops (opaque to its tracer) that call the same
+launchers. A launcher plans its launches once per shapes, strides, dtype and device (LaunchPlan)
+and later calls only allocate their outputs and launch. The backward computes delta = rowsum(dO*O)
+itself, from O, where each query tile is loaded.
 
 Tiles per dtype and GPU come from `attention_config`, which the compile gate checks on sm_90 and
 sm_80 (blip2rt.kernels.compile_gate).
@@ -32,7 +35,8 @@ sees text only) give 0 here; the reference gives the mean of all values.
 
 Attention dropout is fused as FlashAttention fuses it: a counter-based RNG (Philox, `tl.rand`)
 at an offset per (batch, head, row, key), so the mask is never stored and the backward draws the
-same one again from the seed. `attention_keep_mask` materialises it for tests.
+same one again from the seed, which the kernels read from the device (kernels.dropout_rng).
+`attention_keep_mask` materialises it for tests.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import GpuTarget, draw_seed, gpu_target, launch, register_budget
+from . import dropout_rng
+from .launch import GpuTarget, Planned, gpu_target, launch, plan_cache, register_budget
 from .qformer_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_NONE, MODE_UNIMODAL, AttentionMode, kernel_mode_id
 from .tile_ops import dot, dot_precision
 
@@ -81,6 +86,16 @@ def _keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk):
 
 
 @triton.jit
+def _call_seed(SEED, DROPOUT: tl.constexpr):
+    """This call's dropout seed, read from the device (kernels.dropout_rng); 0 without dropout, where
+    SEED is any pointer and is not read."""
+    if DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
+
+
+@triton.jit
 def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
     """(len(offs), BLOCK_D) tile of head h of sample b from a (B, L, H, d) strided tensor; 0 outside."""
     return tl.load(PTR + b.to(tl.int64) * s_b + offs[:, None] * s_n + h * s_h + offs_d[None, :],
@@ -89,13 +104,14 @@ def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
-                sm_scale, Lq, Lk, NQ, q_offset, T, H, keys_per_split, dropout_p, seed,
+                sm_scale, Lq, Lk, NQ, q_offset, T, H, keys_per_split, dropout_p, SEED,
                 s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_om, s_oh,
                 MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HEAD_DIM: tl.constexpr):
+                HEAD_DIM: tl.constexpr, STORE_LSE: tl.constexpr = True):
     """Online softmax over key blocks. With DROPOUT, the probabilities that multiply V are dropped and
     scaled by 1/(1 - p) (the normaliser and the log-sum-exp are not): softmax, then dropout, then V."""
+    seed = _call_seed(SEED, DROPOUT)
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -139,7 +155,8 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         _store_tile(O, b, offs_m, h, s_ob, s_om, s_oh, offs_d, mm, md, out)
-        tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.log(l_safe), mask=mm)
+        if STORE_LSE:  # the backward's; an inference call has none to keep
+            tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.log(l_safe), mask=mm)
 
 
 @triton.jit
@@ -150,13 +167,15 @@ def _store_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok, value):
 
 
 @triton.jit
-def _row_state(Q, DO, LSE, DELTA, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
-               s_qb, s_qm, s_qh, s_dob, s_dom, s_doh):
-    """What the backward needs of the query rows offs_m: q, dO, the log-sum-exp, rowsum(dO * O)."""
+def _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+               s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh):
+    """What the backward needs of the query rows offs_m: q, dO, the log-sum-exp, and rowsum(dO * O),
+    computed here from the forward's output (no separate pass over dO and O)."""
     q = _load_tile(Q, b, offs_m, h, s_qb, s_qm, s_qh, offs_d, mm, md)
     do = _load_tile(DO, b, offs_m, h, s_dob, s_dom, s_doh, offs_d, mm, md)
+    o = _load_tile(O, b, offs_m, h, s_ob, s_om, s_oh, offs_d, mm, md)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     return q, do, lse, delta
 
 
@@ -182,13 +201,15 @@ def _bwd_block(q, do, lse, delta, k, v, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
-                     sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p, seed,
-                     s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_gb, s_gn, s_gh,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, O, DK, DV, TM,
+                     sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p, SEED,
+                     s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
+                     s_gb, s_gn, s_gh,
                      MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      HEAD_DIM: tl.constexpr):
     """Rows in several tiles: dK and dV of one key block, over every query tile."""
+    seed = _call_seed(SEED, DROPOUT)
     pid_bh = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_bh // H
@@ -204,8 +225,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
     for start_m in range(0, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mm = offs_m < Lq
-        q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
-                                       s_qb, s_qm, s_qh, s_dob, s_dom, s_doh)
+        q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+                                       s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
         p, ds = _bwd_block(q, do, lse, delta, k, v, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
                            sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
         dv = dot(tl.trans(p.to(do.dtype)), do, dv, PRECISION)
@@ -215,15 +236,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TM,
 
 
 @triton.jit
-def _bwd_rows_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TM,
-                     sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p, seed,
-                     s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh,
+def _bwd_rows_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM,
+                     sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p, SEED,
+                     s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
                      s_dqb, s_dqm, s_dqh, s_dkb, s_dkn, s_dkh,
                      MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DKDV: tl.constexpr, DROPOUT: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      HEAD_DIM: tl.constexpr):
     """dQ of one query tile, over every key block. DKDV (all rows in this one tile): dK and dV in the
     same pass, each key block written by this program alone, so no atomics and K/V read once."""
+    seed = _call_seed(SEED, DROPOUT)
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = pid_bh // H
@@ -232,8 +254,8 @@ def _bwd_rows_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, TM,
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < HEAD_DIM
     mm = offs_m < Lq
-    q, do, lse, delta = _row_state(Q, DO, LSE, DELTA, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
-                                   s_qb, s_qm, s_qh, s_dob, s_dom, s_doh)
+    q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+                                   s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, Lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -289,10 +311,11 @@ def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | N
         return AttentionConfig(32, 32, block_d, 4, 1, precision)
     if dtype == torch.float32:
         # tf32x3 holds three operand splits per tile: 32x32 tiles on 8 warps fit registers at d = 64
-        # (32x16 in the dK/dV kernel under dropout, whose Philox state spilled at 32 keys), 16x16 on
-        # 4 warps below; with the full register budget (without it ptxas spilled a few bytes)
+        # in the forward, 16x16 on 4 warps below; the backward takes 32 rows x 16 keys (at 32 keys it
+        # spilled 4-8 bytes once it loads O for delta itself); with the full register budget (without
+        # it ptxas spilled a few bytes)
         block, warps = (32, 8) if d >= 64 else (16, 4)
-        keys = 16 if backward and dropout and block == 32 else block
+        keys = 16 if backward and block == 32 else block
         return AttentionConfig(block, keys, block_d, warps, 2, precision, register_budget(warps))
     block_m = 64 if lq > 32 else 32  # Q-Former rows: 32 queries, or 32 queries + 32 text
     wide = d >= 32
@@ -327,28 +350,113 @@ def _num_splits(bh: int, m_blocks: int, lk: int, block_n: int, device: torch.dev
     return max(1, min(triton.cdiv(target.sm_count, programs), triton.cdiv(lk, block_n), 16))
 
 
-def _text_mask_arg(text_mask: torch.Tensor | None, device) -> tuple[torch.Tensor, int]:
-    if text_mask is None:
-        return torch.empty(1, dtype=torch.int8, device=device), 0
-    return text_mask.to(device=device, dtype=torch.int8).contiguous(), text_mask.shape[1]
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One call's launches, worked out once per shapes, strides, dtype, mode and device, and kept: the
+    kernels with their grids and constexprs (launch.Planned), and the scalar arguments and strides. A
+    call then only allocates what it returns and launches (the host path is part of the kernel's
+    cost: benchmarks/test_host_overhead.py)."""
+
+    launches: tuple  # launch.Planned: forward (1); backward: the rows kernel (1, dQ/dK/dV in one pass) or dK/dV then dQ
+    scalars: tuple  # the arguments between the pointers and the strides
+    strides: tuple
+
+
+_PLANS: dict[tuple, LaunchPlan] = plan_cache()
+
+
+def _plan_key(kind: str, q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, extra=()) -> tuple:
+    # one flat tuple of plain values: torch.Size compares through Python, a tuple of ints does not
+    return (kind, *q.shape, *q.stride(), k.shape[1], *k.stride(), *v.stride(), q.dtype, q.device, mode, num_queries,
+            q_offset, -1 if text_mask is None else text_mask.shape[1], dropout_p, gpu_target(q.device), *extra)
+
+
+def _forward_plan(q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, store_lse: bool) -> LaunchPlan:
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    cfg = attention_config(lq, d, q.dtype, q.device, dropout=dropout_p > 0)
+    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, SPLIT=False,
+                STORE_LSE=store_lse, **cfg.meta(d))
+    t = 0 if text_mask is None else text_mask.shape[1]
+    o_strides = (lq * h * d, h * d, d)  # the output: (B, Lq, H, d), contiguous
+    return LaunchPlan((Planned(_fwd_kernel, (b * h, triton.cdiv(lq, cfg.block_m)), meta),),
+                      (1.0 / math.sqrt(d), lq, lk, num_queries, q_offset, t, h, lk, dropout_p),
+                      (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o_strides))
+
+
+def _backward_plan(do, q, k, v, mode, num_queries, q_offset, text_mask, dropout_p) -> LaunchPlan:
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    cfg = attention_config(lq, d, q.dtype, q.device, backward=True, dropout=dropout_p > 0)
+    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, **cfg.meta(d))
+    rows = Planned(_bwd_rows_kernel, (b * h, triton.cdiv(lq, cfg.block_m)), {**meta, "DKDV": lq <= cfg.block_m})
+    if lq <= cfg.block_m:  # every row in one tile: one kernel, dQ, dK and dV in one pass
+        launches = (rows,)
+    else:
+        launches = (Planned(_bwd_dkdv_kernel, (b * h, triton.cdiv(lk, cfg.block_n)), meta), rows)
+    t = 0 if text_mask is None else text_mask.shape[1]
+    o_strides = (lq * h * d, h * d, d)  # the forward's output, as launch_forward allocates it
+    return LaunchPlan(launches, (1.0 / math.sqrt(d), lq, lk, num_queries, q_offset, t, h, dropout_p),
+                      (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o_strides))
 
 
 def launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int = 1, dropout_p: float = 0.0,
-                    seed: int = 0):
+                   seed: torch.Tensor | None = None, store_lse: bool = True):
+    """(o (B, Lq, H, d), lse (B*H, Lq) fp32, or None with store_lse=False: an inference call).
+    text_mask: (B, T) int8 (see `text_mask_arg`); seed: this call's dropout seed, a (1,) int64 tensor on
+    q's device (kernels.dropout_rng), read only with dropout."""
+    if splits > 1:
+        return _launch_split_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
+    key = _plan_key("fwd", q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, (store_lse,))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _forward_plan(q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, store_lse)
+    b, lq, h, d = q.shape
+    o = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device) if store_lse else None
+    spare = o if lse is None else lse  # pointers a launch does not read
+    plan.launches[0](q, k, v, o, spare, spare, spare, spare if text_mask is None else text_mask, *plan.scalars,
+                     spare if seed is None else seed, *plan.strides)
+    return o, lse
+
+
+def launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p: float = 0.0,
+                    seed: torch.Tensor | None = None):
+    """(dq, dk, dv) from the forward's o and lse; seed: the forward's, so the backward draws its mask again."""
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    key = _plan_key("bwd", q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, do.stride())
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _backward_plan(do, q, k, v, mode, num_queries, q_offset, text_mask, dropout_p)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    scale = 1.0 / math.sqrt(d)
+    tail = (lse if text_mask is None else text_mask, *plan.scalars, lse if seed is None else seed, *plan.strides)
+    g_strides = (lk * h * d, h * d, d)  # dk, dv: contiguous (B, Lk, H, d)
+    if len(plan.launches) == 2:
+        plan.launches[0](q, k, v, do, lse, o, dk, dv, *tail, *g_strides)
+    plan.launches[-1](q, k, v, do, lse, o, dq, dk, dv, *tail, lq * h * d, h * d, d, *g_strides)
+    return dq, dk, dv
+
+
+def text_mask_arg(text_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+    """The text mask as the kernels read it: (B, T) int8, contiguous, on `device`. A no-op for one
+    that already is (the Q-Former converts its mask once for all its layers)."""
+    if text_mask is None:
+        return None
+    return text_mask.to(device=device, dtype=torch.int8).contiguous()
+
+
+def _launch_split_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed):
+    """Inference over long key sets at small B*H: each row's keys split across programs, whose
+    partial softmax states are then combined."""
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
     cfg = attention_config(lq, d, q.dtype, q.device, dropout=dropout_p > 0)
-    tm, t = _text_mask_arg(text_mask, q.device)
     m_blocks = triton.cdiv(lq, cfg.block_m)
-    o = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device)
     meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, **cfg.meta(d))
-    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    if splits == 1:
-        launch(_fwd_kernel, (b * h, m_blocks, 1), q, k, v, o, lse, lse, lse, tm, scale, lq, lk, num_queries, q_offset,
-               t, h, lk, dropout_p, seed, *strides, *o.stride()[:3], SPLIT=False, **meta)
-        return o, lse
     per_split = triton.cdiv(triton.cdiv(lk, splits), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(lk, per_split)
     if gpu_target(q.device) is not None:
@@ -358,48 +466,27 @@ def launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int 
     acc = torch.empty(b * h, splits, lq, d, dtype=torch.float32, device=q.device)
     m_part = torch.empty(b * h, splits, lq, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
-    launch(_fwd_kernel, (b * h, m_blocks, splits), q, k, v, acc, lse, m_part, l_part, tm, scale, lq, lk, num_queries,
-           q_offset, t, h, per_split, dropout_p, seed, *strides, 0, 0, 0, SPLIT=True, **meta)
+    t = 0 if text_mask is None else text_mask.shape[1]
+    launch(_fwd_kernel, (b * h, m_blocks, splits), q, k, v, acc, m_part, m_part, l_part,
+           m_part if text_mask is None else text_mask, 1.0 / math.sqrt(d), lq, lk, num_queries, q_offset, t, h,
+           per_split, dropout_p, m_part if seed is None else seed, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+           0, 0, 0, SPLIT=True, **meta)
     # combine the splits' softmax states: (B*H, S, Lq) -> (B*H, Lq)
     m = m_part.amax(dim=1)
     m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     w = torch.exp(m_part - m_safe[:, None]) * l_part  # each split's mass at the common max
     l_tot = w.sum(1)
     out = (torch.exp(m_part - m_safe[:, None])[..., None] * acc).sum(1) / l_tot.clamp(min=1e-30)[..., None]
-    o.copy_(out.view(b, h, lq, d).transpose(1, 2))
+    o = out.view(b, h, lq, d).transpose(1, 2).contiguous().to(q.dtype)
     lse = m_safe + torch.log(l_tot.clamp(min=1e-30))
     return o, lse
-
-
-def launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p: float = 0.0,
-                     seed: int = 0):
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
-    do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = (do.float() * o.float()).sum(-1).transpose(1, 2).reshape(b * h, lq).contiguous()  # rowsum(dO * O)
-    cfg = attention_config(lq, d, q.dtype, q.device, backward=True, dropout=dropout_p > 0)
-    tm, t = _text_mask_arg(text_mask, q.device)
-    scale = 1.0 / math.sqrt(d)
-    dq = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
-    dk = torch.empty(b, lk, h, d, dtype=k.dtype, device=q.device)
-    dv = torch.empty(b, lk, h, d, dtype=v.dtype, device=q.device)
-    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, **cfg.meta(d))
-    args = (scale, lq, lk, num_queries, q_offset, t, h, dropout_p, seed, *q.stride()[:3], *k.stride()[:3],
-            *v.stride()[:3], *do.stride()[:3])
-    one_tile = lq <= cfg.block_m
-    if not one_tile:
-        launch(_bwd_dkdv_kernel, (b * h, triton.cdiv(lk, cfg.block_n)), q, k, v, do, lse, delta, dk, dv, tm, *args,
-               *dk.stride()[:3], **meta)
-    launch(_bwd_rows_kernel, (b * h, triton.cdiv(lq, cfg.block_m)), q, k, v, do, lse, delta, dq, dk, dv, tm, *args,
-           *dq.stride()[:3], *dk.stride()[:3], DKDV=one_tile, **meta)
-    return dq, dk, dv
 
 
 # Registered as custom ops so torch.compile treats the kernels as opaque, differentiable ops.
 @torch.library.custom_op("blip2rt::qformer_attention_fwd", mutates_args=())
 def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_mask: torch.Tensor | None,
                          mode: int, num_queries: int, q_offset: int, splits: int, dropout_p: float,
-                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
 
 
@@ -412,7 +499,8 @@ def _(q, k, v, text_mask, mode, num_queries, q_offset, splits, dropout_p, seed):
 @torch.library.custom_op("blip2rt::qformer_attention_bwd", mutates_args=())
 def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, text_mask: torch.Tensor | None, mode: int, num_queries: int,
-                          q_offset: int, dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          q_offset: int, dropout_p: float,
+                          seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p, seed)
 
 
@@ -459,35 +547,37 @@ class _EagerAttention(torch.autograd.Function):
 
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mode: AttentionMode | None = None,
                     num_queries: int = 0, text_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
-                    seed: int | None = None) -> torch.Tensor:
+                    seed: int | torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Lq, H, d), k/v (B, Lk, H, d), strided views with a contiguous last dim -> (B, Lq, H, d).
     `mode` None is cross-attention (no mask); the torch path with this signature is
     `qformer_attention.attention_reference`.
 
     For self-attention, the rows are the last Lq of the Lk positions (a cached past comes first).
     Without grad, the keys may be split across programs to fill the GPU. dropout_p drops attention
-    probabilities inside the kernel (`seed` fixes the mask; by default one is drawn per call).
+    probabilities inside the kernel: `seed` (an int, or a (1,) int64 tensor on the device) fixes the
+    mask; by default each call draws one on the device (kernels.dropout_rng), with no host sync.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"fused_attention: {name} needs a contiguous last dimension, got strides {t.stride()}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fused_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0 and seed is None:
-        seed = draw_seed()
+    seed = dropout_rng.call_seed(seed, q.device) if dropout_p > 0 else None
     mode = kernel_mode_id(mode)
     q_offset = k.shape[1] - q.shape[1] if mode != MODE_NONE else 0
+    text_mask = text_mask_arg(text_mask, q.device)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    args = (q, k, v, text_mask, mode, num_queries, q_offset, forward_splits(q, k, needs_grad), float(dropout_p),
-            int(seed or 0))
+    splits = forward_splits(q, k, needs_grad)
     if torch.compiler.is_compiling():
-        return attention_forward_op(*args)[0]
-    return _EagerAttention.apply(*args)
+        return attention_forward_op(q, k, v, text_mask, mode, num_queries, q_offset, splits, float(dropout_p), seed)[0]
+    if not needs_grad:  # inference: no autograd node, and no log-sum-exp to keep
+        return launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed, store_lse=False)[0]
+    return _EagerAttention.apply(q, k, v, text_mask, mode, num_queries, q_offset, splits, float(dropout_p), seed)
 
 
 def forward_splits(q: torch.Tensor, k: torch.Tensor, needs_grad: bool) -> int:
     """How many programs share each row's keys: 1 in training, more at small B*H in inference."""
-    if needs_grad:
+    if needs_grad or k.shape[1] <= MAX_KEYS_UNSPLIT:
         return 1
     b, lq, h, d = q.shape
     cfg = attention_config(lq, d, q.dtype, q.device)
@@ -495,7 +585,8 @@ def forward_splits(q: torch.Tensor, k: torch.Tensor, needs_grad: bool) -> int:
 
 
 @triton.jit
-def _keep_mask_kernel(OUT, Lq, Lk, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _keep_mask_kernel(OUT, Lq, Lk, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    seed = tl.load(SEED)
     pid_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -504,12 +595,12 @@ def _keep_mask_kernel(OUT, Lq, Lk, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK
     tl.store(OUT + out, keep.to(tl.int8), mask=(offs_m < Lq)[:, None] & (offs_n < Lk)[None, :])
 
 
-def attention_keep_mask(batch: int, heads: int, lq: int, lk: int, dropout_p: float, seed: int,
+def attention_keep_mask(batch: int, heads: int, lq: int, lk: int, dropout_p: float, seed: int | torch.Tensor,
                         device) -> torch.Tensor:
     """The keep mask the kernels draw for (dropout_p, seed): bool (B, H, Lq, Lk), rows being this call's
     query rows and columns its keys. For tests and debugging (the kernels never store it)."""
     out = torch.empty(batch * heads, lq, lk, dtype=torch.int8, device=device)
     block_n = min(512, triton.next_power_of_2(lk))
     launch(_keep_mask_kernel, (batch * heads, triton.cdiv(lq, 16), triton.cdiv(lk, block_n)), out, lq, lk, dropout_p,
-           seed, BLOCK_M=16, BLOCK_N=block_n)
+           dropout_rng.call_seed(seed, device), BLOCK_M=16, BLOCK_N=block_n)
     return out.bool().view(batch, heads, lq, lk)

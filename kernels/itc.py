@@ -170,6 +170,47 @@ class _QueryMaxSimilarity(torch.autograd.Function):
         return launch_backward(g.contiguous().float(), arg, img, txt, *ctx.needs_input_grad[:2])
 
 
+# Custom ops, so torch.compile treats the kernels as opaque, differentiable ops (as the attention's).
+@torch.library.custom_op("blip2rt::query_max_similarity_fwd", mutates_args=())
+def query_max_similarity_op(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_forward(img.contiguous(), txt.contiguous())
+
+
+@query_max_similarity_op.register_fake
+def _(img, txt):
+    return img.new_empty(img.shape[0], txt.shape[0], dtype=torch.float32), \
+        img.new_empty(img.shape[0], txt.shape[0], dtype=torch.int32)
+
+
+@torch.library.custom_op("blip2rt::query_max_similarity_bwd", mutates_args=())
+def query_max_similarity_backward_op(g: torch.Tensor, arg: torch.Tensor, img: torch.Tensor, txt: torch.Tensor,
+                                     need_img: bool, need_txt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    dimg, dtxt = launch_backward(g.contiguous().float(), arg, img, txt, need_img, need_txt)
+    return (img.new_empty(0) if dimg is None else dimg), (txt.new_empty(0) if dtxt is None else dtxt)
+
+
+@query_max_similarity_backward_op.register_fake
+def _(g, arg, img, txt, need_img, need_txt):
+    return (img.new_empty(img.shape) if need_img else img.new_empty(0)), \
+        (txt.new_empty(txt.shape) if need_txt else txt.new_empty(0))
+
+
+def _qmax_setup_context(ctx, inputs, output):
+    img, txt = inputs
+    ctx.save_for_backward(img.contiguous(), txt.contiguous(), output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _qmax_backward(ctx, g, _):
+    img, txt, arg = ctx.saved_tensors
+    need_img, need_txt = ctx.needs_input_grad[:2]
+    dimg, dtxt = query_max_similarity_backward_op(g, arg, img, txt, need_img, need_txt)
+    return (dimg if need_img else None), (dtxt if need_txt else None)
+
+
+query_max_similarity_op.register_autograd(_qmax_backward, setup_context=_qmax_setup_context)
+
+
 def query_max_similarity_triton(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
     """(B_i, Q, D), (B_t, D) -> (B_i, B_t) fp32: max over queries of the dot product.
 
@@ -180,4 +221,6 @@ def query_max_similarity_triton(img: torch.Tensor, txt: torch.Tensor) -> torch.T
     dtype = autocast_dtype(img.device)
     if dtype is not None:
         img, txt = img.to(dtype), txt.to(dtype)
+    if torch.compiler.is_compiling():
+        return query_max_similarity_op(img, txt)[0]
     return _QueryMaxSimilarity.apply(img, txt)[0]

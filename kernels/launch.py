@@ -16,6 +16,7 @@ Every kernel in blip2rt.kernels is launched through `launch()`, which gives:
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -70,6 +71,8 @@ class _Recorder:
     launches: list[Launch] = field(default_factory=list)
     target: GpuTarget | None = None  # plan_for: every device is sized as this GPU
     run: bool = True  # False: record only (plan_for)
+    keep: bool = True  # False: nothing listed (host_only)
+    stand_in: bool = False  # host_only: planned launches go to a compiled kernel whose launcher does nothing
 
 
 # Active recorders, innermost last. A plain list (not a ContextVar): torch.compile traces the
@@ -108,12 +111,125 @@ def launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)`, with the grid checked and the launch recorded where asked."""
     grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
     check_grid(kernel.fn.__name__, grid)
-    run = True
-    for rec in _RECORDERS:
-        rec.launches.append(Launch(kernel, grid, args, dict(kwargs)))
-        run = run and rec.run
-    if run:
+    if not _RECORDERS or _note(kernel, grid, args, kwargs)[0]:
         kernel[grid](*args, **kwargs)
+
+
+def _note(kernel, grid: tuple[int, int, int], args: tuple, kwargs: dict) -> tuple[bool, bool]:
+    """Lists the launch where a recorder asks: (whether it runs, whether host_only stands in for it)."""
+    run, stand_in = True, False
+    for rec in _RECORDERS:
+        if rec.keep:
+            rec.launches.append(Launch(kernel, grid, args, dict(kwargs)))
+        run = run and rec.run
+        stand_in = rec.stand_in or stand_in
+    return run, stand_in
+
+
+class Planned:
+    """One kernel's launch with its grid and constexprs fixed, made once per shapes, dtypes, strides
+    and device and kept by the launcher that made it (the plan's key must hold every scalar argument
+    it is called with). Calling it with the runtime arguments launches.
+
+    The first GPU launch goes through Triton (`kernel[grid](...)`: its binder specialises the
+    arguments, and compiles or finds the kernel). Its compiled kernel is kept, and later calls hand
+    the arguments straight to the compiled kernel's launcher: no binder, no cache key, no option
+    parsing per call. Triton specialises pointers on 16-byte alignment, so a call whose tensors are
+    not all aligned goes through Triton again (the kept kernel may assume alignment). With a launch
+    hook set (Triton's profiler), every call goes through Triton."""
+
+    __slots__ = ("kernel", "grid", "meta", "tail", "compiled", "pointers")
+
+    def __init__(self, kernel, grid: tuple[int, ...], meta: dict):
+        self.grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        check_grid(kernel.fn.__name__, self.grid)
+        self.kernel, self.meta = kernel, meta
+        self.tail = direct_tail(kernel, meta)
+        self.compiled = None
+        self.pointers: tuple[int, ...] | None = None  # the positions of the tensor arguments
+
+    def __call__(self, *args) -> None:
+        compiled = self.compiled
+        if _RECORDERS:
+            run, stand_in = _note(self.kernel, self.grid, args, self.meta)
+            if not run:
+                if not stand_in or self.tail is None:
+                    return
+                compiled = _STAND_IN  # host_only: the direct path, to a launcher that does nothing
+        if compiled is not None and self._aligned(args) and not _launch_hooks():
+            g = self.grid
+            compiled.run(g[0], g[1], g[2], _current_stream(args[0]), compiled.function, compiled.packed_metadata,
+                         None, None, None, *args, *self.tail)
+            return
+        if compiled is _STAND_IN:
+            return
+        result = self.kernel[self.grid](*args, **self.meta)
+        if self.tail is not None and hasattr(result, "packed_metadata") and self._aligned(args):
+            self.compiled = result  # a GPU launch (the interpreter returns no compiled kernel)
+
+    def _aligned(self, args: tuple) -> bool:
+        """Every pointer on a 16-byte boundary, as Triton's specialisation assumes of the kept kernel."""
+        if self.pointers is None:
+            self.pointers = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        bits = 0
+        for i in self.pointers:
+            bits |= args[i].data_ptr()
+        return bits & 15 == 0
+
+
+def direct_tail(kernel, meta: dict) -> tuple | None:
+    """The constexpr values, in the kernel's parameter order, that follow the runtime arguments in a
+    direct launch (Triton's launcher takes every parameter in order and skips the constexprs); None
+    where the constexprs do not all come last, or the plan leaves one unset without a default."""
+    params = getattr(kernel, "params", None)
+    if params is None:  # Triton's interpreter: it never hands back a compiled kernel
+        return None
+    first = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
+    if any(not p.is_constexpr for p in params[first:]):
+        return None
+    tail = []
+    for p in params[first:]:
+        if p.name in meta:
+            tail.append(meta[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            tail.append(p.default)
+        else:
+            return None
+    return tuple(tail)
+
+
+def _launch_hooks() -> bool:
+    import triton  # imported by then: a compiled kernel exists
+
+    runtime = triton.knobs.runtime
+    return _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook does something: Triton 3.6 and later keep a chain of hooks there,
+    empty unless a profiler adds one."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _current_stream(tensor: torch.Tensor) -> int:
+    device = tensor.device
+    if device.type != "cuda":  # host_only on the CPU
+        return 0
+    return torch._C._cuda_getCurrentRawStream(device.index if device.index is not None else torch.cuda.current_device())
+
+
+class _NoLaunch:
+    """host_only's stand-in for a compiled kernel: its launcher takes the arguments and does nothing."""
+
+    function = None
+    packed_metadata = None
+
+    @staticmethod
+    def run(*args) -> None:
+        pass
+
+
+_STAND_IN = _NoLaunch()
 
 
 @contextlib.contextmanager
@@ -123,6 +239,24 @@ def _recording(rec: _Recorder):
         yield rec.launches
     finally:
         _RECORDERS.remove(rec)
+
+
+# the launchers' plan caches (shapes -> their launches), registered by the kernel modules
+_PLAN_CACHES: list[dict] = []
+
+
+def plan_cache() -> dict:
+    """A new plan cache for a launcher module, which `forget_plans` clears."""
+    cache: dict = {}
+    _PLAN_CACHES.append(cache)
+    return cache
+
+
+def forget_plans() -> None:
+    """Clears every launcher's plans, so the next calls plan afresh from the launchers' current
+    choices (the compile gate does this before it lists them)."""
+    for cache in _PLAN_CACHES:
+        cache.clear()
 
 
 def record():
@@ -138,18 +272,20 @@ def plan_for(target: GpuTarget):
     return _recording(_Recorder(target=target, run=False))
 
 
+def host_only(target: GpuTarget):
+    """`with host_only(H100):` launchers run their host path in full, sized for `target`, up to the
+    compiled kernel's launcher, which does nothing (nothing is listed): the host time blip2rt itself
+    adds to a call, as benchmarks/test_host_overhead.py times it. Planned launches take their direct
+    path; launches through `launch()` are skipped as under plan_for."""
+    return _recording(_Recorder(target=target, run=False, keep=False, stand_in=True))
+
+
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on `device`'s type, or None where it is off."""
     kind = torch.device(device).type
     if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
         return None
     return torch.get_autocast_dtype(kind)
-
-
-def draw_seed() -> int:
-    """A dropout seed for the fused kernels, from torch's CPU generator: no device sync, and a
-    checkpoint's saved RNG state brings the same seeds (so the same masks) back on resume."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def interpreting(device: torch.device | str) -> bool:

@@ -2,11 +2,13 @@
 
 Forward: one program per row; statistics in fp32 whatever the input dtype. Only the row's mean
 and 1/std are kept: the backward recomputes the sum and regenerates the dropout mask from the
-seed (Philox, `tl.rand(seed, row * D + col)` with 64-bit offsets), so neither the sum nor the
-mask is stored. The output has the dtype the reference returns (`output_dtype`): fp32 under
-CUDA autocast, as F.layer_norm there.
+seed (Philox, `tl.rand(seed, row * D + col)` with 64-bit offsets; the seed read from the device,
+kernels.dropout_rng), so neither the sum nor the mask is stored. The output has the dtype the
+reference returns (`output_dtype`): fp32 under CUDA autocast, as F.layer_norm there.
 Backward: each program walks a block of rows, several rows per step, and keeps partial dW/dB in
 registers; the partials are summed in torch (Liger-Kernel's layout).
+Each launcher plans its launch once per shape, dtypes and device, and later calls only allocate
+their outputs and launch (benchmarks/test_host_overhead.py times the host path).
 
 NaN contract: a non-finite input makes its row of y non-finite, and every grad it touches;
 nothing is clipped or dropped.
@@ -18,7 +20,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autocast_dtype, backward_programs, draw_seed, gpu_target, launch, row_block
+from . import dropout_rng
+from .launch import Planned, autocast_dtype, backward_programs, gpu_target, launch, plan_cache, row_block
+
+
+@triton.jit
+def _call_seed(SEED, HAS_DROPOUT: tl.constexpr):
+    """This call's dropout seed, read from the device (kernels.dropout_rng); 0 without dropout."""
+    if HAS_DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
 
 
 @triton.jit
@@ -28,9 +40,11 @@ def _keep(seed, offsets, p):
 
 
 @triton.jit
-def _fwd_kernel(H, R, W, B, Y, MEAN, RSTD, M, D, eps, p, seed,
+def _fwd_kernel(H, R, W, B, Y, STATS, M, D, eps, p, SEED,
                 HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """BLOCK_R rows per program (1 on a GPU; more in the interpreter, whose cost is per program)."""
+    """BLOCK_R rows per program (1 on a GPU; more in the interpreter, whose cost is per program).
+    STATS (2, M) fp32: each row's mean, then its 1/std."""
+    seed = _call_seed(SEED, HAS_DROPOUT)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rm = rows < M
@@ -48,15 +62,17 @@ def _fwd_kernel(H, R, W, B, Y, MEAN, RSTD, M, D, eps, p, seed,
     w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(Y + offs, (xc * rstd[:, None] * w[None, :] + b[None, :]).to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + rows, mean, mask=rm)
-    tl.store(RSTD + rows, rstd, mask=rm)
+    tl.store(STATS + rows, mean, mask=rm)
+    tl.store(STATS + M + rows, rstd, mask=rm)
 
 
 @triton.jit
-def _bwd_kernel(DY, H, R, W, MEAN, RSTD, DRES, DH, DW_PART, DB_PART, M, D, rows_per_program, p, seed,
+def _bwd_kernel(DY, H, R, W, STATS, DRES, DH, PARTS, M, D, rows_per_program, p, SEED,
                 HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """A block of rows per program, BLOCK_R rows per step (several rows' loads in flight at once);
-    partial dW/dB stay in registers and are written once per program."""
+    partial dW/dB stay in registers and are written once per program: PARTS (2, programs, D) fp32,
+    the dW partials, then the dB partials."""
+    seed = _call_seed(SEED, HAS_DROPOUT)
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     m = cols < D
@@ -73,8 +89,8 @@ def _bwd_kernel(DY, H, R, W, MEAN, RSTD, DRES, DH, DW_PART, DB_PART, M, D, rows_
         h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + rows, mask=rm, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=rm, other=0.0)
+        mean = tl.load(STATS + rows, mask=rm, other=0.0)
+        rstd = tl.load(STATS + M + rows, mask=rm, other=0.0)
         if HAS_DROPOUT:
             keep = _keep(seed, offs, p)
             h = tl.where(keep, h / (1.0 - p), 0.0)
@@ -89,25 +105,26 @@ def _bwd_kernel(DY, H, R, W, MEAN, RSTD, DRES, DH, DW_PART, DB_PART, M, D, rows_
         if HAS_DROPOUT:
             ds = tl.where(keep, ds / (1.0 - p), 0.0)
         tl.store(DH + offs, ds.to(DH.dtype.element_ty), mask=mask)
-    tl.store(DW_PART + pid * D + cols, tl.sum(dw, axis=0), mask=m)
-    tl.store(DB_PART + pid * D + cols, tl.sum(db, axis=0), mask=m)
+    tl.store(PARTS + pid * D + cols, tl.sum(dw, axis=0), mask=m)
+    tl.store(PARTS + (tl.num_programs(0) + pid) * D + cols, tl.sum(db, axis=0), mask=m)
 
 
 @triton.jit
-def _keep_mask_kernel(OUT, D, p, seed, BLOCK_D: tl.constexpr):
+def _keep_mask_kernel(OUT, D, p, SEED, BLOCK_D: tl.constexpr):
+    seed = tl.load(SEED)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     tl.store(OUT + row * D + cols, _keep(seed, row * D + cols, p).to(tl.int8), mask=cols < D)
 
 
-def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int, device) -> torch.Tensor:
+def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int | torch.Tensor, device) -> torch.Tensor:
     """The keep mask the fused kernel draws for (p, seed): bool, `shape`. For tests and debugging."""
     d = shape[-1]
     rows = 1
     for s in shape[:-1]:
         rows *= s
     out = torch.empty(rows, d, dtype=torch.int8, device=device)
-    launch(_keep_mask_kernel, (rows,), out, d, p, seed, BLOCK_D=triton.next_power_of_2(d))
+    launch(_keep_mask_kernel, (rows,), out, d, p, dropout_rng.call_seed(seed, device), BLOCK_D=triton.next_power_of_2(d))
     return out.bool().view(shape)
 
 
@@ -126,79 +143,121 @@ def backward_rows(d: int) -> int:
     return max(1, min(8, 2048 // triton.next_power_of_2(d)))
 
 
-def launch_forward(h, residual, weight, bias, eps: float, p: float, seed: int):
+class _Plan:
+    """One launch of a shape, dtype and device, worked out once (launch.Planned) with what the
+    launcher needs around it."""
+
+    __slots__ = ("launch", "rows", "d", "out_dtype", "programs", "rows_per_program")
+
+    def __init__(self, launch_, rows: int, d: int, out_dtype: torch.dtype, programs: int = 0):
+        self.launch, self.rows, self.d, self.out_dtype, self.programs = launch_, rows, d, out_dtype, programs
+        self.rows_per_program = triton.cdiv(rows, programs) if programs else 0
+
+
+_PLANS: dict[tuple, _Plan] = plan_cache()
+
+
+def _forward_plan(h, residual, p: float) -> _Plan:
     d = h.shape[-1]
-    h2 = h.reshape(-1, d).contiguous()
-    r2 = residual.reshape(-1, d).contiguous()
-    rows = h2.shape[0]
-    y = torch.empty(rows, d, dtype=output_dtype(h, residual), device=h.device)
-    mean = torch.empty(rows, dtype=torch.float32, device=h.device)
-    rstd = torch.empty(rows, dtype=torch.float32, device=h.device)
+    rows = h.numel() // d
     block, warps = row_block(d)
     block_r = 1 if gpu_target(h.device) is not None else max(1, 4096 // block)
-    launch(_fwd_kernel, (triton.cdiv(rows, block_r),), h2, r2, weight, bias, y, mean, rstd, rows, d, eps, p, seed,
-           HAS_DROPOUT=p > 0, BLOCK_R=block_r, BLOCK_D=block, num_warps=warps)
-    return y.view(h.shape), mean, rstd
+    planned = Planned(_fwd_kernel, (triton.cdiv(rows, block_r),),
+                      dict(HAS_DROPOUT=p > 0, BLOCK_R=block_r, BLOCK_D=block, num_warps=warps))
+    return _Plan(planned, rows, d, output_dtype(h, residual))
 
 
-def launch_backward(dy, h, residual, weight, mean, rstd, p: float, seed: int):
+def _backward_plan(h, residual, weight, p: float) -> _Plan:
     d = h.shape[-1]
-    h2 = h.reshape(-1, d).contiguous()
-    r2 = residual.reshape(-1, d).contiguous()
-    rows = h2.shape[0]
-    dy = dy.reshape(rows, d).contiguous()
-    dres = torch.empty_like(r2)
-    dh = torch.empty_like(h2)
-    programs = backward_programs(rows, h2.device)
-    rows_per_program = triton.cdiv(rows, programs)
-    dw_part = torch.empty(programs, d, dtype=torch.float32, device=h2.device)
-    db_part = torch.empty(programs, d, dtype=torch.float32, device=h2.device)
+    rows = h.numel() // d
+    programs = backward_programs(rows, h.device)
     block, _ = row_block(d)
     block_r = backward_rows(d)
-    launch(_bwd_kernel, (programs,), dy, h2, r2, weight, mean, rstd, dres, dh, dw_part, db_part, rows, d,
-           rows_per_program, p, seed, HAS_DROPOUT=p > 0, BLOCK_R=block_r, BLOCK_D=block,
-           num_warps=8 if block_r * block >= 2048 else 4)
-    return dh.view(h.shape), dres.view(h.shape), dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+    planned = Planned(_bwd_kernel, (programs,), dict(HAS_DROPOUT=p > 0, BLOCK_R=block_r, BLOCK_D=block,
+                                                      num_warps=8 if block_r * block >= 2048 else 4))
+    return _Plan(planned, rows, d, weight.dtype, programs)
+
+
+def _key(kind: str, h, residual, weight, p: float, device: torch.device) -> tuple:
+    # one flat tuple of plain values (torch.Size compares through Python); CUDA's autocast changes
+    # the output dtype (output_dtype), so whether it is on is part of the key
+    return (kind, *h.shape, h.dtype, residual.dtype, weight.dtype, device, p > 0, gpu_target(device),
+            device.type == "cuda" and torch.is_autocast_enabled("cuda"))
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself where it is contiguous (the kernels index rows x D from its start), else a copy."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def launch_forward(h, residual, weight, bias, eps: float, p: float, seed: torch.Tensor | None):
+    """(y, stats): stats (2, rows) fp32, each row's mean and 1/std, for the backward. seed: this
+    call's dropout seed, a (1,) int64 tensor on h's device (kernels.dropout_rng); read only with
+    dropout."""
+    device = h.device
+    key = _key("fwd", h, residual, weight, p, device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _forward_plan(h, residual, p)
+    y = torch.empty(h.shape, dtype=plan.out_dtype, device=device)
+    stats = torch.empty(2, plan.rows, dtype=torch.float32, device=device)
+    plan.launch(_dense(h), _dense(residual), weight, bias, y, stats, plan.rows, plan.d, eps, p,
+                stats if seed is None else seed)
+    return y, stats
+
+
+def launch_backward(dy, h, residual, weight, stats, p: float, seed: torch.Tensor | None):
+    """(dh, dresidual, dweight_dbias): the last (2, D), dW then dB, in the weight's dtype."""
+    device = h.device
+    key = _key("bwd", h, residual, weight, p, device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _backward_plan(h, residual, weight, p)
+    dres = torch.empty(h.shape, dtype=residual.dtype, device=device)
+    dh = torch.empty(h.shape, dtype=h.dtype, device=device)
+    parts = torch.empty(2, plan.programs, plan.d, dtype=torch.float32, device=device)  # summed below
+    plan.launch(_dense(dy), _dense(h), _dense(residual), weight, stats, dres, dh, parts, plan.rows, plan.d,
+                plan.rows_per_program, p, stats if seed is None else seed)
+    dwdb = parts.sum(1)
+    return dh, dres, dwdb if plan.out_dtype == torch.float32 else dwdb.to(plan.out_dtype)
 
 
 # Custom ops, so torch.compile treats the kernels as opaque, differentiable ops.
 @torch.library.custom_op("blip2rt::residual_layer_norm_fwd", mutates_args=())
 def residual_layer_norm_forward_op(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                    bias: torch.Tensor, eps: float, p: float,
-                                   seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                   seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_forward(h, residual, weight, bias, eps, p, seed)
 
 
 @residual_layer_norm_forward_op.register_fake
 def _(h, residual, weight, bias, eps, p, seed):
     rows = h.numel() // h.shape[-1]
-    return (h.new_empty(h.shape, dtype=output_dtype(h, residual)), h.new_empty(rows, dtype=torch.float32),
-            h.new_empty(rows, dtype=torch.float32))
+    return h.new_empty(h.shape, dtype=output_dtype(h, residual)), h.new_empty(2, rows, dtype=torch.float32)
 
 
 @torch.library.custom_op("blip2rt::residual_layer_norm_bwd", mutates_args=())
 def residual_layer_norm_backward_op(dy: torch.Tensor, h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                    mean: torch.Tensor, rstd: torch.Tensor, p: float,
-                                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch_backward(dy, h, residual, weight, mean, rstd, p, seed)
+                                    stats: torch.Tensor, p: float,
+                                    seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_backward(dy, h, residual, weight, stats, p, seed)
 
 
 @residual_layer_norm_backward_op.register_fake
-def _(dy, h, residual, weight, mean, rstd, p, seed):
-    return h.new_empty(h.shape), residual.new_empty(residual.shape), weight.new_empty(weight.shape), \
-        weight.new_empty(weight.shape)
+def _(dy, h, residual, weight, stats, p, seed):
+    return h.new_empty(h.shape), residual.new_empty(residual.shape), weight.new_empty(2, weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
     h, residual, weight, _, _, p, seed = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(h, residual, weight, mean, rstd)
+    ctx.save_for_backward(h, residual, weight, output[1])
     ctx.p, ctx.seed = p, seed
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    h, residual, weight, mean, rstd = ctx.saved_tensors
-    dh, dres, dw, db = residual_layer_norm_backward_op(dy, h, residual, weight, mean, rstd, ctx.p, ctx.seed)
+def _backward(ctx, dy, _dstats):
+    h, residual, weight, stats = ctx.saved_tensors
+    dh, dres, dwdb = residual_layer_norm_backward_op(dy, h, residual, weight, stats, ctx.p, ctx.seed)
+    dw, db = dwdb.unbind(0)
     return dh, dres, dw, db, None, None, None
 
 
@@ -211,27 +270,29 @@ class _EagerResidualLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, residual, weight, bias, eps, p, seed):
-        y, mean, rstd = launch_forward(h, residual, weight, bias, eps, p, seed)
-        ctx.save_for_backward(h, residual, weight, mean, rstd)
+        y, stats = launch_forward(h, residual, weight, bias, eps, p, seed)
+        ctx.save_for_backward(h, residual, weight, stats)
         ctx.p, ctx.seed = p, seed
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        h, residual, weight, mean, rstd = ctx.saved_tensors
-        dh, dres, dw, db = launch_backward(dy, h, residual, weight, mean, rstd, ctx.p, ctx.seed)
+        h, residual, weight, stats = ctx.saved_tensors
+        dh, dres, dwdb = launch_backward(dy, h, residual, weight, stats, ctx.p, ctx.seed)
+        dw, db = dwdb.unbind(0)
         return dh, dres, dw, db, None, None, None
 
 
 def residual_layer_norm_triton(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                               eps: float, p: float = 0.0, seed: int | None = None) -> torch.Tensor:
-    """Fused LayerNorm(residual + dropout(h, p)); h, residual (..., D). `seed` fixes the dropout mask.
+                               eps: float, p: float = 0.0, seed: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Fused LayerNorm(residual + dropout(h, p)); h, residual (..., D). `seed` (an int, or a (1,) int64
+    tensor on the device) fixes the dropout mask; by default each call draws one on the device
+    (kernels.dropout_rng), with no host sync.
 
     Eager mode calls the launchers through an autograd.Function; under torch.compile the custom
     op keeps the kernels opaque to the tracer. Both run the same launchers."""
-    if p > 0 and seed is None:
-        seed = draw_seed()
-    args = (h, residual, weight, bias, float(eps), float(p), int(seed or 0))
+    seed = dropout_rng.call_seed(seed, h.device) if p > 0 else None
+    args = (h, residual, weight, bias, float(eps), float(p), seed)
     if torch.compiler.is_compiling():
         return residual_layer_norm_forward_op(*args)[0]
     return _EagerResidualLayerNorm.apply(*args)

@@ -7,7 +7,7 @@ import torch
 
 import blip2rt
 from blip2rt import kernels
-from blip2rt.kernels import AttentionMode, launch
+from blip2rt.kernels import AttentionMode, dropout_rng, launch
 from blip2rt.kernels.fused_attention import attention_keep_mask, fused_attention
 from blip2rt.kernels.qformer_attention import cross_attention_reference, self_attention_reference
 from formulas import attention64, qformer_allowed
@@ -117,11 +117,21 @@ def test_one_seed_one_mask_and_other_seeds_other_masks():
     a = fused_attention(q, k, v, dropout_p=0.1, seed=11)
     assert torch.equal(fused_attention(q, k, v, dropout_p=0.1, seed=11), a)
     assert not torch.equal(fused_attention(q, k, v, dropout_p=0.1, seed=12), a)
+    # drawn seeds: from a state on the device, seeded from torch's CPU generator on first use; each call
+    # draws the next one there. Restarting it (manual_seed + reset) or restoring it (what a checkpoint
+    # keeps) repeats the masks
     torch.manual_seed(0)
+    dropout_rng.reset()
     drawn = kernels.qformer_cross_attention(q, k, v, dropout_p=0.1, backend="triton")
-    torch.manual_seed(0)  # the seed comes from torch's CPU generator: a checkpoint's RNG state restores it
+    saved = dropout_rng.state_dict()
+    after = kernels.qformer_cross_attention(q, k, v, dropout_p=0.1, backend="triton")
+    assert not torch.equal(after, drawn)
+    torch.manual_seed(0)
+    dropout_rng.reset()
     assert torch.equal(kernels.qformer_cross_attention(q, k, v, dropout_p=0.1, backend="triton"), drawn)
-    assert not torch.equal(kernels.qformer_cross_attention(q, k, v, dropout_p=0.1, backend="triton"), drawn)
+    dropout_rng.load_state_dict(saved)
+    assert torch.equal(kernels.qformer_cross_attention(q, k, v, dropout_p=0.1, backend="triton"), after)
+    assert int(dropout_rng.state("cpu")[1]) == 2  # two draws since the reset
 
 
 def test_a_stage1_training_step_runs_the_fused_attention_with_the_papers_dropout():

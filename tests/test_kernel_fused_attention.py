@@ -176,7 +176,7 @@ def test_eager_path_equals_the_custom_op_that_torch_compile_traces(mode):
     """Eager calls go through an autograd.Function (less host time); torch.compile sees the custom
     op. Both must run the same launches: the same output and grads, bit for bit, dropout included."""
     from blip2rt.kernels import fused_attention as fa
-    from blip2rt.kernels import launch
+    from blip2rt.kernels import dropout_rng, launch
 
     nq, t, b = 4, 5, 2
     lq = lk = nq + t if mode else nq
@@ -189,7 +189,7 @@ def test_eager_path_equals_the_custom_op_that_torch_compile_traces(mode):
                                    dropout_p=0.25, seed=9)
         eager_grads = torch.autograd.grad(eager, (q, k, v), g)
     with launch.record() as op_launches:
-        op = fa.attention_forward_op(q, k, v, mask, mode_id, nq if mode else 0, 0, 1, 0.25, 9)[0]
+        op = fa.attention_forward_op(q, k, v, mask, mode_id, nq if mode else 0, 0, 1, 0.25, dropout_rng.fixed(9, "cpu"))[0]
         op_grads = torch.autograd.grad(op, (q, k, v), g)
     assert [one.name for one in eager_launches] == [one.name for one in op_launches] == \
         ["fused_attention._fwd_kernel", "fused_attention._bwd_rows_kernel"]

@@ -72,7 +72,7 @@ def test_non_finite_input_poisons_only_its_row():
 def test_eager_path_equals_the_custom_op_that_torch_compile_traces():
     """Eager calls go through an autograd.Function (less host time); torch.compile sees the custom
     op. Both run the same launches: the same output and grads, bit for bit, dropout included."""
-    from blip2rt.kernels import launch
+    from blip2rt.kernels import dropout_rng, launch
     from blip2rt.kernels.post_ln_residual import residual_layer_norm_forward_op
 
     h, r, w, b = make((3, 5, 37), torch.float32)
@@ -81,7 +81,7 @@ def test_eager_path_equals_the_custom_op_that_torch_compile_traces():
         y = residual_layer_norm_triton(h, r, w, b, 1e-12, 0.2, seed=4)
         grads = torch.autograd.grad(y, (h, r, w, b), g)
     with launch.record() as op_launches:
-        y_op = residual_layer_norm_forward_op(h, r, w, b, 1e-12, 0.2, 4)[0]
+        y_op = residual_layer_norm_forward_op(h, r, w, b, 1e-12, 0.2, dropout_rng.fixed(4, "cpu"))[0]
         grads_op = torch.autograd.grad(y_op, (h, r, w, b), g)
     assert [one.name for one in eager_launches] == [one.name for one in op_launches] == \
         ["post_ln_residual._fwd_kernel", "post_ln_residual._bwd_kernel"]
