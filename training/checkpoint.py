@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from blip2rt.checkpoint import checkpoint_stage, load_weights, read_tensor_file, stage_metadata
 from blip2rt.parts import QUESTION_IN_QFORMER
 from blip2rt.errors import CheckpointError
+from blip2rt.kernels import dropout_rng
 
 LATEST = "latest"
 
@@ -42,6 +43,7 @@ def rng_state() -> dict:
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    state["dropout"] = dropout_rng.state_dict()  # the fused kernels' seeds, kept on the device
     return state
 
 
@@ -52,6 +54,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    dropout_rng.load_state_dict(state.get("dropout", {}))
 
 
 def _fsync_dir(path: Path) -> None:

@@ -12,6 +12,9 @@ from blip2rt.errors import Blip2rtError
 from blip2rt.kernels.launch import MAX_BATCH
 
 
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+
+
 @dataclass
 class TrainConfig:
     # 1: ITC + ITM + ITG against the frozen ViT; 2: generative, through the frozen LLM;
@@ -41,6 +44,9 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 where the device has it natively: blip2rt.precision) | bf16 | fp16 | none
     frozen_dtype: str = "auto"  # the frozen ViT / LLM: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     kernels: str = "auto"
+    # torch.compile of each micro-step's forward and backward (inductor; the fused kernels stay custom
+    # ops inside it): none | default | reduce-overhead (default plus CUDA graphs; CUDA only)
+    compile: str = "none"
     activation_checkpointing: bool = False
     fsdp: bool = False  # shard the frozen LLM across processes (stage 2, when it does not fit one GPU)
     augment: bool = True
@@ -77,6 +83,8 @@ class TrainConfig:
                                f"kernels' launch grids are checked for), got {self.batch_size}; use grad_accum")
         if self.projection_lr is not None and self.projection_lr <= 0:
             raise Blip2rtError(f"projection_lr must be positive, got {self.projection_lr}")
+        if self.compile not in COMPILE_MODES:
+            raise Blip2rtError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.amp not in ("auto", "bf16", "fp16", "none"):
             raise Blip2rtError(f"amp must be auto, bf16, fp16 or none, got {self.amp!r}")
 

@@ -62,7 +62,7 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positive
             w = sim.float().masked_fill(positives, float("-inf")).softmax(dim=1)
             bad = ~torch.isfinite(w).all(dim=1) | (w.sum(dim=1) <= 0)
             fallback = (~positives).float()
-            fallback[fallback.sum(dim=1) == 0] = 1.0  # no negative exists at all: any column
+            fallback = torch.where((fallback.sum(dim=1) == 0)[:, None], 1.0, fallback)  # no negative at all: any
             return torch.where(bad[:, None], fallback, torch.nan_to_num(w, nan=0.0))
 
         neg_image = torch.multinomial(weights(sim_t2i), 1, generator=generator).squeeze(1)

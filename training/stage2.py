@@ -54,5 +54,6 @@ class Stage2Objective(nn.Module):
         embeds = None if batch.frozen_features is None else m.image_embeds(frozen_features=batch.frozen_features)
         out = m(batch.pixel_values, batch.input_ids.to(m.device), batch.attention_mask.to(m.device),
                 labels=batch.labels.to(m.device), image_embeds=embeds, return_logits=False,
-                qformer_input_ids=batch.qformer_input_ids, qformer_attention_mask=batch.qformer_attention_mask)
+                qformer_input_ids=batch.qformer_input_ids, qformer_attention_mask=batch.qformer_attention_mask,
+                right_padded=True)
         return {"loss": out.loss, "lm": out.loss}

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.autograd.graph import increment_version
 
 import blip2rt
 from blip2rt import parts
 from blip2rt.errors import Blip2rtError, CheckpointError
+from blip2rt.kernels import dropout_rng
 from blip2rt.precision import training_precision
 from blip2rt.pretrained import DTYPES, apply_state
 
@@ -82,11 +84,12 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed + D.rank())
+        dropout_rng.reset()  # the fused kernels' seeds start again from the generator just seeded
 
         frozen = DTYPES[cfg.frozen_dtype] if cfg.frozen_dtype != "auto" else None
         if model is None:
             model = blip2rt.from_pretrained(cfg.model, device=self.device, dtype=frozen, kernels=cfg.kernels,
-                                            config=cfg.model_config, seed=cfg.seed)
+                                            config=cfg.model_config, seed=cfg.seed, cuda_graphs=False)
         self.model = model
         if cfg.init:
             init = Path(cfg.init)
@@ -120,9 +123,13 @@ class Trainer:
             frozen = [n for n, _ in held if n.startswith("model.") and parts.part_of(n[len("model."):]) == "llm"]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.objective, frozen)
             self.module = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+        self.ddp = self.module if isinstance(self.module, nn.parallel.DistributedDataParallel) else None
+        self.module = self._compiled(self.module)
         projection_lr = cfg.projection_lr if self.stage.uses_llm else None
+        # fused: one kernel for every tensor, and it skips a step on the device (found_inf) without a host sync
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay, cfg.lr, projection_lr), lr=cfg.lr,
-                                           betas=(cfg.beta1, cfg.beta2))
+                                           betas=(cfg.beta1, cfg.beta2), fused=True)
+        self._trained = [p for p in self.model.parameters() if p.requires_grad]
         ratio = cfg.min_lr / cfg.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.max_steps, ratio))
@@ -130,7 +137,9 @@ class Trainer:
 
         self.dataset, self.sampler, self.loader = self._data()
         self.step, self.epoch, self.position = 0, 0, 0
-        self.nonfinite_total = self.nonfinite_run = self.skipped_images = 0
+        self.nonfinite_total = self.nonfinite_run = self.skipped_images = 0  # host copies, read at log steps
+        self._skipped_total = torch.zeros((), device=self.device)  # on the device, updated every step
+        self._skipped_run = torch.zeros((), device=self.device)
         if cfg.resume:
             self._resume()
 
@@ -155,6 +164,19 @@ class Trainer:
                                   "\n  ".join(failed) + "\nmove the folder aside to start afresh, or set resume=false")
 
     # ---- setup ----------------------------------------------------------------------------
+
+    def _compiled(self, module):
+        """cfg.compile: the micro-step's forward (and through AOTAutograd its backward) under
+        torch.compile. The stage objectives run with no graph break and no host sync
+        (tests/test_no_host_sync.py), so each is one graph; reduce-overhead replays it as a CUDA graph."""
+        mode = self.cfg.compile
+        if mode == "none":
+            return module
+        if mode == "reduce-overhead" and self.device.type != "cuda":
+            raise Blip2rtError("compile=reduce-overhead captures CUDA graphs: it needs a CUDA device; use "
+                               "compile=default on the CPU")
+        log.info("compiling the training step (torch.compile, mode %s): the first steps include the compile", mode)
+        return torch.compile(module, mode=mode)
 
     def _device(self) -> torch.device:
         if torch.cuda.is_available():
@@ -203,8 +225,9 @@ class Trainer:
     def _state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
-                "position": self.position, "nonfinite_total": self.nonfinite_total,
-                "skipped_images": self.skipped_images, "rng": rng_state(), "stage": self.stage.number}
+                "position": self.position, "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
+                "skipped_images": self.skipped_images, "rng": rng_state(), "stage": self.stage.number,
+                "compile": self.cfg.compile}
 
     def _restore(self, state: dict) -> None:
         if state.get("stage") != self.stage.number:
@@ -215,9 +238,17 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.nonfinite_total, self.skipped_images = state["nonfinite_total"], state["skipped_images"]
+        self.nonfinite_run = state.get("nonfinite_run", 0)
+        saved_compile = state.get("compile", "none")
+        if saved_compile != self.cfg.compile:
+            log.info("the checkpoint trained with compile=%s; continuing with compile=%s (the same model, "
+                     "within rounding)", saved_compile, self.cfg.compile)
+        self._skipped_total.fill_(self.nonfinite_total)
+        self._skipped_run.fill_(self.nonfinite_run)
         set_rng_state(state["rng"])
 
     def save(self) -> Path | None:
+        self._read_counters()
         path = None
         if self.is_main:
             path = save_checkpoint(self.out_dir, self.step, self.model, self._state(), self.cfg.keep_checkpoints,
@@ -257,51 +288,19 @@ class Trainer:
         last = {}
         t0, samples = time.perf_counter(), 0
         while self.step < stop:
-            losses: dict[str, float] = {}
-            finite = True
-            for micro in range(cfg.grad_accum):
-                batch = next(batches)
-                samples += batch.size
-                sync = micro == cfg.grad_accum - 1 or not isinstance(self.module, nn.parallel.DistributedDataParallel)
-                ctx = nullcontext() if sync else self.module.no_sync()
-                autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-                with ctx, autocast:
-                    out = self.module(batch.objective_inputs)
-                loss = out["loss"] / cfg.grad_accum
-                finite &= bool(torch.isfinite(loss.detach()))
-                if finite:
-                    with ctx:
-                        self.scaler.scale(loss).backward()
-                for k, v in out.items():
-                    losses[k] = losses.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            finite = self._all_ranks(finite)
-            if finite:
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.model.parameters() if p.requires_grad],
-                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.nonfinite_run = 0
-            else:
-                self.nonfinite_total += 1
-                self.nonfinite_run += 1
-                grad_norm = float("nan")
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.nonfinite_run)
-                if self.nonfinite_run >= cfg.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"stopping: {self.nonfinite_run} consecutive steps had a non-finite loss (last at step "
-                        f"{self.step}); the last good checkpoint is in {self.out_dir / 'checkpoints'}. Lower the lr, "
-                        "use bf16 instead of fp16, or check the data")
+            losses, grad_norm, size = self._step(batches)
+            samples += size
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1
             bar.update(1)
 
             if self.step % cfg.log_every == 0 or self.step == stop:
+                self._read_counters()  # the one read-back of a step, at log steps only
                 elapsed = time.perf_counter() - t0
-                last = {"step": self.step, **{k: round(v, 5) for k, v in losses.items()}, "lr": self.scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm, "samples_per_s": round(samples * D.world_size() / max(elapsed, 1e-9), 2),
+                last = {"step": self.step, **{k: round(float(v), 5) for k, v in losses.items()},
+                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "samples_per_s": round(samples * D.world_size() / max(elapsed, 1e-9), 2),
                         "skipped_steps": self.nonfinite_total, "skipped_images": self.skipped_images,
                         "epoch": self.epoch}
                 t0, samples = time.perf_counter(), 0
@@ -322,12 +321,59 @@ class Trainer:
             writer.close()
         return last
 
-    def _all_ranks(self, flag: bool) -> bool:
-        if not D.is_distributed():
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return bool(t.item() > 0)
+    def _step(self, batches) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+        """One optimiser step over cfg.grad_accum micro-batches, with nothing read back to the host:
+        the losses and the grad norm stay on the device (tensors), and a step whose loss or grads are
+        not finite is skipped by the fused optimiser itself (its found_inf), which neither moves the
+        weights nor counts the step. Returns the losses, the grad norm and the samples it took."""
+        cfg = self.cfg
+        losses: dict[str, torch.Tensor] = {}
+        size = 0
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            size += batch.size
+            sync = micro == cfg.grad_accum - 1 or self.ddp is None
+            ctx = nullcontext() if sync else self.ddp.no_sync()
+            autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+            with ctx, autocast:
+                out = self.module(batch.objective_inputs)
+            with ctx:
+                self.scaler.scale(out["loss"] / cfg.grad_accum).backward()
+            for k, v in out.items():
+                losses[k] = losses.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        found = (~(torch.isfinite(losses["loss"]) & torch.isfinite(grad_norm))).float()
+        if D.is_distributed():  # every rank skips a step that any rank cannot take
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # fp16: its own found_inf, from the grads
+        else:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, found
+            self.optimizer.step()
+        self.scaler.update()
+        # the fused AdamW writes the weights without bumping their version counters, which the
+        # stacked-weight caches of inference (qformer.PackedLinears) read to see a change
+        for p in self._trained:
+            increment_version(p)
+        self._skipped_run = (self._skipped_run + found) * found  # consecutive skipped steps; 0 after a good one
+        self._skipped_total += found
+        return losses, grad_norm, size
+
+    def _read_counters(self) -> None:
+        """Reads the skipped-step counters back to the host (log and checkpoint steps), warns of
+        skipped steps, and stops after cfg.max_nonfinite in a row."""
+        total, run = int(self._skipped_total), int(self._skipped_run)
+        if total > self.nonfinite_total:
+            log.warning("step %d: %d step(s) skipped since the last log for a non-finite loss or gradient (%d in a "
+                        "row)", self.step, total - self.nonfinite_total, run)
+        self.nonfinite_total, self.nonfinite_run = total, run
+        if run >= self.cfg.max_nonfinite:
+            raise NonFiniteLossError(
+                f"stopping: {run} consecutive steps had a non-finite loss or gradient (last at step {self.step}); "
+                f"the last good checkpoint is in {self.out_dir / 'checkpoints'}. Lower the lr, use bf16 instead of "
+                "fp16, or check the data")
 
     def _tensorboard(self):
         if not self.is_main:
