@@ -23,13 +23,23 @@ class GenerationMixin:
     `_llm_inputs` (the LLM's input embeddings and mask) and `_pixels`."""
 
     @property
+    def tokenizer(self):
+        """The LLM's tokenizer (None for a model without one)."""
+        return self.__dict__.get("_tokenizer")
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        # its pad id, read once here: the tokenizer's own lookup is host code that a compiled step
+        # (torch.compile) cannot trace
+        self.__dict__["_tokenizer"] = tok
+        self.__dict__["_prompt_pad_id"] = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+
+    @property
     def prompt_layout(self) -> PromptLayout:
         """Where the BOS, the soft prompt and the prompt go in the LLM's input (blip2rt.front_end)."""
         self._need_llm("prompt_layout")
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-        return PromptLayout(self.config.is_encoder_decoder, self.language_model.config.bos_token_id, pad,
-                            self.config.bos_before_soft_prompt)
+        return PromptLayout(self.config.is_encoder_decoder, self.language_model.config.bos_token_id,
+                            self.__dict__.get("_prompt_pad_id", 0), self.config.bos_before_soft_prompt)
 
     def question_ids(self, questions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         """Q-Former ids and mask (B, Tq) of the questions where the model conditions its soft prompt
@@ -42,7 +52,7 @@ class GenerationMixin:
     def generate(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, qformer_input_ids: torch.Tensor | None = None,
                  qformer_attention_mask: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None,
-                 static_cache: bool = False, compile_step: bool | None = None, **gen) -> torch.Tensor:
+                 static_cache: bool | None = None, compile_step: bool | None = None, **gen) -> torch.Tensor:
         """Token ids of the new text only (B, T). `gen` takes transformers' generate arguments.
 
         input_ids: the prompt as the LLM's tokenizer gives it (BOS included where it adds one),
@@ -52,14 +62,20 @@ class GenerationMixin:
         `image_embeds`), instead of pixel_values.
         static_cache: greedy or sampled decoding over a preallocated KV cache with the token chosen
         on the device (blip2rt.static_decoding), instead of transformers' generate; decoder-only
-        LLMs, and no beam search. compile_step: torch.compile its decode step (default: on CUDA,
-        where it runs as a CUDA graph; on the CPU the first call pays inductor's compile).
+        LLMs, and no beam search. Default: on where the model runs CUDA graphs (`cuda_graphs`) and
+        the request allows it, else off. compile_step: torch.compile its decode step (default: on
+        CUDA, where it runs as a CUDA graph; on the CPU the first call pays inductor's compile); with
+        `cuda_graphs` the prefill is compiled so too.
         """
         self._need_llm("generate")
         if "max_new_tokens" not in gen and "max_length" not in gen:
             gen["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         lm = self.language_model
         pad = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+        if static_cache is None:
+            from .static_decoding import supports
+
+            static_cache = self.cuda_graphs and not self.config.is_encoder_decoder and supports(gen)
         if static_cache:
             from .static_decoding import StaticDecoder, request_from
 
@@ -70,7 +86,8 @@ class GenerationMixin:
                                                    qformer_input_ids, qformer_attention_mask)
         if static_cache:
             compiled = self.device.type == "cuda" if compile_step is None else compile_step
-            return self._static_decoder.generate(embeds, mask, request, compiled)
+            return self._static_decoder.generate(embeds, mask, request, compiled,
+                                                 graph_prefill=compiled and self.cuda_graphs)
         if self.config.is_encoder_decoder:
             out = lm.generate(inputs_embeds=embeds, attention_mask=mask, **gen)
             return out[:, 1:]  # drop the decoder start token

@@ -140,6 +140,30 @@ class Blip2(GenerationMixin, RetrievalMixin, nn.Module):
     def set_kernel_backend(self, backend: str) -> None:
         self.qformer.kernel_backend = backend
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether inference replays CUDA graphs (blip2rt.cuda_graphs): the visual prefix per batch
+        bucket, and the static-cache decoding's prefill and decode steps."""
+        return self.__dict__.get("_visual_prefix_graphs") is not None
+
+    def set_cuda_graphs(self, on: bool, buckets=None, capture=None) -> None:
+        """Turns CUDA-graph inference on or off. buckets, capture: blip2rt.cuda_graphs.GraphedByBatch's
+        (the tests replace the capture on the CPU)."""
+        if not on:
+            self.__dict__["_visual_prefix_graphs"] = None
+            return
+        if capture is None and self.device.type != "cuda":
+            raise InputError(f"cuda_graphs needs the model on a CUDA device; it is on {self.device}")
+        from .cuda_graphs import BUCKETS, GraphedByBatch
+
+        self._need_llm("cuda_graphs")
+        self.__dict__["_visual_prefix_graphs"] = GraphedByBatch(self._visual_prefix, buckets or BUCKETS, capture)
+
+    def _visual_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the soft prompt (B, Q, LLM width) in the LLM's dtype: what the graphs hold."""
+        out = self.query_output(self.image_embeds(pixel_values))
+        return self.language_projection(out).to(self.language_model.dtype)
+
     def save_pretrained(self, folder: str | Path) -> None:
         """config.json + model.safetensors (tied weights once) + tokenizer files: what from_pretrained reads."""
         from .pretrained import save_pretrained
@@ -193,6 +217,9 @@ class Blip2(GenerationMixin, RetrievalMixin, nn.Module):
         """The soft prompt in the LLM's dtype, ready to prepend to its input embeddings; from pixels,
         or from image tokens after ln_vision (`image_embeds`, e.g. cached frozen features)."""
         self._need_llm("soft_prompt")
+        graphs = self.__dict__.get("_visual_prefix_graphs")
+        if graphs is not None and image_embeds is None and question_ids is None and not torch.is_grad_enabled():
+            return graphs(pixel_values.to(self.device))
         if image_embeds is None:
             image_embeds = self.image_embeds(pixel_values)
         out = self.query_output(image_embeds, *self._question(question_ids, question_mask))
@@ -243,14 +270,22 @@ class Blip2(GenerationMixin, RetrievalMixin, nn.Module):
         return_logits: bool = True,
         qformer_input_ids: torch.Tensor | None = None,  # (B, Tq) the question's Q-Former ids (question_in_qformer)
         qformer_attention_mask: torch.Tensor | None = None,  # (B, Tq)
+        right_padded: bool = False,
     ) -> Blip2Output:
         """LM loss of the text behind the soft prompt (query positions never count).
 
         return_logits=False (training): where the LM head is a plain linear layer, only the T
-        positions that predict the text go through it, and no logits are returned."""
+        positions that predict the text go through it, and no logits are returned.
+        right_padded: the text is padded on the right only, as training batches are
+        (front_end.PromptLayout.teacher_forced). A decoder-only LLM then runs without a padding mask:
+        causal attention alone keeps the padding from every labelled position, so no mask is built
+        or checked on the host (transformers reads a padding mask back to decide whether it can skip
+        it) and attention can take its causal fast path."""
         self._need_llm("forward")
         embeds, mask, _ = self._llm_inputs(pixel_values, input_ids, attention_mask, image_embeds, qformer_input_ids,
                                            qformer_attention_mask)
+        if right_padded and labels is not None and not self.config.is_encoder_decoder:
+            mask = None
         if self.config.is_encoder_decoder:
             out = self.language_model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
                                       decoder_attention_mask=decoder_attention_mask, labels=labels)

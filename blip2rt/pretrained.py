@@ -72,12 +72,16 @@ def from_pretrained(
     config: str | Path | Blip2Config | None = None,
     trainable_dtype: str | torch.dtype = torch.float32,
     seed: int | None = 0,
+    cuda_graphs: bool | None = None,
 ) -> Blip2:
     """Builds a BLIP-2 model in eval mode; see the module docstring for what `path_or_preset` may be.
 
     seed: what no checkpoint fills (a preset's parts, blip2-mini's cross-attention and language
     projection) is initialised from its own generator seeded with this, so two loads give the same
-    model and torch's global generator is left as it was. None draws from the global generator."""
+    model and torch's global generator is left as it was. None draws from the global generator.
+    cuda_graphs: inference replays CUDA graphs (blip2rt.cuda_graphs; CUDA devices only). Default: on
+    for a model with an LLM on CUDA, where captions took a ninth of the eager time on an H200
+    (benchmarks/RESULTS.md), off elsewhere."""
     device = parse_device(device)
     frozen_dtype = parse_dtype(dtype, device)
     trainable_dtype = parse_dtype(trainable_dtype, device)
@@ -89,6 +93,10 @@ def from_pretrained(
     _cast_trainable(model, trainable_dtype)
     model.to(device)
     model.set_kernel_backend(backend)
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda" and model.config.with_llm
+    if cuda_graphs:
+        model.set_cuda_graphs(True)
     return model.eval()
 
 

@@ -128,11 +128,20 @@ class _Request:
     sampling: Sampling | None
 
 
+def _unsupported(gen: dict) -> list[str]:
+    return sorted(k for k, v in gen.items() if k not in STATIC_ARGS and v is not None)
+
+
+def supports(gen: dict) -> bool:
+    """Whether the static path can honour generate()'s keyword arguments (no beams, no processors)."""
+    return not _unsupported(gen) and gen.get("num_beams", 1) == 1
+
+
 def request_from(gen: dict, lm: nn.Module, pad: int) -> _Request:
     """generate()'s keyword arguments -> the static path's settings; InputError for what it
     cannot honour (beam search, logits processors, ...), naming the argument."""
-    unsupported = sorted(k for k, v in gen.items() if k not in STATIC_ARGS and v is not None)
-    if unsupported or gen.get("num_beams", 1) != 1:
+    unsupported = _unsupported(gen)
+    if not supports(gen):
         what = unsupported or [f"num_beams={gen['num_beams']}"]
         raise InputError(f"static_cache decodes greedily or by sampling (temperature, top_k, top_p); "
                          f"{', '.join(what)} needs static_cache=False")
@@ -193,10 +202,28 @@ class StaticDecoder:
             self._steps[key] = step
         return self._steps[key]
 
+    def prefill_function(self, graphed: bool):
+        """embeds (B, P, W), mask (B, L), positions (B, P), write_at (), bias (1, V), kv -> the logits
+        of the prompt's last position (B, V). graphed: compiled in reduce-overhead mode (a CUDA
+        graph per prompt shape; Blip2's cuda_graphs)."""
+        key = ("prefill", graphed)
+        if key not in self._steps:
+            model = self.model
+
+            def prefill(embeds, mask, position, write_at, bias, *kv):
+                return model(embeds, mask, position, write_at, bias, *kv)[0]
+
+            if graphed:
+                prefill = torch.compile(prefill, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self._steps[key] = prefill
+        return self._steps[key]
+
     @torch.no_grad()
-    def generate(self, embeds: torch.Tensor, mask: torch.Tensor, request: _Request, compiled: bool) -> torch.Tensor:
+    def generate(self, embeds: torch.Tensor, mask: torch.Tensor, request: _Request, compiled: bool,
+                 graph_prefill: bool = False) -> torch.Tensor:
         """embeds (B, P, W) and mask (B, P), left-padded -> the new tokens (B, T), T <= max_new,
-        finished rows padded, cut where every row has finished (as transformers' generate)."""
+        finished rows padded, cut where every row has finished (as transformers' generate).
+        graph_prefill: the prefill replays a CUDA graph too (CUDA only)."""
         b, p, _ = embeds.shape
         device = embeds.device
         if request.max_new < 1:
@@ -213,8 +240,13 @@ class StaticDecoder:
         eos = tuple(request.eos)
         eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
         # the prefill: the prompt's K/V at 0..P-1, and the first token
-        logits = self.model(embeds, full, position, torch.zeros((), dtype=torch.long, device=device),
-                            free, *kv)[0]
+        graph_prefill = graph_prefill and device.type == "cuda"
+        if graph_prefill:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.prefill_function(graph_prefill)(embeds, full, position,
+                                                      torch.zeros((), dtype=torch.long, device=device), free, *kv)
+        if graph_prefill:
+            logits = logits.clone()  # the graph's output is overwritten by its next replay
         tokens = choose(logits, blocked if request.min_new > 0 else free, request.sampling)
         unfinished = ~torch.isin(tokens, eos_ids)
         out = [tokens]
