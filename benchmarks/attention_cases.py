@@ -69,8 +69,10 @@ def attention_case(kind: str, impl: str, device, dtype, batch: int, heads: int, 
 
 def qformer_forward_case(impl: str, device, dtype, preset: str, batch: int, backward: bool = False) -> Callable[[], None]:
     """The Q-Former (queries x image tokens), B images, forward or forward + backward:
-    "fused" = packed K/V + fused attention; "torch" = blip2rt's reference path; "transformers" =
-    transformers' Blip2QFormerModel (per-layer K/V, its own attention) at the same shapes.
+    "fused" = packed K/V + fused attention; "torch" = blip2rt's reference path; "compiled" = that path
+    under torch.compile (inductor, default mode); "graphed" = the fused path replayed from a CUDA
+    graph (blip2rt.cuda_graphs; forward only); "transformers" = transformers' Blip2QFormerModel
+    (per-layer K/V, its own attention) at the same shapes.
     Random weights: the time does not depend on them."""
     import dataclasses
 
@@ -96,10 +98,19 @@ def qformer_forward_case(impl: str, device, dtype, preset: str, batch: int, back
         # the Q-Former alone (with its text heads, which these passes never touch): no LLM to build
         qcfg = dataclasses.replace(cfg, text_config=None, with_text_heads=True, bos_before_soft_prompt=False)
         model = Blip2(qcfg).to(device, dtype).train(backward)
-        model.set_kernel_backend("triton" if impl == "fused" else "torch")
+        model.set_kernel_backend("triton" if impl in ("fused", "graphed") else "torch")
+        query_output = model.query_output
+        if impl == "compiled":
+            query_output = torch.compile(model.query_output)
+        elif impl == "graphed":
+            from blip2rt.cuda_graphs import GraphedByBatch
+
+            if backward:
+                raise ValueError("graphed: the CUDA-graph path is for inference (forward only)")
+            query_output = GraphedByBatch(model.query_output)
 
         def run():
-            return model.query_output(embeds)
+            return query_output(embeds)
 
     def step():
         if backward:

@@ -16,15 +16,19 @@ import blip2rt
 
 
 def caption_case(impl: str, device, preset: str, batch: int, new_tokens: int = 30) -> tuple[Callable[[], None], object]:
-    """impl: "fused" | "torch" | "static-compiled" | "transformers". Returns (step, the blip2rt
-    model for the floor)."""
+    """impl: "fused" | "graphed" (fused, with cuda_graphs: the visual prefix, prefill and decode steps
+    replayed from CUDA graphs) | "torch" | "static-compiled" | "transformers". Returns (step, the
+    blip2rt model for the floor)."""
     model = blip2rt.from_pretrained(preset, device=device, dtype="bf16", trainable_dtype="bf16",
-                                    kernels="triton" if impl == "fused" else "torch")
+                                    kernels="triton" if impl in ("fused", "graphed") else "torch",
+                                    cuda_graphs=impl == "graphed")
     size = model.config.vision_config.image_size
     px = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
     gen = dict(num_beams=1, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     if impl == "static-compiled":
         gen.update(static_cache=True, compile_step=True)
+    if impl == "fused":
+        gen.update(static_cache=False)
     if impl != "transformers":
         return (lambda: model.generate(px, **gen)), model
     from transformers import Blip2Config, Blip2ForConditionalGeneration

@@ -11,13 +11,24 @@ kernels) is `gpu_probes.py`.
 Steps, most important first; each has a time cap and the whole a deadline, and each writes its
 results into OUT as soon as it ends, so a call cut off by its limit still returns what finished:
 
-1. kernel correctness: every GPU test (`pytest -m gpu tests/`), pass/fail per test;
-2. kernel ratios: the fused kernels vs eager at the paper's shapes (benchmarks, saved);
-3. host vs device: wall time against summed CUDA kernel time per step, fused and torch;
-4. the training steps (stage 1 and 2) at the paper's shapes;
-5. caption latency: ViT-g + OPT-2.7B, B = 1 and 8, against transformers and the bandwidth floor,
-   and the LLM's attention kernels by name, from a profile (FlashAttention or not);
-6. ONNX Runtime on CUDA, when onnxruntime-gpu is importable (see `make ort-gpu-parts`).
+1. kernel correctness: every GPU test (`pytest -m gpu tests/`, in parallel workers where the
+   machine has pytest-xdist), pass/fail per test;
+2. the Q-Former forward at B = 1, 32 and 128: graphed, fused, transformers, torch; then fwd+bwd;
+3. caption latency: ViT-g + OPT-2.7B, B = 1 then 8, graphed against transformers and the
+   bandwidth floor, then the other paths;
+4. the training steps: stage 1 at B = 64 (fused, LAVIS-style, torch), then stage 2;
+5. host vs device: wall time against summed CUDA kernel time per step, fused and torch;
+6. the kernel ratios: each fused kernel vs eager at the paper's shapes;
+7. the LLM's attention kernels by name, from a profile (FlashAttention or not);
+8. ONNX Runtime on CUDA, when onnxruntime-gpu is importable (see `make ort-gpu-parts`);
+9. the torch.compile peers (Q-Former, training kernels, training steps), in the time the other
+   steps left: inductor compiles each case for tens of seconds.
+The caps add up to the budget (400 s). Each benchmark step runs its cases in the order that
+answers the targets first; one cut off at its cap is interrupted (SIGINT), so pytest-benchmark
+still writes the cases that finished. `--only profile` runs the Q-Former alone instead
+(qformer_profile.py: eager and CUDA-graph replay times, per-kernel tables, Perfetto traces) in 4
+minutes; `--only compiled` the torch.compile peers in full, in 4 minutes; `--only onnxruntime` the
+ONNX Runtime CUDA step.
 
 OUT gets summary.md (ready to paste into RESULTS.md), summary.json and details.tar.gz (one log
 per step and the benchmark JSON files). Exit status: 0 when every step ran and every test passed.
@@ -43,10 +54,71 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUDGET_S = 400  # of the 7 minutes; the rest is the summary and a margin
+OUTCOMES = "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS"
+TEST_WORKERS = 6  # pytest-xdist workers for the GPU tests, where the machine has xdist
+GRACE_S = 10  # a step cut off at its cap is interrupted this long before it is killed
 ORT_GPU_DIR = "/tmp/blip2rt-ort-gpu"  # where the ort-gpu-parts commands install onnxruntime-gpu
-# (name, seconds cap): the order is the priority
-STEPS = [("install", 60), ("gpu tests", 170), ("kernel benchmarks", 130), ("host vs device", 60),
-         ("train steps", 90), ("caption latency", 80), ("llm attention kernels", 40), ("onnxruntime cuda", 60)]
+# (name, seconds cap): the order is the priority; the caps add up to BUDGET_S, so every step gets its
+# time (the first H200 run's whole check took 328 s with its kernel benchmarks cut off)
+STEPS = [("install", 15), ("gpu tests", 95), ("qformer", 70), ("caption latency", 60), ("train steps", 45),
+         ("host vs device", 20), ("kernel benchmarks", 45), ("llm attention kernels", 10), ("onnxruntime cuda", 20),
+         ("compiled peers", 20)]
+# the last step also gets whatever the others left unspent
+# `--only profile`: the Q-Former alone (qformer_profile.py), in 4 minutes with the install
+PROFILE_BUDGET_S = 240
+PROFILE_STEPS = [("install", 40), ("qformer profile", 190)]
+# `--only compiled`: the torch.compile peers in full (inductor compiles each case for tens of seconds,
+# more than the full check's last step holds)
+COMPILED_BUDGET_S = 240
+COMPILED_STEPS = [("install", 40), ("compiled peers in full", 195)]
+# what the compiled peers are: the torch.compile cases of the GPU benchmarks (the full check's other
+# steps leave them out)
+COMPILED = "compiled and not static and not cpu"
+
+CAPS = dict(STEPS + PROFILE_STEPS + COMPILED_STEPS)
+BENCHMARK_FILES = ["benchmarks/test_attention_kernels.py", "benchmarks/test_training_kernels.py",
+                   "benchmarks/test_train_step.py"]
+
+
+def _cases(test: str, *params: str) -> list[str]:
+    return [f"{test}[{p}]" for p in params]
+
+
+# Each benchmark step runs its cases in this order, so a step cut off at its cap has done the ones that
+# answer the targets (on the first H200 run of this check every step was cut off, and the order of the
+# files decided what ran). A cut-off step keeps what finished: pytest is interrupted, not killed.
+QFORMER = "benchmarks/test_attention_kernels.py::test_qformer_gpu"
+QFORMER_CASES = _cases(QFORMER, *(f"{b}-fwd-{impl}" for b in (1, 32, 128)
+                                  for impl in ("graphed", "fused", "transformers", "torch")),
+                       *(f"{b}-fwd+bwd-{impl}" for b in (1, 32, 128) for impl in ("fused", "torch", "transformers")))
+CAPTION = "benchmarks/test_caption_gpu.py::test_caption_gpu"
+CAPTION_CASES = _cases(CAPTION, "1-graphed", "1-transformers", "1-fused", "8-graphed", "8-transformers", "8-fused",
+                       "1-torch", "8-torch", "1-static-compiled", "8-static-compiled")
+TRAIN_STEP_CASES = (_cases("benchmarks/test_train_step.py::test_stage1_step_gpu", "triton", "lavis", "torch")
+                    + _cases("benchmarks/test_train_step.py::test_stage2_step_gpu", "triton", "torch"))
+KERNEL_FILES = ["benchmarks/test_attention_kernels.py", "benchmarks/test_training_kernels.py"]
+KERNELS = "not cpu and not compiled and not qformer"
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # it ended meanwhile
+        pass
+
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def test_outcome(line: str) -> tuple[str, str] | None:
+    """(test id, outcome) from a line of pytest -v, with or without xdist's worker prefix."""
+    m = re.match(rf"^(tests/\S+::\S+)\s+({OUTCOMES})", line) or re.match(
+        rf"^\[gw\d+\]\s+\[\s*\d+%\]\s+({OUTCOMES})\s+(tests/\S+::\S+)", line)
+    if not m:
+        return None
+    a, b = m.groups()
+    return (a, b) if a.startswith("tests/") else (b, a)
 
 
 def no_cuda_reason() -> str | None:
@@ -64,7 +136,8 @@ def no_cuda_reason() -> str | None:
 
 class Check:
     def __init__(self, out: Path, budget: float):
-        self.out = out
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
         # logs and benchmark JSON: packed into OUT/details.tar.gz after every step (the device tool
         # brings back 8 files at most, so OUT holds three)
         self.details = Path(tempfile.mkdtemp(prefix="blip2rt-gpu-check-"))
@@ -111,13 +184,19 @@ class Check:
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
             cut = threading.Event()
+            grace = min(GRACE_S, timeout / 4)
 
-            def cut_off():  # the watchdog: a step that hangs without output is still stopped on time
+            def interrupt():  # pytest stops, and pytest-benchmark still writes what finished
                 cut.set()
-                os.killpg(proc.pid, signal.SIGKILL)
+                _signal_group(proc, signal.SIGINT)
 
-            timer = threading.Timer(timeout, cut_off)
-            timer.start()
+            def cut_off():  # the watchdog: a step that ignores the interrupt is still stopped on time
+                cut.set()
+                _signal_group(proc, signal.SIGKILL)
+
+            timers = [threading.Timer(timeout - grace, interrupt), threading.Timer(timeout, cut_off)]
+            for timer in timers:
+                timer.start()
             try:
                 for line in proc.stdout:
                     log.write(line)
@@ -127,7 +206,8 @@ class Check:
                         on_line(line)
                 code = proc.wait()
             finally:
-                timer.cancel()
+                for timer in timers:
+                    timer.cancel()
             if cut.is_set():
                 code = None
                 log.write(f"\n[gpu-check] cut off after {timeout:.0f} s\n")
@@ -140,8 +220,13 @@ class Check:
 
     def probe(self, name: str, *args: str, timeout: float = 120) -> tuple[dict | None, str]:
         """One probe of gpu_probes.py in the installed python: its RESULT, or None and what it printed."""
-        got = subprocess.run([self.python, str(ROOT / "benchmarks" / "gpu_probes.py"), name, *args], capture_output=True,
-                             text=True, timeout=timeout, env=self.env, cwd=ROOT)
+        if timeout < 1:
+            return None, "no time left"
+        try:
+            got = subprocess.run([self.python, str(ROOT / "benchmarks" / "gpu_probes.py"), name, *args],
+                                 capture_output=True, text=True, timeout=timeout, env=self.env, cwd=ROOT)
+        except subprocess.TimeoutExpired as e:
+            return None, f"cut off after {timeout:.0f} s: " + _text(e.stdout)[-1000:] + _text(e.stderr)[-1000:]
         found = [line for line in got.stdout.splitlines() if line.startswith("RESULT ")]
         return (json.loads(found[-1][len("RESULT "):]) if found else None), got.stdout[-1000:] + got.stderr[-1000:]
 
@@ -173,7 +258,7 @@ class Check:
         Path(own_site, "machine-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
         code, _ = self.run("install", [str(python), "-m", "pip", "install", "--quiet", "--no-deps",
                                        "--no-build-isolation", "--no-index", "-e", str(ROOT)],
-                           cap=dict(STEPS)["install"])
+                           cap=CAPS["install"])
         imports = ["-c", "import torch, triton, transformers, pytest, pytest_benchmark, blip2rt.kernels"]
         if code == 0 and subprocess.run([str(python), *imports], capture_output=True).returncode == 0:
             self.python = str(python)
@@ -184,7 +269,7 @@ class Check:
         shutil.rmtree(target, ignore_errors=True)
         code, _ = self.run("install (fallback)", [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                                                   "--no-build-isolation", "--no-index", "--target", str(target),
-                                                  str(ROOT)], cap=dict(STEPS)["install"])
+                                                  str(ROOT)], cap=CAPS["install"])
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), self.env.get("PYTHONPATH")]))
         self.record("install", status="ok (fallback)" if code == 0 else "failed",
                     method=f"the venv could not be used (see install.log); blip2rt installed into {target}, "
@@ -194,25 +279,30 @@ class Check:
         results = self.summary["tests"]
 
         def on_line(line: str) -> None:
-            m = re.match(r"^(tests/\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", line)
-            if m:
-                results[m.group(1)] = m.group(2)
+            found = test_outcome(line)
+            if found:
+                results[found[0]] = found[1]
                 self.write()
 
         # only the files with GPU tests: collecting the rest would import what the GPU image may lack
         files = files or sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
                                 if "pytest.mark.gpu" in p.read_text())
-        code, _ = self.run("gpu tests", [self.python, "-m", "pytest", "-m", "gpu", *files, "-v", "-rfE",
+        # Triton's compiles, not the GPU, take most of a test's time: workers compile side by side
+        workers = ["-n", str(TEST_WORKERS)] if self.has_module("xdist") else []
+        code, _ = self.run("gpu tests", [self.python, "-m", "pytest", "-m", "gpu", *files, "-v", "-rfE", *workers,
                                          "-p", "no:cacheprovider", "-o", "addopts="],
-                           cap=dict(STEPS)["gpu tests"], on_line=on_line)
+                           cap=CAPS["gpu tests"], on_line=on_line)
         return code
 
-    def benchmark(self, step: str, select: list[str], keyword: str | None = None) -> None:
+    def has_module(self, name: str) -> bool:
+        return subprocess.run([self.python, "-c", f"import {name}"], capture_output=True, env=self.env).returncode == 0
+
+    def benchmark(self, step: str, select: list[str], keyword: str | None = None, cap: float | None = None) -> None:
         out = self.details / (re.sub(r"\W+", "-", step) + ".json")
         cmd = [self.python, "-m", "pytest", *select, "-p", "no:cacheprovider", "-q", "-rs", "-o",
                "testpaths=benchmarks", "--benchmark-columns=median,iqr,rounds", "--benchmark-group-by=group",
                f"--benchmark-json={out}"] + (["-k", keyword] if keyword else [])
-        self.run(step, cmd, cap=dict(STEPS)[step])
+        self.run(step, cmd, cap=cap or CAPS[step])
         if not out.is_file():
             return
         result, output = self.probe("render", str(out))
@@ -225,7 +315,7 @@ class Check:
     def host_vs_device(self) -> None:
         """Wall time against summed CUDA kernel time per step, fused and torch (host_device_split.py)."""
         code, text = self.run("host vs device", [self.python, "benchmarks/host_device_split.py"],
-                              cap=dict(STEPS)["host vs device"])
+                              cap=CAPS["host vs device"])
         found = [line for line in text.splitlines() if line.startswith("RESULT ")]
         if found:
             self.summary["host_vs_device"] = json.loads(found[-1][len("RESULT "):])
@@ -234,9 +324,19 @@ class Check:
     def llm_attention_kernels(self) -> None:
         """Which CUDA kernels run the LLM's attention (OPT-2.7B's shapes, bf16, 64 tokens)."""
         started = time.monotonic()
-        result, output = self.probe("llm-attention", timeout=min(dict(STEPS)["llm attention kernels"], self.left()))
+        result, output = self.probe("llm-attention", timeout=min(CAPS["llm attention kernels"], self.left()))
         self.record("llm attention kernels", status="ok" if result else "failed",
                     seconds=round(time.monotonic() - started, 1), **(result or {"output": output[-500:]}))
+
+    def qformer_profile(self) -> None:
+        """qformer_profile.py: eager and graph-replay times, per-kernel tables and Perfetto traces (those
+        go into details.tar.gz, under profile/)."""
+        code, text = self.run("qformer profile", [self.python, "benchmarks/qformer_profile.py",
+                                                  str(self.details / "profile")], cap=CAPS["qformer profile"])
+        found = [line for line in text.splitlines() if line.startswith("RESULT ")]
+        if found:
+            self.summary["profile"] = json.loads(found[-1][len("RESULT "):])
+            self.write()
 
     def onnxruntime_cuda(self) -> None:
         probe = subprocess.run([self.python, "-c", "import onnxruntime as o; print(o.__version__, "
@@ -278,6 +378,14 @@ class Check:
                       if any(k in c["extra"] for k in ("x_floor", "floor_ms", "mfu", "peak_mib"))}
             if extras:
                 lines += ["", "extra_info: " + "; ".join(f"{n} {json.dumps(e)}" for n, e in extras.items())]
+        prof = self.summary.get("profile")
+        if prof:
+            lines += ["", "## Q-Former profile (forward; tables and traces in details.tar.gz, profile/)", "",
+                      "| case | eager ms | graph replay ms | kernels a call | top kernel (us) |", "|---|---|---|---|---|"]
+            for name, r in prof.items():
+                top = (r.get("top_kernels") or [["-", ""]])[0]
+                lines.append(f"| {name} | {r['eager_ms']} | {r.get('replay_ms', r.get('replay_error', '-'))} | "
+                             f"{r.get('kernels_per_call')} | {top[0]} ({top[1]}) |")
         split = self.summary.get("host_vs_device")
         if split:
             lines += ["", "## host vs device (per step: wall time, summed CUDA kernel time)", "",
@@ -293,8 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="folder for summary.md, summary.json, logs and benchmark JSON")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for all steps (default {BUDGET_S})")
-    ap.add_argument("--only", choices=["all", "onnxruntime"], default="all",
-                    help="onnxruntime: only the ONNX Runtime CUDA tests and benchmarks (after make ort-gpu-parts)")
+    ap.add_argument("--only", choices=["all", "onnxruntime", "profile", "compiled"], default="all",
+                    help="onnxruntime: only the ONNX Runtime CUDA tests and benchmarks (after make ort-gpu-parts); "
+                         f"profile: the Q-Former alone, eager and graph-replay times, kernel tables and traces "
+                         f"({PROFILE_BUDGET_S} s); compiled: the torch.compile peers in full ({COMPILED_BUDGET_S} s)")
     ap.add_argument("--ort-gpu", default=ORT_GPU_DIR,
                     help=f"where make ort-gpu-parts installed onnxruntime-gpu (default {ORT_GPU_DIR}; used if present)")
     args = ap.parse_args(argv)
@@ -304,11 +414,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    check = Check(out, args.budget)
+    budget = {"profile": PROFILE_BUDGET_S, "compiled": COMPILED_BUDGET_S}.get(args.only, args.budget)
+    check = Check(out, min(args.budget, budget))
     if Path(args.ort_gpu, "onnxruntime").is_dir():  # ahead of the machine's CPU-only onnxruntime
         check.env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.ort_gpu, check.env.get("PYTHONPATH")]))
     check.machine()
     check.install()
+    if args.only == "profile":
+        check.qformer_profile()
+        check.write()
+        print((out / "summary.md").read_text())
+        return 0 if check.summary["steps"]["qformer profile"].get("status") == "ok" else 1
+    if args.only == "compiled":
+        check.benchmark("compiled peers in full", BENCHMARK_FILES, keyword=COMPILED)
+        check.write()
+        print((out / "summary.md").read_text())
+        return 0 if check.summary["steps"]["compiled peers in full"].get("status") == "ok" else 1
     if args.only == "onnxruntime":
         tests_code = check.gpu_tests(["tests/test_export_gpu.py"])
         check.onnxruntime_cuda()
@@ -316,13 +437,14 @@ def main(argv: list[str] | None = None) -> int:
         print((out / "summary.md").read_text())
         return 0 if tests_code == 0 else 1
     tests_code = check.gpu_tests()
-    check.benchmark("kernel benchmarks", ["benchmarks/test_training_kernels.py", "benchmarks/test_attention_kernels.py"],
-                    keyword="not cpu")
+    check.benchmark("qformer", QFORMER_CASES)
+    check.benchmark("caption latency", CAPTION_CASES)
+    check.benchmark("train steps", TRAIN_STEP_CASES)
     check.host_vs_device()
-    check.benchmark("train steps", ["benchmarks/test_train_step.py"], keyword="gpu")
-    check.benchmark("caption latency", ["benchmarks/test_caption_gpu.py"])
+    check.benchmark("kernel benchmarks", KERNEL_FILES, keyword=KERNELS)
     check.llm_attention_kernels()
     check.onnxruntime_cuda()
+    check.benchmark("compiled peers", BENCHMARK_FILES, keyword=COMPILED, cap=max(CAPS["compiled peers"], check.left()))
     check.write()
     print((out / "summary.md").read_text())
     steps_ok = all(s.get("status", "").startswith("ok") or s.get("status", "").startswith("skipped: no CUDA provider")

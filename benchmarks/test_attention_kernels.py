@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attention_cases import PAPER, attention_case, qformer_forward_case
-from timing import measure, per_second
+from timing import measure, per_second, skip_compiled_in_quick_mode
 
 CPU_PRESETS = ["tiny", "blip2-mini"]
 
@@ -29,21 +29,25 @@ def test_attention(benchmark, cuda, kind, batch, backward, impl):
     per_second(benchmark, "samples_per_s", batch)
 
 
-@pytest.mark.parametrize("impl", ["fused", "torch", "transformers"])
+@pytest.mark.parametrize("impl", ["fused", "graphed", "torch", "compiled", "transformers"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("batch", [1, 32, 128])
 def test_qformer_gpu(benchmark, cuda, batch, backward, impl):
-    """BERT-base Q-Former over ViT-g tokens (257 x 1408); B = 1 is the latency case."""
+    """BERT-base Q-Former over ViT-g tokens (257 x 1408); B = 1 is the latency case. "graphed"
+    replays the fused forward from a CUDA graph (target at B = 1: 0.8 ms)."""
+    if impl == "graphed" and backward:
+        pytest.skip("CUDA graphs serve inference: the graphed case is forward only")
     benchmark.group = f"qformer blip2-itm-vit-g B={batch} {'fwd+bwd' if backward else 'fwd'}"
     step = qformer_forward_case(impl, cuda, torch.bfloat16, "blip2-itm-vit-g", batch=batch, backward=backward)
     measure(benchmark, step, device=cuda, expect=("fused_attention._fwd_kernel",))
     per_second(benchmark, "images_per_s", batch)
 
 
-@pytest.mark.parametrize("impl", ["torch", "transformers"])
+@pytest.mark.parametrize("impl", ["torch", "compiled", "transformers"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("preset", CPU_PRESETS)
 def test_qformer_cpu(benchmark, preset, backward, impl):
+    skip_compiled_in_quick_mode(impl)
     batch = 8
     benchmark.group = f"qformer {preset} B={batch} {'fwd+bwd' if backward else 'fwd'} (cpu)"
     step = qformer_forward_case(impl, torch.device("cpu"), torch.float32, preset, batch=batch, backward=backward)

@@ -1,9 +1,11 @@
 """Layer 3: one optimiser step of each stage.
 
 - GPU (paper shapes): ViT-g + BERT-base Q-Former (stage 1, B = 64) and ViT-g + OPT-2.7B
-  (stage 2, B = 32); kernels="triton" vs "torch" vs a LAVIS-style eager stage-1 step. MFU uses
+  (stage 2, B = 32); kernels="triton" vs "torch" vs "compiled" (the torch path under torch.compile)
+  vs a LAVIS-style eager stage-1 step. MFU uses
   the H100/H200 dense bf16 peak (989 TFLOP/s); the FLOP counts are estimates (see the cases).
-- CPU (`tiny` and `mini` shapes, random weights): "torch" vs the LAVIS-style step, in the precision
+- CPU (`tiny` and `mini` shapes, random weights): "torch" and "compiled" (the same under torch.compile)
+  vs the LAVIS-style step, in the precision
   the trainer's `amp: auto` picks on this CPU ("auto": bf16 autocast only where the CPU has native
   bf16) and in fp32 with bf16 forced off ("fp32"), as a CPU without native bf16 runs. Where "auto" is
   fp32 too, its case is skipped as a repeat.
@@ -14,7 +16,7 @@ Run: blip2rt bench -k train_step
 import pytest
 import torch
 
-from timing import measure, per_second
+from timing import measure, per_second, skip_compiled_in_quick_mode
 from train_step_cases import FUSED_STAGE1, FUSED_STAGE2, check_attention_dropout, stage1_step, stage2_step, step_precision
 
 PEAK_BF16 = 989e12
@@ -26,7 +28,7 @@ def _mfu(benchmark, flops):
     benchmark.extra_info["mfu"] = round(flops / benchmark.stats.stats.median / PEAK_BF16, 3)
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch", "lavis"])
+@pytest.mark.parametrize("impl", ["triton", "torch", "compiled", "lavis"])
 def test_stage1_step_gpu(benchmark, cuda, impl):
     benchmark.group = "stage-1 step blip2-itm-vit-g B=64"
     step, flops = stage1_step(impl, cuda, "blip2-itm-vit-g", batch=64)
@@ -37,7 +39,7 @@ def test_stage1_step_gpu(benchmark, cuda, impl):
     _mfu(benchmark, flops)
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", ["triton", "torch", "compiled"])
 def test_stage2_step_gpu(benchmark, cuda, impl):
     benchmark.group = "stage-2 step blip2-opt-2.7b B=32"
     step, flops = stage2_step(impl, cuda, "blip2-opt-2.7b", batch=32)
@@ -58,9 +60,10 @@ def _cpu_precision(benchmark, precision: str) -> bool:
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
-@pytest.mark.parametrize("impl", ["torch", "lavis"])
+@pytest.mark.parametrize("impl", ["torch", "compiled", "lavis"])
 @pytest.mark.parametrize("preset,batch", CPU_CASES)
 def test_stage1_step_cpu(benchmark, preset, batch, impl, precision):
+    skip_compiled_in_quick_mode(impl)
     benchmark.group = f"stage-1 step {preset} B={batch} (cpu, {precision})"
     step, _ = stage1_step(impl, CPU, preset, batch=batch, text_len=16, bf16=_cpu_precision(benchmark, precision))
     measure(benchmark, step, rounds=5, warmup=1)
@@ -68,9 +71,11 @@ def test_stage1_step_cpu(benchmark, preset, batch, impl, precision):
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
+@pytest.mark.parametrize("impl", ["torch", "compiled"])
 @pytest.mark.parametrize("preset,batch", CPU_CASES)
-def test_stage2_step_cpu(benchmark, preset, batch, precision):
+def test_stage2_step_cpu(benchmark, preset, batch, impl, precision):
+    skip_compiled_in_quick_mode(impl)
     benchmark.group = f"stage-2 step {preset} B={batch} (cpu, {precision})"
-    step, _ = stage2_step("torch", CPU, preset, batch=batch, text_len=16, bf16=_cpu_precision(benchmark, precision))
+    step, _ = stage2_step(impl, CPU, preset, batch=batch, text_len=16, bf16=_cpu_precision(benchmark, precision))
     measure(benchmark, step, rounds=5, warmup=1)
     per_second(benchmark, "samples_per_s", batch)

@@ -11,7 +11,7 @@ from timing import measure
 from training_kernel_cases import CASES, FUSED_KERNEL, PAPER_SHAPES
 
 
-@pytest.mark.parametrize("impl", ["fused", "eager"])
+@pytest.mark.parametrize("impl", ["fused", "eager", "compiled"])
 @pytest.mark.parametrize("op", list(CASES))
 def test_training_kernel(benchmark, cuda, op, impl):
     benchmark.group = f"{op} {PAPER_SHAPES[op]}"

@@ -1,5 +1,6 @@
-"""One optimiser step of each stage, for throughput: blip2rt with kernels="triton" / "torch", and a
-LAVIS-style eager stage-1 step (fp16 autocast, per-sample negative sampling with a Python loop,
+"""One optimiser step of each stage, for throughput: blip2rt with kernels="triton" / "torch", the torch
+path under torch.compile ("compiled": the objective's forward and backward, inductor's default mode,
+as the trainer's `compile: default` runs it), and a LAVIS-style eager stage-1 step (fp16 autocast, per-sample negative sampling with a Python loop,
 image K/V recomputed for all 3B ITM pairs) as the baseline the paper's code sets.
 
 Inputs are random token ids and pixels at the model's shapes: throughput does not depend on content.
@@ -85,10 +86,11 @@ def step_precision(device, bf16: bool = True) -> Precision:
 
 def stage1_step(impl: str, device, preset: str, batch: int, text_len: int = 32,
                 bf16: bool = True) -> tuple[Callable[[], None], float]:
-    """impl: "triton" | "torch" | "lavis". Returns (step, forward+backward FLOPs per step, approx).
+    """impl: "triton" | "torch" | "compiled" | "lavis". Returns (step, forward+backward FLOPs per step, approx).
     The LAVIS-style step autocasts to fp16 on CUDA, as LAVIS does; every other step as the trainer."""
     m = _model(preset, device, impl, 1)
     obj = Stage1Objective(m, dec_token_id=1, pad_token_id=0)
+    run = torch.compile(obj) if impl == "compiled" else obj
     opt = torch.optim.AdamW(param_groups(m, 0.05, 1e-5), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     size = m.config.vision_config.image_size
@@ -102,7 +104,7 @@ def stage1_step(impl: str, device, preset: str, batch: int, text_len: int = 32,
 
     def step():
         with torch.autocast(device.type, dtype=amp, enabled=use_amp):
-            loss = lavis_style_stage1_loss(obj, data) if impl == "lavis" else obj(data)["loss"]
+            loss = lavis_style_stage1_loss(obj, data) if impl == "lavis" else run(data)["loss"]
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -121,6 +123,7 @@ def stage2_step(impl: str, device, preset: str, batch: int, text_len: int = 32,
     m = _model(preset, device, impl, 2)
     amp = step_precision(device, bf16).dtype
     obj = Stage2Objective(m)
+    run = torch.compile(obj) if impl == "compiled" else obj
     opt = torch.optim.AdamW(param_groups(m, 0.05, 1e-5), lr=1e-5)
     g = torch.Generator().manual_seed(0)
     size = m.config.vision_config.image_size
@@ -130,7 +133,7 @@ def stage2_step(impl: str, device, preset: str, batch: int, text_len: int = 32,
 
     def step():
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = obj(data)["loss"]
+            loss = run(data)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,4 +1,6 @@
 """The fused training ops and their eager baselines as runnable cases: inputs + one fwd+bwd step.
+impl: "fused" (Triton) | "eager" (the torch path) | "compiled" (the torch path under torch.compile,
+inductor's default mode: the peer performance engineers compare with first).
 
 Shared by the GPU benchmarks (paper shapes) and a CPU smoke test (tiny shapes), so the harness
 itself is exercised on every CI run.
@@ -26,17 +28,24 @@ class Case:
     flops: float  # forward + backward, for throughput
 
 
+def _backend(impl: str) -> str:
+    return "triton" if impl == "fused" else "torch"
+
+
+def _compiled_if(impl: str, fn: Callable) -> Callable:
+    return torch.compile(fn) if impl == "compiled" else fn
+
+
 def itc_case(impl: str, device, dtype, batch: int, queries: int, dim: int) -> Case:
     g = torch.Generator(device="cpu").manual_seed(0)
     img = F.normalize(torch.randn(batch, queries, dim, generator=g), dim=-1).to(device, dtype).requires_grad_()
     txt = F.normalize(torch.randn(batch, dim, generator=g), dim=-1).to(device, dtype).requires_grad_()
     temp = torch.tensor(0.07, device=device, requires_grad=True)
-    backend = "triton" if impl == "fused" else "torch"
+    loss_fn = _compiled_if(impl, lambda i, t, tt: kernels.itc_loss(i, t, tt, backend=_backend(impl))[0])
 
     def step():
         img.grad = txt.grad = temp.grad = None
-        loss, *_ = kernels.itc_loss(img, txt, temp, backend=backend)
-        loss.backward()
+        loss_fn(img, txt, temp).backward()
 
     return Case(step, flops=3 * 2 * batch * batch * queries * dim)
 
@@ -48,11 +57,11 @@ def layer_norm_case(impl: str, device, dtype, rows: int, dim: int, dropout: floa
     w = torch.ones(dim, device=device, dtype=dtype, requires_grad=True)
     b = torch.zeros(dim, device=device, dtype=dtype, requires_grad=True)
     dy = torch.randn(rows, dim, generator=g).to(device, dtype)
-    backend = "triton" if impl == "fused" else "torch"
+    layer_norm = _compiled_if(impl, lambda *a: kernels.residual_layer_norm(*a, 1e-12, dropout, backend=_backend(impl)))
 
     def step():
         h.grad = r.grad = w.grad = b.grad = None
-        kernels.residual_layer_norm(h, r, w, b, 1e-12, dropout, backend=backend).backward(dy)
+        layer_norm(h, r, w, b).backward(dy)
 
     return Case(step, flops=0.0)  # memory-bound: report bytes/s from the timing instead
 
@@ -63,11 +72,12 @@ def linear_ce_case(impl: str, device, dtype, tokens: int, hidden: int, vocab: in
     w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(device, dtype)  # frozen LLM head (stage 2)
     labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
     labels[::7] = -100
-    backend = "triton" if impl == "fused" else "torch"
+    loss_fn = _compiled_if(impl, lambda *a: kernels.linear_cross_entropy(*a, label_smoothing=0.0,
+                                                                         backend=_backend(impl)))
 
     def step():
         h.grad = None
-        kernels.linear_cross_entropy(h, w, labels, label_smoothing=0.0, backend=backend).backward()
+        loss_fn(h, w, labels).backward()
 
     return Case(step, flops=2 * 2 * tokens * hidden * vocab)  # logits + grad of h
 

@@ -35,7 +35,7 @@ def test_a_step_past_its_cap_is_cut_off_and_recorded(tmp_path):
     start = time.monotonic()
     code, text = check.run("slow step", [sys.executable, "-c", "import time; print('partial', flush=True); "
                                                               "time.sleep(60)"], cap=2)
-    assert code is None and text == "partial\n" and time.monotonic() - start < 10
+    assert code is None and text.startswith("partial\n") and time.monotonic() - start < 10
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"]["slow step"]["status"] == "cut off at its time cap"
     with tarfile.open(tmp_path / "details.tar.gz") as tar:  # every log, packed: OUT stays at three files
@@ -44,6 +44,39 @@ def test_a_step_past_its_cap_is_cut_off_and_recorded(tmp_path):
     assert "| slow step | cut off at its time cap |" in (tmp_path / "summary.md").read_text()
     code, _ = check.run("quick step", [sys.executable, "-c", "print('ok')"], cap=10)
     assert code == 0 and json.loads((tmp_path / "summary.json").read_text())["steps"]["quick step"]["status"] == "ok"
+
+
+def test_a_step_cut_off_is_interrupted_first_so_it_can_save_what_finished(tmp_path):
+    """pytest-benchmark writes its JSON when pytest is interrupted; a kill would lose every case that
+    ran. A child that ignores the interrupt is still killed at the cap."""
+    saved = tmp_path / "saved.json"
+    keeps = ("import signal, sys, time\n"
+             "def save(*_):\n"
+             f"    open({str(saved)!r}, 'w').write('[1]'); sys.exit(2)\n"
+             "signal.signal(signal.SIGINT, save)\n"
+             "print('running', flush=True); time.sleep(60)\n")
+    check = gpu_check.Check(tmp_path / "out", budget=60)
+    start = time.monotonic()
+    code, text = check.run("interrupted", [sys.executable, "-c", keeps], cap=4)
+    assert code is None and text == "running\n" and saved.read_text() == "[1]"
+    assert time.monotonic() - start < 4.5
+    deaf = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('deaf', flush=True); time.sleep(60)"
+    start = time.monotonic()
+    code, _ = check.run("deaf", [sys.executable, "-c", deaf], cap=4)
+    assert code is None and 3.5 < time.monotonic() - start < 6
+
+
+def test_a_probe_past_its_time_is_an_answer_not_a_crash(tmp_path):
+    """The full check once crashed here: the LLM-attention probe got the last 0.3 s of the budget."""
+    check = gpu_check.Check(tmp_path / "out", budget=60)
+    assert check.probe("machine", timeout=0.3) == (None, "no time left")
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\necho started\nsleep 30\n")
+    slow.chmod(0o755)
+    check.python = str(slow)
+    start = time.monotonic()
+    result, output = check.probe("machine", timeout=1.5)
+    assert result is None and output.startswith("cut off after 2 s") and time.monotonic() - start < 10
 
 
 def test_no_time_left_skips_the_remaining_steps(tmp_path):
@@ -105,3 +138,71 @@ def test_host_vs_device_split_runs_and_lands_in_the_summary(tmp_path):
     check.summary["host_vs_device"] = result
     check.write()
     assert "| qformer B=32 fwd+bwd torch | " in (tmp_path / "summary.md").read_text()
+
+
+def test_the_step_caps_fit_the_budget():
+    assert sum(cap for _, cap in gpu_check.STEPS) <= gpu_check.BUDGET_S
+    assert sum(cap for _, cap in gpu_check.PROFILE_STEPS) <= gpu_check.PROFILE_BUDGET_S <= 240
+    assert sum(cap for _, cap in gpu_check.COMPILED_STEPS) <= gpu_check.COMPILED_BUDGET_S <= 240
+
+
+def _collected(files: list[str], keyword: str) -> list[str]:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-o",
+                           "testpaths=benchmarks", *files, "-k", keyword], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    return [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+def test_the_compiled_peers_are_selected_once_and_only_on_the_gpu():
+    """The torch.compile cases run in their own step (inductor's compile would eat the kernel and
+    train-step caps): its keyword picks every GPU compiled case and nothing else, and the other
+    steps' keywords leave them out."""
+    compiled = _collected(gpu_check.BENCHMARK_FILES, gpu_check.COMPILED)
+    assert len(compiled) >= 10 and all("compiled" in c and "cpu" not in c for c in compiled), compiled
+    assert any("test_qformer_gpu" in c for c in compiled) and any("test_stage1_step_gpu" in c for c in compiled)
+    assert any("test_training_kernel[layer_norm-compiled]" in c for c in compiled)
+    kernels = _collected(gpu_check.KERNEL_FILES, gpu_check.KERNELS)
+    assert kernels and not any("compiled" in c or "qformer" in c or "cpu" in c for c in kernels)
+
+
+def test_the_ordered_benchmark_cases_exist_and_lead_with_the_targets():
+    """The Q-Former, caption and train-step steps name their cases one by one, the target cases first:
+    a renamed case would otherwise vanish from the check without a word."""
+    named = gpu_check.QFORMER_CASES + gpu_check.CAPTION_CASES + gpu_check.TRAIN_STEP_CASES
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-o",
+                           "testpaths=benchmarks", *named], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    collected = [line for line in proc.stdout.splitlines() if "::" in line]
+    assert proc.returncode == 0 and collected == named, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(set(named)) == len(named)
+    assert gpu_check.QFORMER_CASES[:3] == [f"{gpu_check.QFORMER}[1-fwd-{i}]" for i in ("graphed", "fused", "transformers")]
+    assert gpu_check.CAPTION_CASES[:2] == [f"{gpu_check.CAPTION}[1-graphed]", f"{gpu_check.CAPTION}[1-transformers]"]
+    assert gpu_check.TRAIN_STEP_CASES[:2] == ["benchmarks/test_train_step.py::test_stage1_step_gpu[triton]",
+                                              "benchmarks/test_train_step.py::test_stage1_step_gpu[lavis]"]
+    assert [c for c in named if "compiled" in c] == gpu_check.CAPTION_CASES[-2:]  # the static decode's, last
+
+
+def test_test_outcomes_are_read_with_and_without_xdist():
+    name = "tests/test_kernels_gpu.py::test_x[17-1023-0.0-fp32]"
+    assert gpu_check.test_outcome(f"{name} PASSED [ 12%]") == (name, "PASSED")
+    assert gpu_check.test_outcome(f"[gw3] [ 12%] FAILED {name} ") == (name, "FAILED")
+    assert gpu_check.test_outcome(f"[gw0] [100%] SKIPPED {name}") == (name, "SKIPPED")
+    assert gpu_check.test_outcome("collecting ... collected 84 items") is None
+
+
+def test_the_qformer_profile_runs_on_the_cpu_and_lands_in_the_summary(tmp_path):
+    """The profile step's script at tiny size on the CPU (eager times, tables and traces; no graph
+    replay without CUDA), and its RESULT rendered in summary.md."""
+    proc = subprocess.run([sys.executable, "benchmarks/qformer_profile.py", str(tmp_path / "profile"), "--device",
+                           "cpu", "--preset", "tiny", "--batches", "1", "2", "--rounds", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("RESULT ")][-1][7:])
+    assert sorted(result) == ["qformer-fwd-B1-torch", "qformer-fwd-B2-torch"]
+    assert all(r["eager_ms"] > 0 and "replay_ms" not in r for r in result.values())
+    for name in result:
+        assert "Self CPU" in (tmp_path / "profile" / f"{name}.txt").read_text()
+        assert json.loads((tmp_path / "profile" / f"{name}.json").read_text())["traceEvents"]
+    check = gpu_check.Check(tmp_path / "out", budget=60)
+    check.summary["profile"] = result
+    check.write()
+    assert "| qformer-fwd-B2-torch | " in (tmp_path / "out" / "summary.md").read_text()
