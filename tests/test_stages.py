@@ -101,3 +101,24 @@ def test_checkpoints_from_before_stages_were_recorded_still_load(toy, tmp_path):
     save_file(stage1, str(tmp_path / "odd.safetensors"), metadata={STAGE_KEY: "stage9"})
     with pytest.raises(blip2rt.CheckpointError, match="no training stage is named 'stage9'"):
         checkpoint_stage(tmp_path / "odd.safetensors")
+
+
+@pytest.mark.parametrize("number,lr,min_lr,warmup", [(1, 1e-4, 1e-5, 2000), (2, 1e-4, 1e-5, 2000),
+                                                      (3, 1e-5, 0.0, 1000)])
+def test_a_stage_supplies_its_recipe_where_the_config_leaves_it_unset(number, lr, min_lr, warmup, tmp_path):
+    """Pre-training and VQA fine-tuning train at different rates (the fine-tuning rate is ten times
+    lower, from a trained model); a config that leaves the schedule unset gets its stage's, from the
+    record, in code and from the command line alike. What a config sets wins."""
+    assert stage(number).recipe == (stage(number).recipe.__class__(lr, min_lr, warmup))
+    cfg = TrainConfig(annotations=["a.json"], stage=number)
+    assert (cfg.lr, cfg.min_lr, cfg.warmup_steps) == (lr, min_lr, warmup)
+    given = TrainConfig(annotations=["a.json"], stage=number, lr=3e-4, warmup_steps=7)
+    assert (given.lr, given.min_lr, given.warmup_steps) == (3e-4, min_lr, 7)
+    from blip2rt.training.config import load_config
+
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"stage": number, "annotations": ["a.json"]}))
+    loaded = load_config(path, ["--min-lr", "0"])
+    assert (loaded.lr, loaded.min_lr, loaded.warmup_steps) == (lr, 0.0, warmup)
+    with pytest.raises(Blip2rtError, match="min_lr in"):
+        TrainConfig(annotations=["a.json"], stage=number, lr=1e-5, min_lr=1e-4).validate()

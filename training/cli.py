@@ -26,7 +26,8 @@ def add_train_parser(sub) -> None:
     from .stages import STAGES
 
     p.add_argument("stage", choices=[s.name for s in STAGES.values()],
-                   help="; ".join(f"{s.name}: {s.description}" for s in STAGES.values()))
+                   help="; ".join(f"{s.name}: {s.description} (by default lr {s.recipe.lr:g} to {s.recipe.min_lr:g} "
+                                  f"after {s.recipe.warmup_steps} warmup steps)" for s in STAGES.values()))
     p.add_argument("--config", default=None, help="JSON or TOML file of TrainConfig fields")
     p.set_defaults(run=_run_train, accepts_overrides=True)
 

@@ -31,12 +31,14 @@ class TrainConfig:
     batch_size: int = 32  # per process
     grad_accum: int = 1
     max_steps: int = 1000  # optimiser steps
-    lr: float = 1e-4
-    min_lr: float = 1e-5
+    # lr, min_lr and warmup_steps: None takes the stage's recipe (training.stages: pre-training at
+    # 1e-4 -> 1e-5 after 2k warmup steps, VQA fine-tuning at 1e-5 -> 0 after 1k)
+    lr: float | None = None
+    min_lr: float | None = None
     # Stage 2: the peak lr of the language projection, which starts from random while the
     # Q-Former arrives trained from stage 1 (default: lr). min_lr scales it by the same ratio.
     projection_lr: float | None = None
-    warmup_steps: int = 2000  # paper: 2k (LAVIS stage 1: 5k)
+    warmup_steps: int | None = None
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.98
@@ -65,6 +67,14 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before training stops
     resume: bool = True  # continue from out_dir's latest checkpoint if there is one
 
+    def __post_init__(self) -> None:
+        from .stages import STAGES
+
+        recipe = STAGES[self.stage].recipe if self.stage in STAGES else None  # else validate() says why
+        for name in ("lr", "min_lr", "warmup_steps"):
+            if getattr(self, name) is None and recipe is not None:
+                setattr(self, name, getattr(recipe, name))
+
     def validate(self) -> None:
         from .stages import stage
 
@@ -81,6 +91,10 @@ class TrainConfig:
         if self.batch_size > MAX_BATCH:
             raise Blip2rtError(f"batch_size is per process and at most {MAX_BATCH} (the largest batch the fused "
                                f"kernels' launch grids are checked for), got {self.batch_size}; use grad_accum")
+        if not (self.lr and self.lr > 0) or self.min_lr is None or not 0 <= self.min_lr <= self.lr:
+            raise Blip2rtError(f"lr must be positive and min_lr in [0, lr], got lr {self.lr} and min_lr {self.min_lr}")
+        if self.warmup_steps is None or self.warmup_steps < 0:
+            raise Blip2rtError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
         if self.projection_lr is not None and self.projection_lr <= 0:
             raise Blip2rtError(f"projection_lr must be positive, got {self.projection_lr}")
         if self.compile not in COMPILE_MODES:

@@ -7,7 +7,9 @@
 
 What each stage trains, and whether its model reads the question in the Q-Former, is the model's
 business (blip2rt.parts, which loading a checkpoint also reads); the rest lives here. The trainer's
-settings (TrainConfig) are shared by every stage; `check` holds the few that are one stage's.
+settings (TrainConfig) are shared by every stage, except the optimiser recipe a stage defaults to
+(`recipe`: what TrainConfig's lr, min_lr and warmup_steps take when they are left unset) and the
+few rules in `check`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,21 @@ CAPTION_FIELDS = ("image", "caption")
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """A stage's learning-rate schedule: linear warmup to `lr`, cosine down to `min_lr`."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+
+
+# pre-training, both stages (BLIP-2 §3.4; LAVIS's stage-1 config warms up over 5k steps instead)
+PRETRAINING = Recipe(lr=1e-4, min_lr=1e-5, warmup_steps=2000)
+# fine-tuning a pre-trained model on a downstream task (LAVIS's BLIP-2 fine-tuning configs)
+FINE_TUNING = Recipe(lr=1e-5, min_lr=0.0, warmup_steps=1000)
+
+
+@dataclass(frozen=True)
 class Stage:
     number: int  # TrainConfig.stage
     name: str  # `blip2rt train NAME`; the name a checkpoint records
@@ -39,6 +56,7 @@ class Stage:
     fields: tuple[str, ...]  # what each annotation record holds
     objective: Callable[[nn.Module], nn.Module]  # the model -> the loss module (checks the model can train)
     collate: Callable[[nn.Module, TrainConfig], Callable]  # samples -> the objective's batch
+    recipe: Recipe  # TrainConfig's lr, min_lr and warmup_steps where a config leaves them unset
     check: Callable[[TrainConfig], None] = lambda cfg: None  # this stage's own config rules
 
     @property
@@ -116,11 +134,11 @@ def _vqa_check(cfg: TrainConfig) -> None:
 
 STAGES = {s.number: s for s in (
     Stage(parts.STAGE1, parts.STAGE_NAMES[parts.STAGE1], "representation learning: ITC + ITM + ITG",
-          CAPTION_FIELDS, _stage1_objective, _stage1_collate),
+          CAPTION_FIELDS, _stage1_objective, _stage1_collate, PRETRAINING),
     Stage(parts.STAGE2, parts.STAGE_NAMES[parts.STAGE2], "generative learning through the frozen LLM",
-          CAPTION_FIELDS, _generative_objective(parts.STAGE2), _stage2_collate),
+          CAPTION_FIELDS, _generative_objective(parts.STAGE2), _stage2_collate, PRETRAINING),
     Stage(parts.VQA, parts.STAGE_NAMES[parts.VQA], "VQA fine-tuning, the question in the Q-Former and the LLM",
-          VQA_FIELDS, _generative_objective(parts.VQA), _vqa_collate, check=_vqa_check),
+          VQA_FIELDS, _generative_objective(parts.VQA), _vqa_collate, FINE_TUNING, check=_vqa_check),
 )}
 
 
