@@ -27,34 +27,45 @@ from attention_cases import qformer_forward_case  # noqa: E402
 from training_kernel_cases import CASES, PAPER_SHAPES, TINY_SHAPES  # noqa: E402
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def split(step, device: torch.device, rounds: int = 10, profiled: int = 3) -> dict:
-    """Wall ms per step (median of `rounds`), CUDA kernel ms per step and kernels per step."""
+def wall_ms(step, device: torch.device, rounds: int) -> float:
+    """Median wall ms of one step, the device synchronised after each, after 3 warm-up steps."""
     for _ in range(3):
         step()
-    _sync(device)
-    walls = []
+    sync(device)
+    times = []
     for _ in range(rounds):
         start = time.perf_counter()
         step()
-        _sync(device)
-        walls.append((time.perf_counter() - start) * 1e3)
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def kernel_times(step, device: torch.device, calls: int):
+    """torch.profiler over `calls` steps: (the profile, its CUDA kernel events, microseconds by kernel name)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(profiled):
+        for _ in range(calls):
             step()
-        _sync(device)
+        sync(device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     per_name = Counter()
     for e in kernels:
         per_name[e.name] += e.time_range.elapsed_us()
-    wall = statistics.median(walls)
+    return prof, kernels, per_name
+
+
+def split(step, device: torch.device, rounds: int = 10, profiled: int = 3) -> dict:
+    """Wall ms per step (median of `rounds`), CUDA kernel ms per step and kernels per step."""
+    wall = wall_ms(step, device, rounds)
+    _, kernels, per_name = kernel_times(step, device, profiled)
     if device.type == "cuda" and not kernels:  # a profiler that gave no kernel events: say so, guess nothing
         return dict(wall_ms=round(wall, 3), kernel_ms=None, note="no CUDA kernel events in the profile")
     kernel_ms = sum(per_name.values()) / profiled / 1e3

@@ -19,8 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,24 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attention_cases import qformer_forward_case  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def eager_ms(step, device: torch.device, rounds: int) -> float:
-    for _ in range(3):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from host_device_split import kernel_times, wall_ms  # noqa: E402
 
 
 def replay_ms(step, rounds: int) -> float:
@@ -74,20 +55,10 @@ def replay_ms(step, rounds: int) -> float:
 
 def profile(step, device: torch.device, out: Path, name: str, calls: int = 3) -> dict:
     """torch.profiler over `calls` steps: the table and the trace to files; kernels a call and the top 5."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(calls):
-            step()
-        _sync(device)
+    prof, device_events, per_kernel = kernel_times(step, device, calls)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     (out / f"{name}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
     prof.export_chrome_trace(str(out / f"{name}.json"))
-    device_events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    per_kernel = Counter()
-    for e in device_events:
-        per_kernel[e.name] += e.time_range.elapsed_us()
     return {"kernels_per_call": len(device_events) / calls,
             "top_kernels": [(k[:90], round(us / calls, 1)) for k, us in per_kernel.most_common(5)]}
 
@@ -109,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         for impl in impls:
             name = f"qformer-fwd-B{batch}-{impl}"
             step = qformer_forward_case(impl, device, dtype, args.preset, batch=batch)
-            r = {"eager_ms": round(eager_ms(step, device, args.rounds), 3)}
+            r = {"eager_ms": round(wall_ms(step, device, args.rounds), 3)}
             if device.type == "cuda":
                 try:
                     r["replay_ms"] = round(replay_ms(step, args.rounds), 3)
