@@ -10,7 +10,7 @@ eagerly. The buckets share one memory pool.
 `from_pretrained(..., cuda_graphs=True)` (or `Blip2.set_cuda_graphs(True)`) turns this on for the
 visual prefix, and with it the static-cache decoding with a compiled decode step and prefill
 (torch.compile's reduce-overhead mode: CUDA graphs too); captions stay token-identical to eager
-(tests/test_kernels_gpu.py). The bucketing and copying are plain torch and are tested on the CPU
+(tests/test_cuda_graphs.py, on a GPU). The bucketing and copying are plain torch and are tested on the CPU
 with the capture replaced by a direct call; the capture itself needs CUDA.
 """
 
