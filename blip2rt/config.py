@@ -20,6 +20,9 @@ from .json_files import read_json
 # Architectures a Hugging Face Blip2 folder may declare, and what each carries.
 RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
 GENERATION_ARCHITECTURE = "Blip2ForConditionalGeneration"
+# InstructBLIP: the BLIP-2 architecture with the instruction in the Q-Former (question_in_qformer)
+INSTRUCTBLIP_MODEL_TYPE = "instructblip"
+INSTRUCTBLIP_ARCHITECTURE = "InstructBlipForConditionalGeneration"
 
 
 # Image normalisations (mean, std per RGB channel on 0-1 pixels)
@@ -110,10 +113,14 @@ class Blip2Config:
     # prompt first, SmolLM2-135M's stage-2 loss stayed near 5 nats and no caption depended on
     # the image (blip2rt/embedded/demo.py).
     bos_before_soft_prompt: bool = False
-    # VQA fine-tuning (BLIP-2 §4.2): the question's WordPiece tokens also enter the Q-Former, where
-    # they meet the queries in self-attention (bidirectional; only the queries cross-attend to the
-    # image), so the soft prompt is conditioned on the question. Needs the text embeddings.
+    # VQA fine-tuning (BLIP-2 §4.2) and InstructBLIP: the question's (instruction's) WordPiece tokens
+    # also enter the Q-Former, where they meet the queries in self-attention (bidirectional; only the
+    # queries cross-attend to the image), so the soft prompt is conditioned on them. Builds the
+    # Q-Former's text embeddings and text feed-forward.
     question_in_qformer: bool = False
+    # transformers' placeholder id for the soft prompt's positions in an InstructBLIP / Blip2 folder's
+    # input_ids (blip2rt lays the soft prompt out itself and never reads it; kept to write it back)
+    image_token_index: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.vision_config, dict):
@@ -122,7 +129,7 @@ class Blip2Config:
             self.qformer_config = _from_dict(QFormerConfig, self.qformer_config)
         # The image tokens are what the cross-attention keys/values project from.
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
-        if self.with_text_heads:
+        if self.has_text_embeddings:
             self.qformer_config.use_qformer_text_input = True
         if self.text_config is not None and "model_type" not in self.text_config:
             raise CheckpointError("text_config needs a 'model_type' (e.g. 'opt', 'llama', 't5')")
@@ -131,9 +138,18 @@ class Blip2Config:
         if self.bos_before_soft_prompt and (self.is_encoder_decoder or self.text_config is None
                                             or self.text_config.get("bos_token_id") is None):
             raise CheckpointError("bos_before_soft_prompt needs a decoder-only LLM with a bos_token_id")
-        if self.question_in_qformer and not (self.with_text_heads and self.with_llm):
-            raise CheckpointError("question_in_qformer needs an LLM and the Q-Former's text embeddings "
-                                  "(with_text_heads): start VQA fine-tuning from a model trained in stage 1")
+        if self.question_in_qformer and not self.with_llm:
+            raise CheckpointError("question_in_qformer needs an LLM: the question conditions its soft prompt")
+
+    @property
+    def has_text_embeddings(self) -> bool:
+        """Whether the Q-Former reads text: its word and position embeddings and text feed-forward."""
+        return self.with_text_heads or self.question_in_qformer
+
+    @property
+    def is_instructblip(self) -> bool:
+        """An InstructBLIP model: an LLM, the instruction in the Q-Former, and no stage-1 heads."""
+        return self.question_in_qformer and not self.with_text_heads
 
     @property
     def with_llm(self) -> bool:
@@ -151,6 +167,7 @@ class Blip2Config:
     def from_hf_dict(cls, d: dict[str, Any]) -> "Blip2Config":
         archs = d.get("architectures") or []
         retrieval = RETRIEVAL_ARCHITECTURE in archs
+        instruct = d.get("model_type") == INSTRUCTBLIP_MODEL_TYPE or INSTRUCTBLIP_ARCHITECTURE in archs
         text_config = None if retrieval else copy.deepcopy(d.get("text_config"))
         if not retrieval and text_config is None:
             raise CheckpointError("config.json has no text_config, and is not a Blip2ForImageTextRetrieval config")
@@ -163,7 +180,8 @@ class Blip2Config:
             with_text_heads=retrieval or bool(d.get("blip2rt_with_text_heads", False)),
             initializer_range=d.get("initializer_range", 0.02),
             bos_before_soft_prompt=bool(d.get("blip2rt_bos_before_soft_prompt", False)),
-            question_in_qformer=bool(d.get("blip2rt_question_in_qformer", False)),
+            question_in_qformer=instruct or bool(d.get("blip2rt_question_in_qformer", False)),
+            image_token_index=d.get("image_token_index", d.get("image_token_id")),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -179,6 +197,8 @@ class Blip2Config:
             "blip2rt_bos_before_soft_prompt": self.bos_before_soft_prompt,
             "blip2rt_question_in_qformer": self.question_in_qformer,
         }
+        if self.image_token_index is not None:
+            d["image_token_index"] = self.image_token_index
         if self.text_config is not None:
             d["text_config"] = copy.deepcopy(self.text_config)
         return d

@@ -60,8 +60,9 @@ class Blip2(GenerationMixin, RetrievalMixin, nn.Module):
             self.language_model = build_language_model(config.text_config, device, frozen_dtype)
             width = self.language_model.get_input_embeddings().embedding_dim
             self.language_projection = nn.Linear(d, width)
-        if config.with_text_heads:
+        if config.has_text_embeddings:
             self.embeddings = QFormerTextEmbeddings(qcfg)
+        if config.with_text_heads:
             self.vision_projection = nn.Linear(d, config.image_text_hidden_size)
             self.text_projection = nn.Linear(d, config.image_text_hidden_size)
             self.itm_head = nn.Linear(d, 2)
@@ -170,6 +171,13 @@ class Blip2(GenerationMixin, RetrievalMixin, nn.Module):
 
         save_pretrained(self, folder)
 
+    def save_instructblip(self, folder: str | Path) -> Path:
+        """A transformers InstructBLIP folder (model, config, processor) of a model with the question in
+        its Q-Former: see blip2rt.instructblip."""
+        from .instructblip import save_instructblip
+
+        return save_instructblip(self, folder)
+
     # ---- image side -----------------------------------------------------------------------
 
     def image_embeds(self, pixel_values: torch.Tensor | None = None, *,
@@ -229,7 +237,7 @@ class Blip2(GenerationMixin, RetrievalMixin, nn.Module):
         """(ids, mask) of the question for the Q-Former, or (None, None) where it takes none."""
         if ids is None:
             return None, None
-        if not self.config.question_in_qformer:
+        if not (self.config.question_in_qformer and hasattr(self, "embeddings")):
             raise InputError("this model's Q-Former takes no question (it was not fine-tuned for VQA with "
                              "question_in_qformer); pass no qformer_input_ids")
         return ids, mask

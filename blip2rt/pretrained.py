@@ -29,6 +29,7 @@ from .checkpoint import (LAVIS_LN_VISION_EPS, is_lavis_state_dict, lavis_to_blip
 from . import parts
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
+from .instructblip import has_instructblip_names, reads_instruction, to_blip2rt_names
 from .model import Blip2
 from .presets import PRESET_NAMES, preset_config
 from .tokenization import QFORMER_TOKENIZER_DIR, has_tokenizer_files, load_tokenizer, tiny_llm_tokenizer, \
@@ -186,6 +187,8 @@ def _base_for(config, frozen_dtype: torch.dtype) -> tuple[Blip2, bool, Path | No
 
 def apply_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_base: bool = False) -> None:
     """Loads a state dict (LAVIS or blip2rt names) into `model`; over a base, frozen parts may be absent."""
+    if has_instructblip_names(state):
+        state = to_blip2rt_names(state)
     lavis = is_lavis_state_dict(state)
     if lavis:
         state = lavis_to_blip2rt(state)
@@ -195,10 +198,12 @@ def apply_state(model: Blip2, state: dict[str, torch.Tensor], source: str, over_
     # A training stage's checkpoint holds what that stage trains (LAVIS's too: the frozen ViT and LLM
     # are not in it); over a base, everything else stays the base's.
     stage = checkpoint_stage(source, state)
-    reads_question = stage in parts.QUESTION_IN_QFORMER
-    if reads_question and not model.config.with_text_heads:
-        raise CheckpointError(f"{source} was fine-tuned with the question in the Q-Former, which needs the "
-                              "Q-Former's text embeddings; load it over a model that has them")
+    # InstructBLIP (transformers', LAVIS's) and VQA fine-tuning: the instruction enters the Q-Former
+    reads_question = stage in parts.QUESTION_IN_QFORMER or (stage is None and reads_instruction(state))
+    if reads_question and not model.config.has_text_embeddings:
+        raise CheckpointError(f"{source} is an instruction-aware model (InstructBLIP, or fine-tuned with the question "
+                              "in the Q-Former), which needs the Q-Former's text embeddings; load it with an "
+                              "InstructBLIP config.json or over a model trained in stage 1")
     allow = model.frozen_prefixes() if over_base else ()
     if over_base and stage is not None:
         trained = set(model.trainable_names(stage))

@@ -51,3 +51,19 @@ hf_opt = _hf_reference("opt")
 hf_llama = _hf_reference("llama")
 hf_t5 = _hf_reference("t5")
 hf_retrieval = _hf_reference("retrieval")
+
+
+def _hf_instructblip(kind: str):
+    """A session fixture: a tiny transformers InstructBLIP of this LLM family, saved to a folder."""
+
+    @pytest.fixture(scope="session")
+    def fixture(tmp_path_factory):
+        from hf_reference import build_instructblip_folder
+
+        return build_instructblip_folder(tmp_path_factory.mktemp(f"hf_instruct_{kind}"), kind)
+
+    return fixture
+
+
+hf_instruct_llama = _hf_instructblip("llama")
+hf_instruct_t5 = _hf_instructblip("t5")

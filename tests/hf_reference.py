@@ -105,3 +105,49 @@ def hf_itm_logits(ref: HFReference, pixel_values: torch.Tensor, input_ids: torch
     with torch.no_grad():
         return ref.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
                          use_image_text_matching_head=True).logits_per_image
+
+
+# ---- InstructBLIP: other shapes than the Blip2 references above (cross-attention in every layer,
+# 5 queries, a 3x3 patch grid), so that nothing tuned on those passes here by accident ----------
+
+INSTRUCT_QUERIES = 5
+INSTRUCT_VISION = dict(hidden_size=40, intermediate_size=52, num_hidden_layers=3, num_attention_heads=5, image_size=42,
+                       patch_size=14, layer_norm_eps=1e-6)
+INSTRUCT_QFORMER = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                        vocab_size=QFORMER_VOCAB, max_position_embeddings=48, cross_attention_frequency=1)
+
+
+def instruct_text_config(kind: str):
+    if kind == "llama":  # Vicuna's family
+        return LlamaConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
+                           intermediate_size=44, vocab_size=TEXT_VOCAB, max_position_embeddings=64,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    if kind == "t5":  # Flan-T5's
+        return T5Config(d_model=48, d_ff=44, d_kv=12, num_heads=4, num_layers=2, num_decoder_layers=1,
+                        vocab_size=TEXT_VOCAB, feed_forward_proj="gated-gelu", bos_token_id=1, eos_token_id=1,
+                        pad_token_id=0, decoder_start_token_id=0, tie_word_embeddings=False)
+    raise ValueError(kind)
+
+
+def build_instructblip_folder(folder: Path, kind: str) -> HFReference:
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    torch.manual_seed({"llama": 12, "t5": 13}[kind])
+    cfg = InstructBlipConfig(vision_config=INSTRUCT_VISION, qformer_config=INSTRUCT_QFORMER,
+                             text_config=instruct_text_config(kind).to_dict(), num_query_tokens=INSTRUCT_QUERIES,
+                             image_token_index=IMAGE_TOKEN)
+    model = InstructBlipForConditionalGeneration(cfg)
+    randomize_(model, llm_std=2.0 if kind == "t5" else 0.5)
+    with torch.no_grad():
+        model.query_tokens.normal_(0, 0.5)  # transformers starts them at zero: every query alike
+    model.eval()
+    model.save_pretrained(folder)
+    return HFReference(folder=Path(folder), model=model, kind=kind)
+
+
+def hf_instruct_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' InstructBLIP layout: the placeholders before the prompt, as its processor puts them."""
+    b = input_ids.shape[0]
+    ids = torch.cat([torch.full((b, INSTRUCT_QUERIES), IMAGE_TOKEN), input_ids], dim=1)
+    mask = torch.cat([torch.ones(b, INSTRUCT_QUERIES, dtype=attention_mask.dtype), attention_mask], dim=1)
+    return ids, mask

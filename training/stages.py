@@ -94,9 +94,9 @@ def _stage1_objective(m) -> nn.Module:
 def _generative_objective(stage: int) -> Callable[[nn.Module], nn.Module]:
     def objective(m) -> nn.Module:
         if stage in parts.QUESTION_IN_QFORMER:
-            if not m.config.with_text_heads or m.qformer_tokenizer is None:
+            if not m.config.has_text_embeddings or m.qformer_tokenizer is None:
                 raise Blip2rtError("VQA fine-tuning puts the question into the Q-Former: it needs the Q-Former's "
-                                   "text embeddings and tokenizer (a model trained in stage 1)")
+                                   "text embeddings and tokenizer (a model trained in stage 1, or InstructBLIP)")
             m.config.question_in_qformer = True
         if m.tokenizer is None:
             raise Blip2rtError(f"stage {stage} needs the LLM's tokenizer files in the model folder")
