@@ -22,15 +22,24 @@ def check_export(model, export_dir: str | Path, batch: int = 4, prompt_len: int 
     percent of their range by construction) but agreement: `top1_agreement`, the share of the
     (batch x (1 + steps)) next-token positions, fed the same tokens, where the graphs' argmax is
     PyTorch's; and `greedy_rows_equal`, the share of rows whose greedy tokens are PyTorch's.
-    Inputs are fixed (seeded): random pixels and random prompt ids."""
+    Inputs are fixed (seeded): random pixels and random prompt ids, and random Q-Former ids for a
+    model whose soft prompt reads the question (InstructBLIP, VQA fine-tuning)."""
     rt = OrtBlip2(export_dir, providers=["CPUExecutionProvider"])
     cfg, graphs = rt.cfg, rt.graphs
     model = model.eval().to("cpu")
     g = torch.Generator().manual_seed(0)
     size = model.config.vision_config.image_size
     px = torch.randn(batch, 3, size, size, generator=g)
-    soft_pt = model.image_features(px)
-    soft_ort = rt.image_features(px.numpy()).astype(np.float32)
+    question = {}
+    if model.config.question_in_qformer:  # [CLS] and random WordPiece ids, rows of unequal length
+        qids = torch.randint(5, min(model.config.qformer_config.vocab_size, 1000), (batch, 6), generator=g)
+        qids[:, 0] = 1
+        qmask = torch.ones_like(qids)
+        qmask[1:, 4:] = 0
+        question = {"qformer_input_ids": qids, "qformer_attention_mask": qmask}
+    question_np = {k: v.numpy() for k, v in question.items()}
+    soft_pt = model.image_features(px, *question.values())
+    soft_ort = rt.image_features(px.numpy(), *question_np.values()).astype(np.float32)
     out = {"soft_prompt": float(np.abs(soft_ort - soft_pt.float().numpy()).max())}
     ids = torch.randint(3, min(cfg.vocab_size, 1000), (batch, prompt_len), generator=g)
     embeds = torch.cat([soft_pt, model.language_model.get_input_embeddings()(ids).to(soft_pt.dtype)], 1)
@@ -64,8 +73,8 @@ def check_export(model, export_dir: str | Path, batch: int = 4, prompt_len: int 
     out["top1_agreement"] = float(np.mean(agree))
     if "static_lm" in cfg.graphs:  # checked whether or not this provider's default search uses it
         out["static_logits"] = _static_logits(graphs, embeds.numpy().astype(rt.float), steps, reference, dec[:, :0])
-    got_ids = rt.generate(px.numpy(), max_new_tokens=steps)
-    want_ids = model.generate(px, max_new_tokens=steps).numpy()
+    got_ids = rt.generate(px.numpy(), max_new_tokens=steps, **question_np)
+    want_ids = model.generate(px, max_new_tokens=steps, **question).numpy()
     out["greedy_tokens_equal"] = float(got_ids.shape == want_ids.shape and bool((got_ids == want_ids).all()))
     out["greedy_rows_equal"] = _rows_equal(got_ids, want_ids)
     return out
