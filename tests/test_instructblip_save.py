@@ -167,3 +167,19 @@ def test_a_lavis_ln_vision_eps_is_refused_rather_than_changed(hf_instruct_llama,
     with pytest.raises(blip2rt.InputError, match="eps"):
         m.save_instructblip(tmp_path / "eps")
 
+
+
+def test_blip2rt_convert_writes_the_folder_from_a_vqa_checkpoint(tmp_path, capsys):
+    """The CLI over a saved model folder: the same tensors as save_instructblip writes."""
+    from safetensors.torch import load_file
+
+    from blip2rt.cli import main
+
+    m = instruction_model(seed=1)
+    m.save_pretrained(tmp_path / "vqa_model")  # blip2rt's own folder, the question flag in its config
+    assert main(["convert", "--model", str(tmp_path / "vqa_model"), "--out", str(tmp_path / "hf")]) == 0
+    assert "InstructBLIP" in capsys.readouterr().out
+    m.save_instructblip(tmp_path / "direct")
+    a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "direct" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["convert", "--model", "tiny", "--out", str(tmp_path / "no")]) == 2  # no question in its Q-Former
