@@ -62,7 +62,7 @@ def reads_instruction(state: dict[str, torch.Tensor]) -> bool:
     transformers or LAVIS, and blip2rt's own VQA fine-tuning checkpoints, look so; a BLIP-2
     generation checkpoint has no text embeddings, and a stage-1 or whole blip2rt model has the heads."""
     has = {parts.part_of(k) for k in state if _known(k)}
-    return {"text_embeddings", "language_projection"} <= has and not has & {"retrieval_heads", "itg_head"}
+    return {"text_embeddings", "language_projection"} <= has and not has & parts.STAGE1_HEADS
 
 
 def _known(key: str) -> bool:
@@ -83,7 +83,7 @@ def instructblip_state_dict(model) -> dict[str, torch.Tensor]:
     out = {}
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if parts.part_of(name) in {"retrieval_heads", "itg_head"}:
+            if parts.part_of(name) in parts.STAGE1_HEADS:
                 continue
             if re.search(r"\.layer_scale[12]$", name):
                 continue  # folded below

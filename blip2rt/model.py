@@ -211,13 +211,14 @@ class Blip2(GenerationMixin, RetrievalMixin, nn.Module):
                               mode=AttentionMode.BIDIRECTIONAL, image_embeds=image_embeds)
         return out[:, :nq]
 
-    def image_features(self, pixel_values: torch.Tensor, question_ids: torch.Tensor | None = None,
-                       question_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor, qformer_input_ids: torch.Tensor | None = None,
+                       qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, H, W) -> (B, Q, LLM width): the soft visual prompt (HF get_image_features().pooler_output);
-        conditioned on the question's Q-Former ids where the model was fine-tuned so."""
+        conditioned on the question's (instruction's) Q-Former ids (B, Tq) and mask where the model reads
+        them (InstructBLIP, VQA fine-tuning), under transformers' names."""
         self._need_llm("image_features")
         return self.language_projection(self.query_output(self.image_embeds(pixel_values),
-                                                          *self._question(question_ids, question_mask)))
+                                                          *self._question(qformer_input_ids, qformer_attention_mask)))
 
     def soft_prompt(self, pixel_values: torch.Tensor | None, question_ids: torch.Tensor | None = None,
                     question_mask: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None

@@ -12,6 +12,10 @@ trains: the one place that says what is frozen, trainable or used by the Q-Forme
     itg_head             the ITG language-model head (its decoder is tied to the word embeddings)
     language_projection  Q-Former output -> the LLM's width (the soft prompt)
     llm                  the frozen language model
+
+InstructBLIP has every part but the two heads (STAGE1_HEADS): its Q-Former reads the instruction
+through the text embeddings and the text feed-forward. transformers names the text embeddings and
+the Q-Former's embedding LayerNorm under `qformer.embeddings.` (blip2rt.instructblip maps them).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ PARTS = ("vision_encoder", "ln_vision", "query_tokens", "qformer", "qformer_text
 FROZEN = frozenset({"vision_encoder", "llm"})
 # What only the Q-Former's text path uses: absent from a model built without it (stage 2).
 TEXT_ONLY = frozenset({"qformer_text_ffn", "text_embeddings", "retrieval_heads", "itg_head"})
+# Stage 1's heads. InstructBLIP is every other part: the Q-Former reads the instruction through its
+# text embeddings and text FFN, and has no heads (blip2rt.instructblip).
+STAGE1_HEADS = frozenset({"retrieval_heads", "itg_head"})
 
 STAGE1, STAGE2, VQA = 1, 2, 3
 STAGE_NAMES = {STAGE1: "stage1", STAGE2: "stage2", VQA: "vqa"}  # as `blip2rt train NAME` and checkpoints say

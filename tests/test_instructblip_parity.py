@@ -50,7 +50,7 @@ def test_instruction_conditioned_image_features_match_transformers(ref_name, req
     qids, qmask = qformer_batch(3, 8, seed=4)  # three instructions, padded differently
     with torch.no_grad():
         want = ref.model.get_image_features(px, qformer_input_ids=qids, qformer_attention_mask=qmask).pooler_output
-        got = m.image_features(px, qids, qmask)
+        got = m.image_features(px, qformer_input_ids=qids, qformer_attention_mask=qmask)  # transformers' names
         other = m.image_features(px, *qformer_batch(3, 8, seed=5))
     assert want.std() > 0.1
     torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
