@@ -109,12 +109,14 @@ def test_the_saved_folder_loads_back_into_blip2rt_with_the_same_answers(saved):
     assert back.answer(imgs, QUESTIONS, **gen) == m.answer(imgs, QUESTIONS, **gen)
 
 
-def test_a_loaded_instructblip_saves_back_to_the_same_tensors(hf_instruct_llama, tmp_path):
+@pytest.mark.parametrize("ref_name", ["hf_instruct_llama", "hf_instruct_t5"])
+def test_a_loaded_instructblip_saves_back_to_the_same_tensors(ref_name, request, tmp_path):
     from safetensors.torch import load_file
 
-    load(hf_instruct_llama).save_instructblip(tmp_path / "again")
+    ref = request.getfixturevalue(ref_name)
+    load(ref).save_instructblip(tmp_path / "again")
     got = load_file(tmp_path / "again" / "model.safetensors")
-    want = {k: v for k, v in hf_instruct_llama.model.state_dict().items() if not k.endswith("position_ids")}
+    want = {k: v for k, v in ref.model.state_dict().items() if not k.endswith("position_ids")}
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
 
