@@ -47,3 +47,51 @@ def caption_case(impl: str, device, preset: str, batch: int, new_tokens: int = 3
             hf.generate(pixel_values=px, input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
 
     return step, model
+
+
+INSTRUCTION = "What is unusual about this image? Answer in a few words."
+
+
+def instruct_case(impl: str, device, preset: str, batch: int, new_tokens: int) -> tuple[Callable[[], None], object]:
+    """An InstructBLIP answer at a preset's shapes (random weights, bf16): the instruction goes to the
+    Q-Former as its WordPiece ids and to the LLM as its prompt. impl: "graphed" (fused Q-Former, the
+    static decoder's prefill and decode replayed from CUDA graphs; the instruction-conditioned visual
+    prefix itself runs eagerly) | "fused" (transformers' generate behind the fused Q-Former) |
+    "transformers" (InstructBlipForConditionalGeneration.generate). Returns (step, the model, whose
+    `language_model` and `vision_model` the floor reads)."""
+    config = blip2rt.preset_config(preset)
+    size = config.vision_config.image_size
+    px = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    qvocab, vocab = config.qformer_config.vocab_size, config.text_config["vocab_size"]
+    qids = torch.randint(qvocab // 30, qvocab * 2 // 3, (batch, 16), generator=g).to(device)  # a 16-WordPiece instruction
+    qids[:, 0] = 1 if qvocab < 1000 else 101  # [CLS]
+    qmask = torch.ones_like(qids)
+    prompt = torch.randint(vocab // 300 + 3, vocab * 2 // 3, (batch, 24), generator=g).to(device)  # a 24-token prompt
+    if not config.is_encoder_decoder:
+        prompt[:, 0] = config.text_config["bos_token_id"]
+    mask = torch.ones_like(prompt)
+    gen = dict(num_beams=1, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if impl != "transformers":
+        model = blip2rt.from_pretrained(preset, device=device, dtype="bf16", trainable_dtype="bf16", kernels="triton",
+                                        cuda_graphs=impl == "graphed")
+        if impl == "fused":
+            gen.update(static_cache=False)
+        return (lambda: model.generate(px, prompt, mask, qformer_input_ids=qids, qformer_attention_mask=qmask,
+                                       **gen)), model
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    d = config.to_hf_dict()
+    cfg = InstructBlipConfig(vision_config=d["vision_config"], qformer_config=d["qformer_config"],
+                             text_config=d["text_config"], num_query_tokens=d["num_query_tokens"],
+                             image_token_index=config.image_token_index)
+    with torch.device(device):
+        hf = InstructBlipForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    ids = torch.cat([torch.full((batch, config.num_query_tokens), cfg.image_token_index, device=device), prompt], dim=1)
+
+    def step():
+        with torch.no_grad():
+            hf.generate(pixel_values=px, qformer_input_ids=qids, qformer_attention_mask=qmask, input_ids=ids,
+                        attention_mask=torch.ones_like(ids), **gen)
+
+    return step, hf

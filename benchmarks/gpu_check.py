@@ -27,8 +27,9 @@ The caps add up to the budget (400 s). Each benchmark step runs its cases in the
 answers the targets first; one cut off at its cap is interrupted (SIGINT), so pytest-benchmark
 still writes the cases that finished. `--only profile` runs the Q-Former alone instead
 (qformer_profile.py: eager and CUDA-graph replay times, per-kernel tables, Perfetto traces) in 4
-minutes; `--only compiled` the torch.compile peers in full, in 4 minutes; `--only onnxruntime` the
-ONNX Runtime CUDA step.
+minutes; `--only compiled` the torch.compile peers in full, in 4 minutes; `--only instructblip`
+InstructBLIP's answer latency at Vicuna-7B's size (test_instructblip_gpu.py), in 4 minutes;
+`--only onnxruntime` the ONNX Runtime CUDA step.
 
 OUT gets summary.md (ready to paste into RESULTS.md), summary.json and details.tar.gz (one log
 per step and the benchmark JSON files). Exit status: 0 when every step ran and every test passed.
@@ -75,7 +76,11 @@ COMPILED_STEPS = [("install", 40), ("compiled peers in full", 195)]
 # steps leave them out)
 COMPILED = "compiled and not static and not cpu"
 
-CAPS = dict(STEPS + PROFILE_STEPS + COMPILED_STEPS)
+# `--only instructblip`: InstructBLIP Vicuna-7B's answer latency, blip2rt against transformers
+INSTRUCT_BUDGET_S = 240
+INSTRUCT_STEPS = [("install", 40), ("instructblip latency", 195)]
+
+CAPS = dict(STEPS + PROFILE_STEPS + COMPILED_STEPS + INSTRUCT_STEPS)
 BENCHMARK_FILES = ["benchmarks/test_attention_kernels.py", "benchmarks/test_training_kernels.py",
                    "benchmarks/test_train_step.py"]
 
@@ -94,6 +99,8 @@ QFORMER_CASES = _cases(QFORMER, *(f"{b}-fwd-{impl}" for b in (1, 32, 128)
 CAPTION = "benchmarks/test_caption_gpu.py::test_caption_gpu"
 CAPTION_CASES = _cases(CAPTION, "1-graphed", "1-transformers", "1-fused", "8-graphed", "8-transformers", "8-fused",
                        "1-torch", "8-torch", "1-static-compiled", "8-static-compiled")
+INSTRUCT = "benchmarks/test_instructblip_gpu.py::test_instructblip_gpu"
+INSTRUCT_CASES = _cases(INSTRUCT, "1-graphed", "1-transformers", "1-fused", "8-graphed", "8-transformers", "8-fused")
 TRAIN_STEP_CASES = (_cases("benchmarks/test_train_step.py::test_stage1_step_gpu", "triton", "lavis", "torch")
                     + _cases("benchmarks/test_train_step.py::test_stage2_step_gpu", "triton", "torch"))
 KERNEL_FILES = ["benchmarks/test_attention_kernels.py", "benchmarks/test_training_kernels.py"]
@@ -401,10 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", help="folder for summary.md, summary.json, logs and benchmark JSON")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for all steps (default {BUDGET_S})")
-    ap.add_argument("--only", choices=["all", "onnxruntime", "profile", "compiled"], default="all",
+    ap.add_argument("--only", choices=["all", "onnxruntime", "profile", "compiled", "instructblip"], default="all",
                     help="onnxruntime: only the ONNX Runtime CUDA tests and benchmarks (after make ort-gpu-parts); "
                          f"profile: the Q-Former alone, eager and graph-replay times, kernel tables and traces "
-                         f"({PROFILE_BUDGET_S} s); compiled: the torch.compile peers in full ({COMPILED_BUDGET_S} s)")
+                         f"({PROFILE_BUDGET_S} s); compiled: the torch.compile peers in full ({COMPILED_BUDGET_S} s); "
+                         f"instructblip: InstructBLIP Vicuna-7B's answer latency ({INSTRUCT_BUDGET_S} s)")
     ap.add_argument("--ort-gpu", default=ORT_GPU_DIR,
                     help=f"where make ort-gpu-parts installed onnxruntime-gpu (default {ORT_GPU_DIR}; used if present)")
     args = ap.parse_args(argv)
@@ -414,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    budget = {"profile": PROFILE_BUDGET_S, "compiled": COMPILED_BUDGET_S}.get(args.only, args.budget)
+    budget = {"profile": PROFILE_BUDGET_S, "compiled": COMPILED_BUDGET_S,
+              "instructblip": INSTRUCT_BUDGET_S}.get(args.only, args.budget)
     check = Check(out, min(args.budget, budget))
     if Path(args.ort_gpu, "onnxruntime").is_dir():  # ahead of the machine's CPU-only onnxruntime
         check.env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.ort_gpu, check.env.get("PYTHONPATH")]))
@@ -430,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         check.write()
         print((out / "summary.md").read_text())
         return 0 if check.summary["steps"]["compiled peers in full"].get("status") == "ok" else 1
+    if args.only == "instructblip":
+        check.benchmark("instructblip latency", INSTRUCT_CASES)
+        check.write()
+        print((out / "summary.md").read_text())
+        return 0 if check.summary["steps"]["instructblip latency"].get("status") == "ok" else 1
     if args.only == "onnxruntime":
         tests_code = check.gpu_tests(["tests/test_export_gpu.py"])
         check.onnxruntime_cuda()

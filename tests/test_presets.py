@@ -96,3 +96,28 @@ def test_the_parts_no_checkpoint_fills_are_drawn_from_the_seed():
     d = weights(blip2rt.from_pretrained("tiny", device="cpu", seed=None))
     assert all(torch.equal(c[k], d[k]) for k in c)
     assert not torch.equal(c["language_projection.weight"], a["language_projection.weight"])
+
+
+@pytest.mark.parametrize("name", ["instructblip-vicuna-7b", "instructblip-flan-t5-xl"])
+def test_instructblip_presets_match_transformers_shapes(name):
+    """Key for key (in transformers' InstructBLIP names) against InstructBlipForConditionalGeneration
+    built from the same shapes, on the meta device."""
+    from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+    from blip2rt.instructblip import instructblip_state_dict
+
+    cfg = blip2rt.preset_config(name)
+    assert cfg.is_instructblip and cfg.image_token_index < cfg.text_config["vocab_size"]
+    d = cfg.to_hf_dict()
+    hf_cfg = InstructBlipConfig(vision_config=d["vision_config"], qformer_config=d["qformer_config"],
+                                text_config=d["text_config"], num_query_tokens=d["num_query_tokens"],
+                                image_token_index=cfg.image_token_index)
+    with torch.device("meta"):
+        ours = blip2rt.Blip2(cfg)
+        ref = InstructBlipForConditionalGeneration(hf_cfg)
+        a = {k: tuple(v.shape) for k, v in instructblip_state_dict(ours).items()}
+    b = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+    assert a == b
+    if name == "instructblip-vicuna-7b":
+        n = sum(p.numel() for p in ours.parameters())
+        assert 7.9e9 < n < 7.95e9, n  # ViT-g 1.0B, Q-Former 0.19B, LLaMA-7B 6.74B
