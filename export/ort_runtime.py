@@ -136,6 +136,16 @@ class OrtBlip2:
             raise InputError(f"the ONNX pipeline supports greedy and beam search; not {sorted(unsupported) or 'sampling'}")
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         soft = self.image_features(pixel_values, qformer_input_ids, qformer_attention_mask)
+        embeds, mask = self.llm_inputs(soft, input_ids, attention_mask)
+        search = Search(self.graphs, max_new_tokens, min_new_tokens, num_beams, length_penalty)
+        self.last_search = "static" if self.graphs.use_static and search.num_beams == 1 else "dynamic"
+        log.debug("ONNX Runtime %s search over the %s graphs", "greedy" if search.num_beams == 1 else "beam",
+                 "static_lm" if self.last_search == "static" else "prefill/decode")
+        return search.run(embeds, mask)
+
+    def llm_inputs(self, soft: np.ndarray, input_ids=None, attention_mask=None) -> tuple[np.ndarray, np.ndarray]:
+        """The soft prompt (B, Q, W) and the prompt's ids and mask (B, T) -> the LLM's input embeddings
+        (B, P, W) and mask (B, P), laid out as `layout` says (the BOS, the soft prompt, the prompt)."""
         b, q, width = soft.shape
         layout = self.layout
         if input_ids is None:
@@ -148,13 +158,7 @@ class OrtBlip2:
         parts = [soft.astype(self.float), table[input_ids].astype(self.float)]
         if layout.bos_first:
             parts.insert(0, np.broadcast_to(table[layout.bos_token_id], (b, 1, width)).astype(self.float))
-        embeds = np.concatenate(parts, axis=1)
-        mask = layout.full_mask(q, attention_mask)
-        search = Search(self.graphs, max_new_tokens, min_new_tokens, num_beams, length_penalty)
-        self.last_search = "static" if self.graphs.use_static and search.num_beams == 1 else "dynamic"
-        log.debug("ONNX Runtime %s search over the %s graphs", "greedy" if search.num_beams == 1 else "beam",
-                 "static_lm" if self.last_search == "static" else "prefill/decode")
-        return search.run(embeds, mask)
+        return np.concatenate(parts, axis=1), layout.full_mask(q, attention_mask)
 
     def text_inputs(self, prompts: Sequence[str] | None, batch: int,
                     qformer_texts: Sequence[str] | None = None) -> TextInputs:
