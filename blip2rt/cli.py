@@ -1,5 +1,6 @@
-"""The `blip2rt` command line: caption, vqa, retrieve, export, convert, train, eval, demo and bench, one
-parser function each (train and eval: training/cli.py).
+"""The `blip2rt` command line: caption, vqa, retrieve, export, convert, train, eval, demo, bench and serve,
+one parser function each (train and eval: training/cli.py; serve: server/cli.py, which `main` runs
+without importing torch, as the deployment install has none).
 
 Bad input (a missing or corrupt image, a bad checkpoint, an unknown preset) exits with code 2
 and a one-line reason on stderr, as argparse does for bad flags.
@@ -93,7 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     _add_demo_parser(sub)
     _add_bench_parser(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    from .server.cli import DESCRIPTION, EXAMPLES, HELP, add_serve_args, run_serve
+
+    p = sub.add_parser("serve", help=HELP, description=DESCRIPTION, epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_serve_args(p)
+    p.set_defaults(run=run_serve)
 
 
 def _add_caption_parser(sub) -> None:
@@ -402,6 +413,18 @@ def _run_demo(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # torch-free: the other commands' parsers import the model code
+        from .server.cli import parser as serve_parser, run_serve
+
+        args = serve_parser().parse_args(argv[1:])
+        args.command = "serve"
+        try:
+            run_serve(args)
+        except Blip2rtError as e:
+            print(f"blip2rt serve: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):

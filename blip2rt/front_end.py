@@ -48,6 +48,17 @@ def per_image(values: str | Sequence[str] | None, batch: int, what: str) -> list
     return values
 
 
+def caption_texts(prompts: list[str] | None, batch: int) -> tuple[list[str] | None, int, list[str]]:
+    """A caption's text, as `text_inputs` takes it: the prompt (None: the default) is also what the
+    Q-Former reads, "" where there is none."""
+    return prompts, batch, list(prompts) if prompts else [""] * batch
+
+
+def answer_texts(questions: Sequence[str], template: str) -> tuple[list[str], int, list[str]]:
+    """A question's text, as `text_inputs` takes it: the LLM reads it in `template`, the Q-Former bare."""
+    return [template.format(q) for q in questions], len(questions), list(questions)
+
+
 def generation_args(defaults: dict, gen: dict) -> dict:
     """The defaults, overridden by the user's `gen`. A user's short maximum wins over a default
     minimum; greedy search drops the beam-only length penalty."""

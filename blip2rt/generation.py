@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .front_end import PromptLayout, TextInputs, generation_args, per_image
+from .front_end import PromptLayout, TextInputs, answer_texts, caption_texts, generation_args, per_image
 from .generation_defaults import CAPTION_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, VQA_DEFAULTS, VQA_PROMPT
 from .errors import InputError
 from .tokenization import QFORMER_MAX_TEXT_TOKENS
@@ -115,8 +115,7 @@ class GenerationMixin:
         with question_in_qformer also gives the prompt ("" for none) to its Q-Former."""
         image = self._image_input(images, image_embeds)
         b = next(iter(image.values())).shape[0]
-        prompts = per_image(prompt, b, "prompt")
-        return self._generate_text(image, self.text_inputs(prompts, b, prompts or [""] * b),
+        return self._generate_text(image, self.text_inputs(*caption_texts(per_image(prompt, b, "prompt"), b)),
                                    generation_args(CAPTION_DEFAULTS, gen))
 
     def answer(self, images, questions: str | Sequence[str], prompt_template: str = VQA_PROMPT, *,
@@ -126,8 +125,8 @@ class GenerationMixin:
         None where `image_embeds` are given."""
         image = self._image_input(images, image_embeds)
         b = next(iter(image.values())).shape[0]
-        questions = per_image(questions, b, "question")
-        return self._generate_text(image, self.text_inputs([prompt_template.format(q) for q in questions], b, questions),
+        return self._generate_text(image, self.text_inputs(*answer_texts(per_image(questions, b, "question"),
+                                                                          prompt_template)),
                                    generation_args(VQA_DEFAULTS, gen))
 
     def _image_input(self, images, image_embeds: torch.Tensor | None) -> dict[str, torch.Tensor]:

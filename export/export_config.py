@@ -66,6 +66,7 @@ class ExportConfig:
     question_in_qformer: bool
     graphs: dict[str, str]  # key (vision, prefill, decode, static_lm, encoder, decoder, ...) -> file name
     llm_weights: dict = field(default_factory=dict)  # {"format": "fp32" | "fp16" | "int8" | "int4", ...}
+    max_positions: int | None = None  # the LLM's position ids stay below this (None: no table bounds them)
     version: int = VERSION
 
     def __post_init__(self):

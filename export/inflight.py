@@ -14,8 +14,10 @@ out, at its own positions (position ids are per row). A request whose prompt is 
 moves the timeline on: the rows already there see masked columns. When the timeline reaches the
 buffer's end, every row is shifted left by the oldest row's start.
 
-Only the greedy choice is made (on the host, from the step's logits, with EOS blocked until a row's
-`min_new`). Beam search and sampling are left to `OrtBlip2.generate`. The buffers are numpy arrays
+Each row's token is chosen on the host from the step's logits, with EOS blocked until the row's
+`min_new`: greedily, or sampled at the row's temperature and top-p from the row's own generator (so a
+seeded request draws the same tokens whatever it is batched with). Beam search is left to
+`OrtBlip2.generate`. The buffers are numpy arrays
 that onnxruntime reads and writes in place on the CPU provider. A CUDA batcher would keep them on
 the device.
 """
@@ -39,6 +41,9 @@ class Sequence:
     mask: np.ndarray  # (P,) int64: 0 at padding
     max_new: int
     min_new: int = 0
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    rng: np.random.Generator | None = None  # the draws of a sampled request
     tokens: list[int] = field(default_factory=list)
     finished: bool = False
     cancelled: bool = False
@@ -51,6 +56,23 @@ class Sequence:
         return self.embeds.shape[0]
 
 
+def sample_token(scores: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """One draw from softmax(scores / temperature) restricted to its nucleus: the most probable tokens
+    whose mass first reaches top_p (the token that crosses it included; ties broken by token id),
+    renormalised. transformers' temperature and top-p warpers keep the same set."""
+    z = scores.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[order]) - p[order]  # the mass of the more probable tokens
+        keep = order[before < top_p]
+        kept = np.zeros_like(p)
+        kept[keep] = p[keep]
+        p = kept / kept.sum()
+    return int(rng.choice(p.size, p=p))
+
+
 class InflightBatcher:
     """Greedy decoding of many requests at once over `graphs`' static_lm.onnx, on the CPU provider.
 
@@ -60,8 +82,6 @@ class InflightBatcher:
     (tests/test_inflight_batching.py)."""
 
     def __init__(self, graphs: GraphRunner, slots: int = 8, length: int = 512):
-        import onnxruntime as ort
-
         if "static_lm" not in graphs.cfg.graphs or graphs.cfg.encoder_decoder:
             raise ValueError("in-flight batching needs a decoder-only export with static_lm.onnx")
         if graphs.on_cuda:
@@ -70,23 +90,18 @@ class InflightBatcher:
         c = graphs.cfg
         f = graphs.float
 
-        def buffer(shape, dtype):
-            a = np.zeros(shape, dtype)
-            return a, ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0)  # onnxruntime reads and writes `a` itself
-
-        kv = [buffer((slots, c.num_kv_heads, length, c.head_dim), f) for _ in c.past_names]
-        self.kv = [a for a, _ in kv]
-        self.mask, mask_v = buffer((slots, length), np.int64)
-        self.embeds, embeds_v = buffer((slots, 1, c.hidden_size), f)
-        self.position, position_v = buffer((slots, 1), np.int64)
-        self.write_at, write_v = buffer((), np.int64)
-        _, bias_v = buffer((1, c.vocab_size), np.float32)
-        self.logits, logits_v = buffer((slots, c.vocab_size), f)
-        _, ids_v = buffer((slots,), np.int64)
-        self.inputs = {"inputs_embeds": embeds_v, "attention_mask": mask_v, "position_ids": position_v,
-                       "write_at": write_v, "token_bias": bias_v, **{n: v for n, (_, v) in zip(c.past_names, kv)}}
-        self.outputs = {"logits": logits_v, "next_ids": ids_v,
-                        **{n: v for n, (_, v) in zip(c.present_names, kv)}}
+        # Host buffers of `slots` rows that onnxruntime reads and writes in place. A step runs over the
+        # rows up to the highest busy slot only (slots are taken lowest first), through OrtValues over
+        # those leading rows, made once per row count.
+        self.kv = [np.zeros((slots, c.num_kv_heads, length, c.head_dim), f) for _ in c.past_names]
+        self.mask = np.zeros((slots, length), np.int64)
+        self.embeds = np.zeros((slots, 1, c.hidden_size), f)
+        self.position = np.zeros((slots, 1), np.int64)
+        self.write_at = np.zeros((), np.int64)
+        self.logits = np.zeros((slots, c.vocab_size), f)
+        self._ids_out = np.zeros((slots,), np.int64)
+        self._bias = np.zeros((1, c.vocab_size), np.float32)
+        self._bound: dict[int, tuple[dict, dict]] = {}
         self.col = 0
         self.shifts = 0  # how often the rows were shifted left (the timeline reached the end)
         self.active: dict[int, Sequence] = {}  # slot -> sequence
@@ -97,9 +112,10 @@ class InflightBatcher:
     # -- requests -------------------------------------------------------------------------------
 
     def submit(self, embeds: np.ndarray, mask: np.ndarray | None = None, max_new: int = 30,
-               min_new: int = 0) -> Sequence:
-        """Queues one request: embeds (P, W) (or (1, P, W)), its mask (P,). Returns its Sequence,
-        whose `tokens` grow as `step` runs and whose `finished` says when it is done."""
+               min_new: int = 0, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> Sequence:
+        """Queues one request: embeds (P, W) (or (1, P, W)), its mask (P,). Greedy at temperature 0,
+        else sampled (see `sample_token`; `seed` fixes the draws). Returns its Sequence, whose
+        `tokens` grow as `step` runs and whose `finished` says when it is done."""
         embeds = np.asarray(embeds)
         if embeds.ndim == 3:
             if embeds.shape[0] != 1:
@@ -111,7 +127,15 @@ class InflightBatcher:
         if embeds.shape[0] + max_new > self.length:
             raise ValueError(f"a prompt of {embeds.shape[0]} positions and {max_new} new tokens do not fit the "
                              f"batcher's {self.length} columns")
-        seq = Sequence(next(self._ids), embeds.astype(self.graphs.float), mask, max_new, min_new)
+        limit = self.graphs.cfg.max_positions
+        if limit is not None and embeds.shape[0] + max_new > limit:
+            raise ValueError(f"a prompt of {embeds.shape[0]} positions and {max_new} new tokens pass the LLM's "
+                             f"{limit} positions")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+        rng = np.random.default_rng(seed) if temperature > 0 else None
+        seq = Sequence(next(self._ids), embeds.astype(self.graphs.float), mask, max_new, min_new,
+                       temperature, top_p, rng)
         self.pending.append(seq)
         return seq
 
@@ -151,11 +175,31 @@ class InflightBatcher:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _binding(self, rows: int) -> tuple[dict, dict]:
+        """The static graph's inputs and outputs over the first `rows` rows of the buffers."""
+        if rows not in self._bound:
+            import onnxruntime as ort
+
+            c = self.graphs.cfg
+
+            def v(a):
+                return ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0)  # shares `a`'s memory (contiguous rows)
+
+            inputs = {"inputs_embeds": v(self.embeds[:rows]), "attention_mask": v(self.mask[:rows]),
+                      "position_ids": v(self.position[:rows]), "write_at": v(self.write_at),
+                      "token_bias": v(self._bias), **{n: v(a[:rows]) for n, a in zip(c.past_names, self.kv)}}
+            outputs = {"logits": v(self.logits[:rows]), "next_ids": v(self._ids_out[:rows]),
+                       **{n: v(a[:rows]) for n, a in zip(c.present_names, self.kv)}}
+            self._bound[rows] = inputs, outputs
+        return self._bound[rows]
+
     def _choose(self, logits: np.ndarray, seq: Sequence) -> int:
         scores = logits.astype(np.float32)
         if len(seq.tokens) < seq.min_new and self.eos.size:
             scores = scores.copy()
             scores[self.eos] = -np.inf
+        if seq.temperature > 0:
+            return sample_token(scores, seq.temperature, seq.top_p, seq.rng)
         return int(scores.argmax())
 
     def _emit(self, seq: Sequence, token: int) -> int:
@@ -226,7 +270,7 @@ class InflightBatcher:
             self.position[seq.slot, 0] = seq.next_position
         self.mask[:, col] = 1  # idle rows attend to their own column only
         self.write_at[...] = col
-        self.graphs.static.run_bound(self.inputs, self.outputs, None)
+        self.graphs.static.run_bound(*self._binding(max(self.active) + 1), None)
         idle = [i for i in range(self.slots) if i not in self.active]
         self.mask[idle, col] = 0
         self.col += 1

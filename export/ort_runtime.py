@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from blip2rt.errors import CheckpointError, InputError
-from blip2rt.front_end import TextInputs, as_image_list, generation_args, per_image
+from blip2rt.front_end import TextInputs, answer_texts, as_image_list, caption_texts, generation_args, per_image
 from blip2rt.generation_defaults import CAPTION_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, VQA_DEFAULTS, VQA_PROMPT
 from blip2rt.images import pixel_array
 from blip2rt.tokenization import QFORMER_MAX_TEXT_TOKENS
@@ -176,14 +176,12 @@ class OrtBlip2:
 
     def caption(self, images, prompt: str | Sequence[str] | None = None, **gen) -> list[str]:
         px = self._pixels(images)
-        prompts = per_image(prompt, px.shape[0], "prompt")
-        text = self.text_inputs(prompts, px.shape[0], prompts or [""] * px.shape[0])  # the prompt is the Q-Former's text
+        text = self.text_inputs(*caption_texts(per_image(prompt, px.shape[0], "prompt"), px.shape[0]))
         return self._generate_text(px, text, generation_args(CAPTION_DEFAULTS, gen))
 
     def answer(self, images, questions: str | Sequence[str], prompt_template: str = VQA_PROMPT, **gen) -> list[str]:
         px = self._pixels(images)
-        questions = per_image(questions, px.shape[0], "question")
-        text = self.text_inputs([prompt_template.format(q) for q in questions], px.shape[0], questions)
+        text = self.text_inputs(*answer_texts(per_image(questions, px.shape[0], "question"), prompt_template))
         return self._generate_text(px, text, generation_args(VQA_DEFAULTS, gen))
 
     def _generate_text(self, px: np.ndarray, text: TextInputs, gen: dict) -> list[str]:

@@ -91,6 +91,16 @@ def with_tiny_tokenizer(ref: HFReference, folder: Path) -> Path:
     return folder
 
 
+def with_tiny_tokenizers(ref, folder: Path) -> Path:
+    """A copy of a reference InstructBLIP folder with the character tokenizers of the `tiny` preset
+    (inside both vocabularies), as the text APIs and the export need."""
+    from blip2rt.tokenization import QFORMER_TOKENIZER_DIR, tiny_qformer_tokenizer
+
+    with_tiny_tokenizer(ref, folder)
+    tiny_qformer_tokenizer().save_pretrained(folder / QFORMER_TOKENIZER_DIR)
+    return folder
+
+
 def hf_prompt_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' Blip2 layout: NUM_QUERIES image placeholders before the (left-padded) prompt."""
     b = input_ids.shape[0]

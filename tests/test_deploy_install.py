@@ -1,6 +1,7 @@
 """The deployment install: blip2rt with --no-deps plus onnxruntime, numpy, tokenizers and Pillow in a
 fresh venv (README's recipe) runs every ORT path of an export (dynamic and static graphs, answer()
-with and without the question in the Q-Former, int4 weights), and torch is never imported."""
+with and without the question in the Q-Former, int4 weights), and torch is never imported. With
+FastAPI and uvicorn beside them (the serve extra), `blip2rt serve` starts and answers a request."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from blip2rt.export import OrtBlip2, export_model
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME_DEPS = ["onnxruntime", "numpy", "tokenizers", "pillow"]  # README's deployment recipe
+SERVE_DEPS = ["fastapi", "uvicorn"]  # the serve extra
 
 CODE = r"""
 import json
@@ -99,3 +101,50 @@ def test_the_runtime_installs_and_runs_every_path_without_torch(tmp_path):
     exports = [str(out), str(tmp_path / "vqa_export"), str(tmp_path / "int4_export")]
     got = json.loads(run([str(py), "-c", CODE, *exports, str(photo)], env=env, cwd=tmp_path).strip().splitlines()[-1])
     assert got == expected(*map(Path, exports), str(photo))
+
+    run(pip + ["-c", str(REPO / "constraints" / "cpu.txt"), *SERVE_DEPS], env=env)
+    answer = serve_one_request(venv / "bin" / "blip2rt", exports[0], photo, env, tmp_path)
+    want = OrtBlip2(exports[0], providers=["CPUExecutionProvider"]).answer(
+        [str(photo)], ["what is in the picture?"], num_beams=1, max_new_tokens=5, min_new_tokens=1)
+    assert answer == want[0]
+
+
+def serve_one_request(blip2rt_cli: Path, export: str, photo: Path, env: dict, cwd: Path) -> str:
+    """`blip2rt serve EXPORT` in the venv; one chat completion over loopback; then SIGTERM."""
+    import base64
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(blip2rt_cli), "serve", export, "--port", str(port), "--provider", "cpu"],
+                            env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+        image = "data:image/png;base64," + base64.b64encode(photo.read_bytes()).decode()
+        body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is in the picture?"},
+                                                          {"type": "image_url", "image_url": {"url": image}}]}],
+                "max_tokens": 5}
+        req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            reply = json.loads(r.read())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return reply["choices"][0]["message"]["content"]

@@ -3,7 +3,6 @@ instruction in the Q-Former: the fused Q-Former kernels, the static-cache decode
 ONNX Runtime (fp32, and the LLM in int4), and the CLI."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -11,25 +10,16 @@ import torch
 from PIL import Image
 
 import blip2rt
-from blip2rt.tokenization import QFORMER_TOKENIZER_DIR, tiny_llm_tokenizer, tiny_qformer_tokenizer
+from hf_reference import with_tiny_tokenizers
 from test_instructblip_parity import SIZE
 from test_parity_transformers import pixels
 
 QUESTIONS = ["what is it?", "is it red?", "how many shapes are there?", "which one"]
 
 
-def with_tokenizers(ref, folder):
-    """A copy of a reference InstructBLIP folder with the character tokenizers of the `tiny` preset
-    (inside both vocabularies), as the text APIs and the export need."""
-    shutil.copytree(ref.folder, folder, dirs_exist_ok=True)
-    tiny_llm_tokenizer().save_pretrained(folder)
-    tiny_qformer_tokenizer().save_pretrained(folder / QFORMER_TOKENIZER_DIR)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def instruct_llama(hf_instruct_llama, tmp_path_factory):
-    folder = with_tokenizers(hf_instruct_llama, tmp_path_factory.mktemp("instruct_llama"))
+    folder = with_tiny_tokenizers(hf_instruct_llama, tmp_path_factory.mktemp("instruct_llama"))
     return folder, blip2rt.from_pretrained(folder, device="cpu", kernels="torch")
 
 
@@ -149,7 +139,7 @@ def test_the_int4_llm_export_takes_the_instruction(instruct_llama, image_files, 
 def test_t5_instructblip_exports_and_answers_with_pytorchs_tokens(hf_instruct_t5, tmp_path, image_files):
     from blip2rt.export import OrtBlip2, export_model
 
-    folder = with_tokenizers(hf_instruct_t5, tmp_path / "t5")
+    folder = with_tiny_tokenizers(hf_instruct_t5, tmp_path / "t5")
     m = blip2rt.from_pretrained(folder, device="cpu", kernels="torch")
     export_model(m, tmp_path / "onnx")
     rt = OrtBlip2(tmp_path / "onnx", providers=["CPUExecutionProvider"])

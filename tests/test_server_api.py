@@ -1,0 +1,161 @@
+"""`blip2rt serve` through the official `openai` client on loopback: plain and streamed chat
+completions, one choice per image, usage, the model list, errors in OpenAI's shape, /health and
+/metrics; the answers equal the runtime's own `caption` / `answer` greedy output."""
+
+import httpx2 as httpx
+import openai
+import pytest
+
+import blip2rt
+from blip2rt.export import OrtBlip2, export_model
+from blip2rt.generation_defaults import CAPTION_DEFAULTS, VQA_DEFAULTS
+from blip2rt.server import ServerSettings
+from hf_reference import with_tiny_tokenizer
+from server_harness import data_url, get, metric, png, running, user
+
+IMAGES = [png(i) for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def export(hf_opt, tmp_path_factory):
+    src = with_tiny_tokenizer(hf_opt, tmp_path_factory.mktemp("server_src"))
+    out = tmp_path_factory.mktemp("server_export")
+    export_model(blip2rt.from_pretrained(src, device="cpu"), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(export):
+    with running(export, ServerSettings(model_name="blip2-test")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(base):
+    return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def runtime(export):
+    return OrtBlip2(export, providers=["CPUExecutionProvider"])
+
+
+def photos(tmp_path, images):
+    paths = []
+    for i, data in enumerate(images):
+        p = tmp_path / f"{i}.png"
+        p.write_bytes(data)
+        paths.append(str(p))
+    return paths
+
+
+def greedy(defaults, max_tokens):
+    return dict(num_beams=1, max_new_tokens=max_tokens, min_new_tokens=min(defaults["min_new_tokens"], max_tokens))
+
+
+def test_a_caption_and_an_answer_equal_the_runtime_alone(client, runtime, tmp_path):
+    paths = photos(tmp_path, IMAGES[:2])
+    r = client.chat.completions.create(model="blip2-test", messages=user(IMAGES[0]), max_tokens=12)
+    assert r.object == "chat.completion" and r.model == "blip2-test" and len(r.choices) == 1
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == runtime.caption([paths[0]], **greedy(CAPTION_DEFAULTS, 12))[0]
+    q = "what is in the picture?"
+    r = client.chat.completions.create(model="blip2-test", messages=user(IMAGES[1], text=q), max_tokens=7)
+    assert r.choices[0].message.content == runtime.answer([paths[1]], [q], **greedy(VQA_DEFAULTS, 7))[0]
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 7 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_each_image_gets_its_own_choice_in_order(client, runtime, tmp_path):
+    paths = photos(tmp_path, IMAGES)
+    q = "what colour is it?"
+    r = client.chat.completions.create(model="blip2-test", messages=user(*IMAGES, text=q), max_tokens=9)
+    got = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
+    want = runtime.answer(paths, [q] * 4, **greedy(VQA_DEFAULTS, 9))
+    assert got == want
+    assert len(set(want)) > 1  # the images give different answers: the order is checked
+
+
+def test_streaming_gives_the_same_text_in_pieces_then_done(client, base):
+    msgs = user(IMAGES[2], text="what is this?")
+    whole = client.chat.completions.create(model="blip2-test", messages=msgs, max_tokens=10)
+    stream = client.chat.completions.create(model="blip2-test", messages=msgs, max_tokens=10, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert len([p for p in pieces if p]) > 1  # it came in pieces
+    assert finish == whole.choices[0].finish_reason
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+    with httpx.stream("POST", base + "/v1/chat/completions", timeout=30,
+                      json={"messages": msgs, "max_tokens": 3, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_a_stop_string_ends_the_text_before_it(client):
+    msgs = user(IMAGES[3], text="what is this?")
+    whole = client.chat.completions.create(model="blip2-test", messages=msgs, max_tokens=10).choices[0].message.content
+    assert len(whole) > 3
+    stop = whole[2:4]
+    r = client.chat.completions.create(model="blip2-test", messages=msgs, max_tokens=10, stop=[stop])
+    assert r.choices[0].message.content == whole[:whole.find(stop)].strip()
+    assert r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="blip2-test", messages=msgs, max_tokens=10, stop=stop, stream=True) if c.choices)
+    assert streamed == r.choices[0].message.content
+
+
+def test_max_tokens_is_clamped_to_the_servers_limit(export):
+    with running(export, ServerSettings(max_tokens=4)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model=client.models.list().data[0].id, messages=user(IMAGES[0]),
+                                           max_tokens=10_000, extra_body={"min_tokens": 10_000})
+        assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+
+
+def test_seeded_sampling_repeats_and_differs_from_greedy(client):
+    msgs = user(IMAGES[0], text="what is it?")
+    a = client.chat.completions.create(model="blip2-test", messages=msgs, max_tokens=10, temperature=1.5, seed=7,
+                                       extra_body={"min_tokens": 10})
+    b = client.chat.completions.create(model="blip2-test", messages=msgs, max_tokens=10, temperature=1.5, seed=7,
+                                       extra_body={"min_tokens": 10})
+    others = {client.chat.completions.create(model="blip2-test", messages=msgs, max_tokens=10, temperature=1.5,
+                                             seed=s, extra_body={"min_tokens": 10}).choices[0].message.content
+              for s in range(8, 12)}
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert len(others | {a.choices[0].message.content}) > 1
+
+
+def test_errors_are_openai_errors_with_4xx(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="another-model", messages=user(IMAGES[0]))
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="blip2-test", messages=[{"role": "user", "content": "hello"}])
+    assert "image" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="blip2-test", messages=user(IMAGES[0]), n=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="blip2-test", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    assert "--allow-url-fetch" in e.value.body["message"]
+
+
+def test_models_health_and_metrics(client, base):
+    assert [m.id for m in client.models.list().data] == ["blip2-test"]
+    assert get(base, "/health") == (200, '{"status":"ok","model":"blip2-test"}')
+    before = metric(base, "blip2rt_generated_tokens_total")
+    r = client.chat.completions.create(model="blip2-test", messages=user(IMAGES[1]), max_tokens=5)
+    assert metric(base, "blip2rt_generated_tokens_total") == before + r.usage.completion_tokens
+    for name in ("blip2rt_queue_depth", "blip2rt_decode_batch_size_count", "blip2rt_time_to_first_token_seconds_count",
+                 "blip2rt_tokens_per_second", "blip2rt_image_cache_hits_total", "blip2rt_requests_total"):
+        metric(base, name)
+    assert metric(base, "blip2rt_time_to_first_token_seconds_count") >= 1
