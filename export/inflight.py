@@ -1,9 +1,10 @@
 """In-flight batching of greedy requests over one static KV buffer (static_lm.onnx), torch-free.
 
 Requests arrive at any time with their LLM input embeddings (soft prompt and prompt, as
-`OrtBlip2.llm_inputs` lays them out). Each is prefilled alone, through the same graph at batch 1,
-and its keys and values are copied into a free row ("slot") of a shared buffer of `slots` rows and
-`length` columns. From the next step it decodes with every other active row in one batched run of
+`OrtBlip2.llm_inputs` lays them out). Each is prefilled through the same graph as a search over it
+alone would be; requests admitted together whose prompts have one length share that run as one
+batch (nothing is padded, so each row computes what it would alone). Its keys and values are copied
+into a free row ("slot") of a shared buffer of `slots` rows and `length` columns. From the next step it decodes with every other active row in one batched run of
 the graph. A request that ends (EOS, or its `max_new` tokens) frees its slot at once.
 
 The rows share one timeline. `col` is the column every row's next token writes, as the graph's
@@ -28,6 +29,8 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from blip2rt.front_end import static_cache_length
 
 from .graph_runner import GraphRunner
 
@@ -104,6 +107,7 @@ class InflightBatcher:
         self._bound: dict[int, tuple[dict, dict]] = {}
         self.col = 0
         self.shifts = 0  # how often the rows were shifted left (the timeline reached the end)
+        self.prefills = 0  # prefill runs (a run takes every admitted request of one prompt length)
         self.active: dict[int, Sequence] = {}  # slot -> sequence
         self.pending: list[Sequence] = []
         self._ids = itertools.count()
@@ -159,12 +163,13 @@ class InflightBatcher:
         running = list(self.active.values())
         if running:
             produced += self._decode(running)
-        while self.pending and len(self.active) < self.slots:
-            seq = self.pending[0]
-            if not self._make_room(seq.prompt_length):
+        admitted = []
+        while self.pending and len(self.active) + len(admitted) < self.slots:
+            if not self._make_room(max(s.prompt_length for s in admitted + self.pending[:1])):
                 break
-            self.pending.pop(0)
-            produced.append((seq, self._admit(seq)))
+            admitted.append(self.pending.pop(0))
+        for group in self._prefill_groups(admitted):
+            produced += self._admit(group)
         if not self.active:
             self.col = 0
         return produced
@@ -240,24 +245,42 @@ class InflightBatcher:
             seq.start -= s
         self.col = n
 
-    def _admit(self, seq: Sequence) -> int:
-        """Prefills `seq` alone (batch 1, as a greedy search over it alone would) and copies its keys
-        and values into a free slot, ending at the timeline's column. Returns its first token."""
-        p = seq.prompt_length
-        run = self.graphs.static_run(seq.embeds[None], seq.mask[None], seq.max_new, 0)
-        first = self._emit(seq, self._choose(run.logits()[0], seq))
-        if seq.finished:
-            return first
-        self.col = max(self.col, p)
-        slot = next(i for i in range(self.slots) if i not in self.active)
-        seq.slot, seq.start = slot, self.col - p
-        for mine, solo in zip(self.kv, run.buf.kv):
-            mine[slot, :, seq.start:self.col] = solo.numpy()[0, :, :p]
-        self.mask[slot] = 0
-        self.mask[slot, seq.start:self.col] = seq.mask
-        seq.next_position = int(run.positions[0, -1]) + 1
-        self.active[slot] = seq
-        return first
+    def _prefill_groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """The admitted requests in groups that prefill as one batch: equal prompt lengths and equal
+        prefill buffers, so that no row is padded and each computes what it would alone."""
+        groups: dict[tuple[int, int], list[Sequence]] = {}
+        for seq in seqs:
+            key = (seq.prompt_length, static_cache_length(seq.prompt_length, seq.max_new))
+            groups.setdefault(key, []).append(seq)
+        return list(groups.values())
+
+    def _admit(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+        """Prefills `seqs` (one prompt length) in one batch, as a greedy search over each alone would,
+        and copies each one's keys and values into a free slot, ending at the timeline's column.
+        Returns their first tokens."""
+        p = seqs[0].prompt_length
+        embeds = np.stack([seq.embeds for seq in seqs])
+        mask = np.stack([seq.mask for seq in seqs])
+        run = self.graphs.static_run(embeds, mask, max(seq.max_new for seq in seqs), 0)
+        self.prefills += 1
+        logits = run.logits()
+        kv = [t.numpy() for t in run.buf.kv]
+        produced = []
+        for row, seq in enumerate(seqs):
+            first = self._emit(seq, self._choose(logits[row], seq))
+            produced.append((seq, first))
+            if seq.finished:
+                continue
+            self.col = max(self.col, p)
+            slot = next(i for i in range(self.slots) if i not in self.active)
+            seq.slot, seq.start = slot, self.col - p
+            for mine, theirs in zip(self.kv, kv):
+                mine[slot, :, seq.start:self.col] = theirs[row, :, :p]
+            self.mask[slot] = 0
+            self.mask[slot, seq.start:self.col] = seq.mask
+            seq.next_position = int(run.positions[row, -1]) + 1
+            self.active[slot] = seq
+        return produced
 
     def _decode(self, running: list[Sequence]) -> list[tuple[Sequence, int]]:
         """One batched step: each running row feeds its last token at the timeline's column."""

@@ -102,3 +102,23 @@ def test_requests_that_do_not_fit_are_refused(runtime):
         b.submit(e[0], m[0], max_new=5)
     with pytest.raises(ValueError, match="at least 1"):
         b.submit(e[0], m[0], max_new=0)
+
+
+def test_requests_of_one_prompt_length_prefill_as_one_batch_and_agree(runtime):
+    """Six requests admitted together, two prompt lengths: two prefill runs, and each request's tokens
+    are still those of a search over it alone (no row is padded)."""
+    rng = np.random.default_rng(3)
+    size = runtime.cfg.image_size
+    reqs = []
+    for i in range(6):
+        px = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+        ids, mask = runtime.encode(["a photo of" if i % 2 else "b"])
+        embeds, full = runtime.llm_inputs(runtime.image_features(px), ids, mask)
+        reqs.append((embeds, full, 4 + i, 0))
+    assert len({r[0].shape[1] for r in reqs}) == 2
+    want = [alone(runtime, *r) for r in reqs]
+    b = InflightBatcher(runtime.graphs, slots=6, length=64)
+    seqs = [b.submit(e[0], m[0], mx, mn) for e, m, mx, mn in reqs]
+    b.run_until_done()
+    assert b.prefills == 2
+    assert [s.tokens for s in seqs] == want

@@ -159,3 +159,27 @@ def test_models_health_and_metrics(client, base):
                  "blip2rt_tokens_per_second", "blip2rt_image_cache_hits_total", "blip2rt_requests_total"):
         metric(base, name)
     assert metric(base, "blip2rt_time_to_first_token_seconds_count") >= 1
+
+
+def test_a_pytorch_model_and_a_t5_export_are_served_one_request_at_a_time(hf_opt, hf_t5, tmp_path):
+    """Without in-flight batching (the PyTorch model; an encoder-decoder export), requests still get
+    the runtime's own greedy answers."""
+    from blip2rt.server.engine import SequentialEngine
+    from blip2rt.server.served_model import load
+
+    src = with_tiny_tokenizer(hf_opt, tmp_path / "opt")
+    t5_src = with_tiny_tokenizer(hf_t5, tmp_path / "t5")
+    export_model(blip2rt.from_pretrained(t5_src, device="cpu"), tmp_path / "t5_export")
+    paths = photos(tmp_path, IMAGES[:2])
+    q = "what is it?"
+    for path, reference in ((src, blip2rt.from_pretrained(src, device="cpu")),
+                            (tmp_path / "t5_export", OrtBlip2(tmp_path / "t5_export", providers=["CPUExecutionProvider"]))):
+        assert isinstance(load(str(path), ServerSettings(), provider="cpu", device="cpu")[1], SequentialEngine)
+        with running(path, ServerSettings(model_name="m"), device="cpu") as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            r = client.chat.completions.create(model="m", messages=user(*IMAGES[:2], text=q), max_tokens=6)
+            got = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
+            assert got == reference.answer(paths, [q, q], **greedy(VQA_DEFAULTS, 6))
+            r = client.chat.completions.create(model="m", messages=user(IMAGES[0]), max_tokens=5, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in r if c.choices) == \
+                reference.caption(paths[:1], **greedy(CAPTION_DEFAULTS, 5))[0]
