@@ -183,3 +183,55 @@ def test_a_pytorch_model_and_a_t5_export_are_served_one_request_at_a_time(hf_opt
             r = client.chat.completions.create(model="m", messages=user(IMAGES[0]), max_tokens=5, stream=True)
             assert "".join(c.choices[0].delta.content or "" for c in r if c.choices) == \
                 reference.caption(paths[:1], **greedy(CAPTION_DEFAULTS, 5))[0]
+
+
+def test_url_fetch_and_local_files_only_where_allowed(export, tmp_path):
+    """--allow-url-fetch reads http URLs (here a file server on loopback); --allow-local-dir reads
+    paths and file: URLs under its folder only. Both answer as the same image sent as a data: URL."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.png").write_bytes(IMAGES[0])
+    (tmp_path / "outside.png").write_bytes(IMAGES[1])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+
+    def ask(client, url):
+        return client.chat.completions.create(model="m", max_tokens=6, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}]).choices[0].message.content
+
+    try:
+        settings = ServerSettings(model_name="m", allow_url_fetch=True, allow_local_dir=root)
+        with running(export, settings) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            want = ask(client, data_url(IMAGES[0]))
+            assert ask(client, f"http://127.0.0.1:{files.server_address[1]}/a.png") == want
+            assert ask(client, "a.png") == want
+            assert ask(client, f"file://{root / 'a.png'}") == want
+            for outside in ("../outside.png", str(tmp_path / "outside.png"), f"file://{tmp_path / 'outside.png'}"):
+                with pytest.raises(openai.BadRequestError, match="allow-local-dir"):
+                    ask(client, outside)
+            with pytest.raises(openai.BadRequestError, match="could not fetch"):
+                ask(client, f"http://127.0.0.1:{files.server_address[1]}/missing.png")
+    finally:
+        files.shutdown()
+
+
+def test_the_serve_command_helps_refuses_clearly_and_needs_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom blip2rt.cli import main\n"
+            "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "--max-batch" in out and "--allow-url-fetch" in out and "--cache-mb" in out
+    assert out.strip().endswith("no torch")
+    done = subprocess.run([sys.executable, "-m", "blip2rt", "serve", str(tmp_path / "missing")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("blip2rt serve: error:") and len(done.stderr.strip().splitlines()) == 1
