@@ -10,13 +10,13 @@ import blip2rt
 from blip2rt.training.checkpoint import latest_checkpoint, trainable_state
 from blip2rt.training.config import TrainConfig
 from blip2rt.training.trainer import VQA_STAGE, Trainer
-from test_instructblip_fast_paths import with_tokenizers
+from hf_reference import with_tiny_tokenizers
 from test_vqa_finetune import vqa_toy  # noqa: F401  (a fixture)
 
 
 @pytest.fixture(scope="module")
 def instruct_folder(hf_instruct_llama, tmp_path_factory):
-    return with_tokenizers(hf_instruct_llama, tmp_path_factory.mktemp("instruct_ft_base"))
+    return with_tiny_tokenizers(hf_instruct_llama, tmp_path_factory.mktemp("instruct_ft_base"))
 
 
 def config(folder, toy, out, **kw) -> TrainConfig:

@@ -112,8 +112,7 @@ def create_app(served: ServedModel, engine: Engine, metrics: Metrics, settings: 
         prepared = await run_in_threadpool(prepare, body, served, settings)
         work = Work(prepared, asyncio.get_running_loop())
         engine.admit(work)
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        reply = Reply(work, served, stop, body, metrics, request, start + settings.request_timeout_s)
+        reply = Reply(work, served, stop_strings(body), body, metrics, request, start + settings.request_timeout_s)
         if body.stream:
             return StreamingResponse(reply.sse(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -124,9 +123,13 @@ def create_app(served: ServedModel, engine: Engine, metrics: Metrics, settings: 
     return app
 
 
+def stop_strings(body: ChatCompletionRequest) -> list[str]:
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+
+
 def prepare(body: ChatCompletionRequest, served: ServedModel, s: ServerSettings) -> Prepared:
     """Decodes the images and tokenizes the text (in a worker thread: no model runs here)."""
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    stop = stop_strings(body)
     if len(stop) > s.max_stop or any(len(x) > MAX_STOP_CHARS for x in stop):
         raise bad_request(f"give at most {s.max_stop} stop strings of at most {MAX_STOP_CHARS} characters", "stop")
     chat = read_chat(body, s)
