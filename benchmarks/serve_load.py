@@ -24,7 +24,6 @@ import os
 import platform
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -223,8 +222,8 @@ def main() -> None:
         else:
             rows = [load(port, c, args.requests, args.tokens, seed=1000 * c) for c in args.concurrency]
             out = {**info, "load": rows}
-            print(f"| concurrency | requests | errors | requests/s | tokens/s | latency p50 / p99 (s) | "
-                  f"first token p50 / p99 (s) |")
+            print("| concurrency | requests | errors | requests/s | tokens/s | latency p50 / p99 (s) | "
+                  "first token p50 / p99 (s) |")
             print("|---|---|---|---|---|---|---|")
             for r in rows:
                 print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | "

@@ -17,6 +17,12 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def position_limit(config) -> int | None:
+    """The positions an LLM's ids must stay below: OPT's index a learned table; LLaMA's rotary and
+    T5's relative positions have no table (None)."""
+    return getattr(config, "max_position_embeddings", None) if config.model_type == "opt" else None
+
+
 def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 

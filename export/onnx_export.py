@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from blip2rt.errors import Blip2rtError
+from blip2rt.llm import position_limit
 from blip2rt.model import Blip2
 
 from blip2rt.tokenization import QFORMER_MAX_TEXT_TOKENS
@@ -539,8 +540,7 @@ def _export_all(model: Blip2, out: Path, dtype: str, opset: int | None, optimize
         tokenizer_prepend_ids=prepend, tokenizer_append_ids=append,
         tokenizer_pad_id=model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0,
         question_in_qformer=model.config.question_in_qformer, graphs=graphs,
-        # OPT's positions index a learned table; LLaMA's rotary and T5's relative positions have no table
-        max_positions=getattr(cfg, "max_position_embeddings", None) if cfg.model_type == "opt" else None,
+        max_positions=position_limit(cfg),
     ).write(out)
     import onnx
     import onnxruntime

@@ -18,6 +18,18 @@ from PIL import Image
 from blip2rt.server import ServerSettings, build
 
 
+def tiny_export(ref, tmp_path_factory, name: str):
+    """A reference's tiny model with the tiny LLM tokenizer, exported (static graph included)."""
+    import blip2rt
+    from blip2rt.export import export_model
+    from hf_reference import with_tiny_tokenizer
+
+    src = with_tiny_tokenizer(ref, tmp_path_factory.mktemp(f"{name}_src"))
+    out = tmp_path_factory.mktemp(f"{name}_export")
+    export_model(blip2rt.from_pretrained(src, device="cpu"), out)
+    return out
+
+
 @contextmanager
 def running(export, settings: ServerSettings | None = None, **load_args):
     """Serves `export` on 127.0.0.1 (a free port); yields the base URL. Stops the server on exit."""

@@ -11,17 +11,14 @@ from blip2rt.export import OrtBlip2, export_model
 from blip2rt.generation_defaults import CAPTION_DEFAULTS, VQA_DEFAULTS
 from blip2rt.server import ServerSettings
 from hf_reference import with_tiny_tokenizer
-from server_harness import data_url, get, metric, png, running, user
+from server_harness import data_url, get, metric, png, running, tiny_export, user
 
 IMAGES = [png(i) for i in range(4)]
 
 
 @pytest.fixture(scope="module")
 def export(hf_opt, tmp_path_factory):
-    src = with_tiny_tokenizer(hf_opt, tmp_path_factory.mktemp("server_src"))
-    out = tmp_path_factory.mktemp("server_export")
-    export_model(blip2rt.from_pretrained(src, device="cpu"), out)
-    return out
+    return tiny_export(hf_opt, tmp_path_factory, "server")
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +232,14 @@ def test_the_serve_command_helps_refuses_clearly_and_needs_no_torch(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("blip2rt serve: error:") and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_opts_position_table_bounds_the_served_context(export):
+    """OPT's learned positions (64 in this config) are recorded by the export and cut --context."""
+    from blip2rt.export.export_config import ExportConfig
+    from blip2rt.server.served_model import load
+
+    assert ExportConfig.read(export).max_positions == 64
+    settings = ServerSettings(context=512)
+    load(str(export), settings, provider="cpu")
+    assert settings.context == 64

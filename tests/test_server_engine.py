@@ -14,12 +14,11 @@ from blip2rt.export.search import Search
 from blip2rt.server import ServerSettings
 from blip2rt.server.app import prepare
 from blip2rt.server.engine import InflightEngine, Work
-from blip2rt.server.metrics import Metrics
 from blip2rt.server.openai_schema import ChatCompletionRequest
 from blip2rt.server.served_model import load
-from hf_reference import with_tiny_tokenizer, with_tiny_tokenizers
+from hf_reference import with_tiny_tokenizers
 from sampling_stats import FALSE_ALARM, chi_square_p
-from server_harness import png, user
+from server_harness import png, tiny_export, user
 
 QUESTIONS = [None, "what is it?", "is there a red one on the left?", None, "x", "what colour is the big shape?"]
 
@@ -36,11 +35,7 @@ class Sink:
 
 @pytest.fixture(scope="module", params=["opt", "llama"])
 def export(request, tmp_path_factory):
-    ref = request.getfixturevalue(f"hf_{request.param}")
-    src = with_tiny_tokenizer(ref, tmp_path_factory.mktemp(f"engine_src_{request.param}"))
-    out = tmp_path_factory.mktemp(f"engine_export_{request.param}")
-    export_model(blip2rt.from_pretrained(src, device="cpu"), out)
-    return out
+    return tiny_export(request.getfixturevalue(f"hf_{request.param}"), tmp_path_factory, f"engine_{request.param}")
 
 
 @pytest.fixture(scope="module")

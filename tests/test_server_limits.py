@@ -3,7 +3,6 @@ the server stays healthy; the body, the image's pixels, max_tokens and the queue
 with Retry-After while admitted requests finish); a request times out; a client that goes away
 frees its slot; SIGTERM lets the request in flight finish, then exits; schemathesis finds no 5xx."""
 
-import base64
 import json
 import os
 import signal
@@ -14,16 +13,12 @@ import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 
-import blip2rt
-from blip2rt.export import export_model
 from blip2rt.server import ServerSettings
-from hf_reference import with_tiny_tokenizer
-from server_harness import data_url, get, metric, png, post, running, user
+from server_harness import data_url, get, metric, png, post, running, tiny_export, user
 
 LONG = {"max_tokens": 6000, "min_tokens": 6000}  # a generation that lasts a second or more
 
@@ -31,10 +26,7 @@ LONG = {"max_tokens": 6000, "min_tokens": 6000}  # a generation that lasts a sec
 @pytest.fixture(scope="module")
 def export(hf_llama, tmp_path_factory):
     """LLaMA's rotary positions let a tiny model generate for as long as these tests need."""
-    src = with_tiny_tokenizer(hf_llama, tmp_path_factory.mktemp("limits_src"))
-    out = tmp_path_factory.mktemp("limits_export")
-    export_model(blip2rt.from_pretrained(src, device="cpu"), out)
-    return out
+    return tiny_export(hf_llama, tmp_path_factory, "limits")
 
 
 @pytest.fixture(scope="module")

@@ -113,7 +113,7 @@ def _local_file(path: str, s: ServerSettings) -> bytes:
     root = Path(s.allow_local_dir).resolve()
     p = (root / path).resolve()
     if not p.is_relative_to(root):
-        raise bad_request(f"local images are read only under the server's --allow-local-dir", "messages")
+        raise bad_request("local images are read only under the server's --allow-local-dir", "messages")
     if not p.is_file():
         raise bad_request(f"no image file {path} under the server's --allow-local-dir", "messages")
     if p.stat().st_size > s.max_body_bytes:

@@ -78,14 +78,16 @@ def load(path: str, settings: ServerSettings, provider: str | None = None, confi
             engine = SequentialEngine(rt, settings, metrics, set(c.eos_ids))
         return served, engine, metrics
     import blip2rt
+    from blip2rt.llm import position_limit
 
     model = blip2rt.from_pretrained(path, config=config, device=device, dtype=dtype)
     model.eval()
     lm = model.language_model
     eos = getattr(lm.generation_config, "eos_token_id", None) or lm.config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or [])
-    if lm.config.model_type == "opt":  # a learned position table bounds the positions
-        settings.context = min(settings.context, lm.config.max_position_embeddings)
+    limit = position_limit(lm.config)
+    if limit is not None:
+        settings.context = min(settings.context, limit)
     vc = model.config.vision_config
     served = ServedModel(settings.model_name or p.name or str(path), "pytorch", model, model.prompt_layout,
                          model.config.num_query_tokens, vc.image_size, vc.image_mean, vc.image_std,
