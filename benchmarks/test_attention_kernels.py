@@ -24,7 +24,7 @@ CPU_PRESETS = ["tiny", "blip2-mini"]
 def test_attention(benchmark, cuda, kind, batch, backward, impl):
     benchmark.group = f"{kind}-attention B={batch} {'fwd+bwd' if backward else 'fwd'}"
     step = attention_case(kind, impl, cuda, torch.bfloat16, batch=batch, backward=backward, **PAPER)
-    kernels = ("fused_attention._fwd_kernel",) + (("fused_attention._bwd_rows_kernel",) if backward else ())
+    kernels = ("fused_attention._fwd_kernel",) + (("fused_attention._bwd_kernel",) if backward else ())
     measure(benchmark, step, device=cuda, expect=kernels)
     per_second(benchmark, "samples_per_s", batch)
 

@@ -25,7 +25,7 @@ from blip2rt.training.trainer import param_groups, set_trainable
 
 
 # What a triton step must launch (the benchmarks check it before timing)
-FUSED_STAGE2 = ("fused_attention._fwd_kernel", "fused_attention._bwd_rows_kernel", "post_ln_residual._fwd_kernel",
+FUSED_STAGE2 = ("fused_attention._fwd_kernel", "fused_attention._bwd_kernel", "post_ln_residual._fwd_kernel",
                 "post_ln_residual._bwd_kernel")
 FUSED_STAGE1 = FUSED_STAGE2 + ("itc._qmax_fwd_kernel", "chunked_cross_entropy._ce_rows_kernel")
 

@@ -88,10 +88,21 @@ def _ce_rows_kernel(LOGITS, LABELS, LOSS, SCALE, V, V_MAIN, stride, ignore_index
 ROW_ALIGN = 16
 
 
-def default_chunk(tokens: int, vocab: int, hidden: int) -> int:
-    """Tokens per chunk so that a chunk's logits are about as large as the hidden states."""
-    ratio = triton.cdiv(vocab, hidden)
-    return max(1, min(tokens, triton.next_power_of_2(triton.cdiv(tokens, ratio))))
+# Each chunk reads the whole weight (V, H) once per product with it (logits, and d(loss)/dh), and does
+# 2 C H V FLOPs per product: C FLOPs per weight byte at 16 bits. Chunks of 128 tokens sat under an
+# H200's ridge (about 180 FLOP a byte) and streamed OPT's 257 MB head 20 times a step. So a chunk takes
+# at least a third of the tokens (the weight read at most 3 times), within a memory budget for its
+# logits: that is what bounds a chunk where the tokens are many.
+MAX_WEIGHT_PASSES = 3
+LOGITS_BUDGET_BYTES = 256 << 20
+
+
+def default_chunk(tokens: int, vocab: int, element_bytes: int) -> int:
+    """Tokens per chunk: the fewest passes over the weight, at most MAX_WEIGHT_PASSES, whose (C, V) logits
+    fit LOGITS_BUDGET_BYTES (rows padded as the launcher pads them); more passes only where they do not."""
+    row_bytes = triton.cdiv(vocab, ROW_ALIGN) * ROW_ALIGN * element_bytes
+    by_memory = max(1, LOGITS_BUDGET_BYTES // row_bytes)
+    return max(1, min(tokens, by_memory, triton.cdiv(tokens, min(MAX_WEIGHT_PASSES, tokens))))
 
 
 def ce_rows_config(vocab: int, device: torch.device) -> dict:
@@ -174,7 +185,7 @@ def _forward_and_grads(h, weight, bias, labels, eps: float, ignore_index: int, c
     grad_h = torch.empty_like(h2) if need_h else None
     grad_w = torch.zeros(v, hidden, dtype=torch.float32, device=h.device) if need_w else None
     grad_b = torch.zeros(v, dtype=torch.float32, device=h.device) if need_b else None
-    chunk = chunk or default_chunk(n, v, hidden)
+    chunk = chunk or default_chunk(n, v, dtype.itemsize)
     rows = torch.empty(min(chunk, n), triton.cdiv(v, ROW_ALIGN) * ROW_ALIGN, dtype=dtype, device=h.device)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)

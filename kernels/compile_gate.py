@@ -54,19 +54,47 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # has none.
 DOTS = {
     ("fused_attention", "_fwd_kernel"): 2,
-    ("fused_attention", "_bwd_dkdv_kernel"): 4,
-    ("fused_attention", "_bwd_rows_kernel"): 5,
+    # the backward, by ONE_TILE: S^T, dP^T, dV, dK and dQ^T for the full key blocks and again for the
+    # peeled tail (10); or a dK/dV branch (4) and a dQ branch (S^T, dP^T, dQ^T: 3)
+    ("fused_attention", "_bwd_kernel"): {True: 10, False: 7},
     ("itc", "_qmax_fwd_kernel"): 1,
     ("itc", "_qmax_bwd_img_kernel"): 1,
     ("itc", "_qmax_bwd_txt_kernel"): 1,
 }
 WGMMA_EXCEPTIONS = {
-    ("_fwd_kernel", 32): (0, "32 query rows (cross-attention, the query and text passes): wgmma needs 64 rows "
-                             "per warpgroup, and a 64-row tile would be half padding in a kernel bound by "
-                             "reading K/V"),
-    ("_bwd_rows_kernel", 32): (2, "32 query rows: the q.k, dO.v and dS.k products have 32 rows; the dV and "
-                                      "dK products (64 keys each) are wgmma"),
+    # module.kernel -> (meta, dots) -> (how many dots must still be wgmma, why) for a tile that cannot be all
+    # wgmma, or None where every one must be
+    "fused_attention._fwd_kernel": lambda meta, dots: (0, "32 query rows (cross-attention, the query and text passes): wgmma "
+                                          "needs 64 rows per warpgroup, and a 64-row tile would be half padding in "
+                                          "a kernel bound by reading K/V") if meta.get("BLOCK_M") == 32 else None,
+    "fused_attention._bwd_kernel": lambda meta, dots: (dots - dots // 5, "head dim under 64: dQ^T = K^T dS^T has head-dim rows, "
+                                                         "fewer than wgmma's 64; the four products with 64 keys "
+                                                         "as rows are wgmma") if meta.get("BLOCK_D", 64) < 64 else None,
 }
+# Occupancy: the fewest blocks per SM each kernel must keep at its compiled registers, shared memory and
+# warps (`ctas_per_sm`), on either architecture. Raise a kernel's floor when a redesign lifts it; a
+# change that lowers a kernel below it fails the gate.
+MIN_CTAS_PER_SM = {
+    "fused_attention._fwd_kernel": 1,  # 8 warps with dropout: 131-154 registers
+    "fused_attention._bwd_kernel": 1,  # key-major at 64 keys: 203-255 registers with dropout or 64 rows
+    "chunked_cross_entropy._ce_rows_kernel": 2,
+    # the ITC grids are under one wave (16-512 blocks), so their blocks per SM are not what limits them
+    "itc._qmax_fwd_kernel": 1,
+    "itc._qmax_bwd_img_kernel": 1,
+    "itc._qmax_bwd_txt_kernel": 1,
+}
+DEFAULT_MIN_CTAS_PER_SM = 2  # the row kernels (LayerNorm, masks, the seed draw): small blocks, few registers
+SM_SHARED_BYTES = {90: 233472, 80: 167936}  # shared memory an SM holds (a block may use less: launch.MAX_SHARED_BYTES)
+SM_MAX_WARPS, SM_MAX_BLOCKS, SM_REGISTERS = 64, 32, 65536
+
+
+def ctas_per_sm(arch: int, registers: int, shared: int, warps: int) -> int:
+    """Blocks of this kernel one SM holds at once (sm_80 and sm_90 alike: 64K registers allocated per warp
+    in units of 256, 1 KB of shared memory reserved per block, 64 warps, 32 blocks)."""
+    warp_registers = -(-registers * 32 // 256) * 256
+    by_registers = (SM_REGISTERS // warp_registers) // warps if registers else SM_MAX_BLOCKS
+    by_shared = SM_SHARED_BYTES[arch] // (shared + 1024)
+    return min(by_registers, by_shared, SM_MAX_WARPS // warps, SM_MAX_BLOCKS)
 
 
 @dataclass(frozen=True)
@@ -412,10 +440,21 @@ class Row:
 
     result: CompileResult
     uses: list[tuple[str, str, str]]
+    programs: int = 0  # the largest grid (blocks) it is launched with in the gate's plan
 
     @property
     def kernel(self) -> str:
         return _name(self.result.request)
+
+    @property
+    def ctas_per_sm(self) -> int:
+        r = self.result
+        return ctas_per_sm(r.request.arch, r.registers, r.shared, _warps(r.request))
+
+    @property
+    def waves(self) -> float:
+        """Rounds of blocks the largest grid takes to run on the reference GPU of its architecture."""
+        return self.programs / max(1, self.ctas_per_sm * ARCHS[self.result.request.arch].sm_count)
 
 
 def run_gate(archs: Iterable[int] = (90, 80), shape_names: Iterable[str] = ("paper", "tiny", "mini"),
@@ -423,11 +462,14 @@ def run_gate(archs: Iterable[int] = (90, 80), shape_names: Iterable[str] = ("pap
              progress: Callable[[int, int], None] | None = None) -> list[Row]:
     shape_names, dtype_names = list(shape_names), list(dtype_names)
     uses: dict[CompileRequest, list[tuple[str, str, str]]] = {}
+    programs: dict[CompileRequest, int] = {}
     for arch in archs:
         for shape_name, dtype_name, op, one in plan(ARCHS[arch], shape_names, dtype_names):
-            uses.setdefault(bind(one, arch), []).append((shape_name, dtype_name, op))
+            req = bind(one, arch)
+            uses.setdefault(req, []).append((shape_name, dtype_name, op))
+            programs[req] = max(programs.get(req, 0), one.grid[0] * one.grid[1] * one.grid[2])
     requests = list(uses)
-    return [Row(res, uses[res.request]) for res in compile_all(requests, jobs, progress)]
+    return [Row(res, uses[res.request], programs[res.request]) for res in compile_all(requests, jobs, progress)]
 
 
 def failures(rows: list[Row]) -> list[str]:
@@ -450,9 +492,14 @@ def failures(rows: list[Row]) -> list[str]:
         if r.dots < dots:
             out.append(f"{where}: {r.dots} dots in the compiled kernel, want the source's {dots}")
         if req.arch == 90 and dots and _sixteen_bit_dots(req):
-            want, _ = WGMMA_EXCEPTIONS.get((req.kernel, req.meta.get("BLOCK_M")), (dots, ""))
+            exception = WGMMA_EXCEPTIONS.get(_name(req), lambda meta, dots: None)(req.meta, dots)
+            want = dots if exception is None else exception[0]
             if r.wgmma_dots < want:
                 out.append(f"{where}: {r.wgmma_dots} of {r.dots} dots are wgmma, want {want}")
+        floor = min_ctas_per_sm(req)
+        if row.ctas_per_sm < floor:
+            out.append(f"{where}: {row.ctas_per_sm} blocks per SM ({r.registers} registers, {r.shared} B shared, "
+                       f"{_warps(req)} warps), want at least {floor}")
         per_pass = _vector_ops_per_block(req) if req.kernel == "_ce_rows_kernel" else 0
         if per_pass:  # (a block too small for one 128-bit access per thread has nothing to check)
             if r.v4_loads < 2 * per_pass or r.v4_stores < 2 * per_pass:
@@ -462,7 +509,8 @@ def failures(rows: list[Row]) -> list[str]:
 
 
 def expected_dots(req: CompileRequest) -> int:
-    return DOTS.get((req.module.rsplit(".", 1)[-1], req.kernel), 0)
+    dots = DOTS.get((req.module.rsplit(".", 1)[-1], req.kernel), 0)
+    return dots[req.meta["ONE_TILE"]] if isinstance(dots, dict) else dots
 
 
 def _name(req: CompileRequest) -> str:
@@ -483,6 +531,14 @@ def _vector_ops_per_block(req: CompileRequest) -> int:
     elem = {"*bf16": 2, "*fp16": 2, "*fp32": 4}[dict(req.signature)["LOGITS"]]
     threads = 32 * dict(req.options)["num_warps"]
     return req.meta["BLOCK_V"] * elem // (16 * threads)
+
+
+def min_ctas_per_sm(req: CompileRequest) -> int:
+    return MIN_CTAS_PER_SM.get(_name(req), DEFAULT_MIN_CTAS_PER_SM)
+
+
+def _warps(req: CompileRequest) -> int:
+    return dict(req.options)["num_warps"]
 
 
 def _config(req: CompileRequest) -> str:
@@ -508,18 +564,19 @@ def _uses(row: Row) -> str:
 def table(rows: list[Row]) -> str:
     """One Markdown table: kernel, shapes and ops, dtypes, arch, tiles, shared, registers, spills, MMA."""
     head = ("| kernel | shapes: ops | dtypes (dot) | arch | tiles, warps, stages | shared B | regs | spills B | "
-            "dots: MMA | 128-bit ld/st |")
+            "dots: MMA | 128-bit ld/st | CTAs/SM (floor) | waves (blocks) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in sorted(rows, key=lambda r: (r.kernel, -r.result.request.arch, _config(r.result.request), _uses(r))):
         r, req = row.result, row.result.request
         if r.error:
             lines.append(f"| {row.kernel} | {_uses(row)} | {_dtypes(req)} | sm_{req.arch} | {_config(req)} | "
-                         f"FAILED: {r.error} |||||")
+                         f"FAILED: {r.error} |||||||")
             continue
         dots = f"{r.dots}: {r.mma}" + (f" ({r.wgmma_dots} wgmma)" if r.wgmma_dots and r.wgmma_dots < r.dots else "")
         lines.append(f"| {row.kernel} | {_uses(row)} | {_dtypes(req)} | sm_{req.arch} | {_config(req)} | {r.shared} | "
                      f"{r.registers} | {r.spill_stores}/{r.spill_loads} | {dots if r.dots else '-'} | "
-                     f"{r.v4_loads}/{r.v4_stores} |")
+                     f"{r.v4_loads}/{r.v4_stores} | {row.ctas_per_sm} ({min_ctas_per_sm(req)}) | "
+                     f"{row.waves:.1f} ({row.programs}) |")
     return "\n".join(lines)
 
 
@@ -528,7 +585,8 @@ def _as_json(row: Row) -> dict:
     return {"kernel": row.kernel, "arch": req.arch, "config": _config(req), "dtypes": _dtypes(req),
             "uses": [list(u) for u in row.uses], "error": r.error, "shared": r.shared, "registers": r.registers,
             "spill_stores": r.spill_stores, "spill_loads": r.spill_loads, "dots": r.dots, "wgmma_dots": r.wgmma_dots,
-            "mma": r.mma, "v4_loads": r.v4_loads, "v4_stores": r.v4_stores, "seconds": round(r.seconds, 2)}
+            "mma": r.mma, "v4_loads": r.v4_loads, "v4_stores": r.v4_stores, "ctas_per_sm": row.ctas_per_sm,
+            "programs": row.programs, "waves": round(row.waves, 2), "seconds": round(r.seconds, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from . import dropout_rng
+from .philox import uniform4_cols, uniform4_rows
 from .launch import GpuTarget, Planned, gpu_target, launch, plan_cache, register_budget
 from .qformer_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_NONE, MODE_UNIMODAL, AttentionMode, kernel_mode_id
 from .tile_ops import dot, dot_precision
@@ -60,29 +61,39 @@ __all__ = ["fused_attention", "attention_keep_mask", "attention_config", "MODE_N
 
 @triton.jit
 def _allowed(rows, cols, Lk, NQ, TM, b, T, MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool: may absolute row position `rows` attend to key position `cols`."""
-    ok = (cols < Lk)[None, :] & (rows >= 0)[:, None]
+    """bool, the broadcast of rows and cols: may absolute row position `rows` attend to key position
+    `cols`. Rows and cols come as 2-D index tiles, (M, 1) and (1, N) query-major or (1, M) and (N, 1)
+    key-major, so both layouts share this one rule."""
+    ok = (cols < Lk) & (rows >= 0)
     if HAS_TEXT_MASK:
         t = cols - NQ
         is_text = (t >= 0) & (cols < Lk)
         pad = tl.load(TM + b * T + tl.where(is_text, t, 0), mask=is_text, other=1)
-        ok = ok & ((pad != 0) | (cols < NQ))[None, :]
+        ok = ok & ((pad != 0) | (cols < NQ))
     if MODE == 2:  # multimodal causal
-        row_q = (rows < NQ)[:, None]
-        col_q = (cols < NQ)[None, :]
-        ok = ok & tl.where(row_q, col_q, col_q | (cols[None, :] <= rows[:, None]))
+        ok = ok & tl.where(rows < NQ, cols < NQ, (cols < NQ) | (cols <= rows))
     if MODE == 3:  # unimodal
-        ok = ok & ((rows < NQ)[:, None] == (cols < NQ)[None, :])
+        ok = ok & ((rows < NQ) == (cols < NQ))
     return ok
 
 
 @triton.jit
-def _keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk):
-    """(BLOCK_M, BLOCK_N) attention-dropout keep mask of rows offs_m and keys offs_n of (batch, head)
-    pid_bh: Philox at offset (pid_bh * Lq + row) * Lk + key, so any program, split or backward draws
-    the same mask again. It is never stored."""
-    offsets = (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+def _keep_rows(seed, dropout_p, pid_bh, m_start, offs_n, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) attention-dropout keep mask of query rows m_start.. and keys offs_n of (batch,
+    head) pid_bh, query-major. Each Philox call covers four consecutive rows of one key: counter
+    (pid_bh * ceil(Lq / 4) + row // 4) * Lk + key, output row % 4 (kernels.philox). Any program, split
+    or backward draws the same mask again; it is never stored."""
+    groups = m_start // 4 + tl.arange(0, BLOCK_M // 4)
+    counters = (pid_bh.to(tl.int64) * tl.cdiv(Lq, 4) + groups[:, None]) * Lk + offs_n[None, :]
+    return uniform4_rows(seed, counters, BLOCK_M, BLOCK_N) >= dropout_p
+
+
+@triton.jit
+def _keep_keys(seed, dropout_p, pid_bh, m_start, offs_n, Lq, Lk, BLOCK_M: tl.constexpr):
+    """The same mask as `_keep_rows`, key-major: (len(offs_n), BLOCK_M), the backward's layout."""
+    groups = m_start // 4 + tl.arange(0, BLOCK_M // 4)
+    counters = (pid_bh.to(tl.int64) * tl.cdiv(Lq, 4) + groups[None, :]) * Lk + offs_n[:, None]
+    return uniform4_cols(seed, counters) >= dropout_p
 
 
 @triton.jit
@@ -133,7 +144,7 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
         mn = offs_n < k_end
         k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
         s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION) * sm_scale
-        ok = _allowed(rows, offs_n, k_end, NQ, TM, b, T, MODE, HAS_TEXT_MASK)
+        ok = _allowed(rows[:, None], offs_n[None, :], k_end, NQ, TM, b, T, MODE, HAS_TEXT_MASK)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -142,7 +153,7 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
         if DROPOUT:
-            p = tl.where(_keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk), p / (1.0 - dropout_p), 0.0)
+            p = tl.where(_keep_rows(seed, dropout_p, pid_bh, pid_m * BLOCK_M, offs_n, Lq, Lk, BLOCK_M, BLOCK_N), p / (1.0 - dropout_p), 0.0)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
     if SPLIT:
@@ -180,98 +191,136 @@ def _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
 
 
 @triton.jit
-def _bwd_block(q, do, lse, delta, k, v, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh, sm_scale,
-               dropout_p, seed, MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (query tile, key block) of the backward, (BLOCK_M, BLOCK_N) each: the probabilities that
-    multiplied V (dropped and scaled under dropout) for dV, and d(scores) for dQ and dK.
+def _bwd_tile_t(q, do, lse, delta, k, v, m_start, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh, sm_scale,
+                dropout_p, seed, MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (key block, query tile) of the backward, key-major: (BLOCK_N, BLOCK_M) each, the transposed
+    probabilities that multiplied V (dropped and scaled under dropout) for dV, and d(scores)^T for dK and
+    dQ. Keys are the rows of every product, so each is a 64-row wgmma on sm_90 and none needs a
+    transpose of a register tile (the operands read transposed, q and dO, come from shared memory).
 
     With dropout, O = (P * Z / (1 - p)) V for the keep mask Z: dP = (dO V^T) * Z / (1 - p) and
     dS = P * (dP - rowsum(dO * O)), as FlashAttention's backward."""
-    s = dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION) * sm_scale
-    ok = _allowed(q_offset + offs_m, offs_n, Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[:, None]
-    p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-    dp = dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION)
-    p_v = p
+    zeros = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    st = dot(k, tl.trans(q), zeros, PRECISION) * sm_scale
+    ok = _allowed((q_offset + offs_m)[None, :], offs_n[:, None], Lk, NQ, TM, b, T, MODE, HAS_TEXT_MASK) & mm[None, :]
+    pt = tl.where(ok, tl.exp(st - lse[None, :]), 0.0)
+    dpt = dot(v, tl.trans(do), zeros, PRECISION)
+    pt_v = pt
     if DROPOUT:
-        keep = _keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk)
-        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        p_v = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-    return p_v, p * (dp - delta[:, None])
+        keep = _keep_keys(seed, dropout_p, pid_bh, m_start, offs_n, Lq, Lk, BLOCK_M)
+        dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
+        pt_v = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
+    return pt_v, pt * (dpt - delta[None, :])
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, O, DK, DV, TM,
-                     sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p, SEED,
-                     s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
-                     s_gb, s_gn, s_gh,
-                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HEAD_DIM: tl.constexpr):
-    """Rows in several tiles: dK and dV of one key block, over every query tile."""
+def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM,
+                sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p, SEED,
+                s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
+                s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
+                MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, ONE_TILE: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """dQ, dK and dV, key-major (keys are the rows of every product).
+
+    ONE_TILE (every query row in one tile: the Q-Former's 32 queries, or 32 queries + 32 text): one
+    program per (batch, head) reads q, dO and O once, walks the key blocks, and writes each block's dK
+    and dV as it finishes it, accumulating dQ^T = K^T dS^T, so no atomics and K/V read once. The full
+    key blocks run unmasked; the last, partial one is peeled off and masked.
+    Otherwise, grid (B*H, key blocks + query tiles): the first programs make dK/dV of their key block
+    over every query tile, the rest dQ of their query tile over every key block."""
     seed = _call_seed(SEED, DROPOUT)
     pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < HEAD_DIM
-    mn = offs_n < Lk
-    k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
-    v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, Lq, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+    key_blocks = tl.cdiv(Lk, BLOCK_N)
+    if ONE_TILE:
+        offs_m = tl.arange(0, BLOCK_M)
         mm = offs_m < Lq
         q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
                                        s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
-        p, ds = _bwd_block(q, do, lse, delta, k, v, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
-                           sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
-        dv = dot(tl.trans(p.to(do.dtype)), do, dv, PRECISION)
-        dk = dot(tl.trans(ds.to(q.dtype)), q, dk, PRECISION)
-    _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk * sm_scale)
-    _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv)
-
-
-@triton.jit
-def _bwd_rows_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM,
-                     sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p, SEED,
-                     s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
-                     s_dqb, s_dqm, s_dqh, s_dkb, s_dkn, s_dkh,
-                     MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DKDV: tl.constexpr, DROPOUT: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     HEAD_DIM: tl.constexpr):
-    """dQ of one query tile, over every key block. DKDV (all rows in this one tile): dK and dV in the
-    same pass, each key block written by this program alone, so no atomics and K/V read once."""
-    seed = _call_seed(SEED, DROPOUT)
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    md = offs_d < HEAD_DIM
-    mm = offs_m < Lq
-    q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
-                                   s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, Lk, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        dqt = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+        full = (Lk // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, offs_d, md, b, h, pid_bh,
+                                 q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, seed,
+                                 s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, False,
+                                 MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        if full < Lk:
+            dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, full, offs_m, mm, offs_d, md, b, h, pid_bh,
+                                 q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, seed,
+                                 s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, True,
+                                 MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
+    elif pid < key_blocks:  # dK and dV of key block pid, over every query tile
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = offs_n < Lk
         k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
         v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-        p, ds = _bwd_block(q, do, lse, delta, k, v, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
-                           sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
-        dq = dot(ds.to(k.dtype), k, dq, PRECISION)
-        if DKDV:
-            zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv = dot(tl.trans(p.to(do.dtype)), do, zeros, PRECISION)
-            dk = dot(tl.trans(ds.to(q.dtype)), q, zeros, PRECISION)
-            _store_tile(DK, b, offs_n, h, s_dkb, s_dkn, s_dkh, offs_d, mn, md, dk * sm_scale)
-            _store_tile(DV, b, offs_n, h, s_dkb, s_dkn, s_dkh, offs_d, mn, md, dv)
-    _store_tile(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dq * sm_scale)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mm = offs_m < Lq
+            q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+                                           s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
+            pt, dst = _bwd_tile_t(q, do, lse, delta, k, v, start_m, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
+                                  sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
+            dv = dot(pt.to(do.dtype), do, dv, PRECISION)
+            dk = dot(dst.to(q.dtype), q, dk, PRECISION)
+        _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk * sm_scale)
+        _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv)
+    else:  # dQ of query tile pid - key_blocks, over every key block
+        offs_m = (pid - key_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mm = offs_m < Lq
+        q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+                                       s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
+        dqt = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, Lk, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mn = offs_n < Lk
+            k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
+            v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
+            _, dst = _bwd_tile_t(q, do, lse, delta, k, v, (pid - key_blocks) * BLOCK_M, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
+                                 sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
+            dqt = dot(tl.trans(k), dst.to(k.dtype), dqt, PRECISION)
+        _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
+
+
+@triton.jit
+def _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, offs_d, md, b, h, pid_bh,
+                   q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, seed,
+                   s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, TAIL: tl.constexpr,
+                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key block of the one-tile backward: writes its dK and dV, returns dQ^T with its part added.
+    A full block (TAIL False) loads and stores without a key bound."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if TAIL:
+        mn = offs_n < Lk
+    else:  # every key in range: no bound to test
+        mn = tl.full([BLOCK_N], 1, tl.int1)
+    k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
+    v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
+    pt, dst = _bwd_tile_t(q, do, lse, delta, k, v, 0, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
+                          sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
+    zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = dot(pt.to(do.dtype), do, zeros, PRECISION)
+    dk = dot(dst.to(q.dtype), q, zeros, PRECISION)
+    _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk * sm_scale)
+    _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv)
+    return dot(tl.trans(k), dst.to(k.dtype), dqt, PRECISION)
+
+
+@triton.jit
+def _store_tile_t(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok, value_t):
+    """Writes a transposed (BLOCK_D, len(offs)) tile into head h of sample b of a (B, L, H, d) tensor."""
+    tl.store(PTR + b.to(tl.int64) * s_b + offs[None, :] * s_n + h * s_h + offs_d[:, None],
+             value_t.to(PTR.dtype.element_ty), mask=rows_ok[None, :] & d_ok[:, None])
 
 
 @dataclass(frozen=True)
@@ -285,6 +334,7 @@ class AttentionConfig:
     stages: int
     precision: str  # tile_ops.dot_precision
     maxnreg: int | None = None  # launch.register_budget where ptxas would otherwise spill
+    one_tile: bool = True  # backward: one program per (batch, head) when every row fits one tile
 
     def meta(self, head_dim: int) -> dict:
         extra = {} if self.maxnreg is None else dict(maxnreg=self.maxnreg)
@@ -293,14 +343,16 @@ class AttentionConfig:
 
 
 def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, backward: bool = False,
-                     dropout: bool = False) -> AttentionConfig:
-    """Tiles for Lq rows of head dim d on the target GPU (worked out once per shape and GPU)."""
-    return _attention_config(lq, d, dtype, gpu_target(device), dot_precision(dtype, device), backward, dropout)
+                     dropout: bool = False, causal: bool = False) -> AttentionConfig:
+    """Tiles for Lq rows of head dim d on the target GPU (worked out once per shape and GPU); causal:
+    the multimodal-causal mask (ITG), whose backward needs a few more registers."""
+    return _attention_config(lq, d, dtype, gpu_target(device), dot_precision(dtype, device), backward, dropout,
+                             causal)
 
 
 @functools.lru_cache(maxsize=256)
 def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | None, precision: str, backward: bool,
-                      dropout: bool) -> AttentionConfig:
+                      dropout: bool, causal: bool) -> AttentionConfig:
     """Every choice made here is compiled for sm_90 and sm_80 by the compile gate
     (blip2rt.kernels.compile_gate), which checks spills, shared memory and wgmma; the comments say what it
     found."""
@@ -315,8 +367,10 @@ def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | N
         # spilled 4-8 bytes once it loads O for delta itself); with the full register budget (without
         # it ptxas spilled a few bytes)
         block, warps = (32, 8) if d >= 64 else (16, 4)
-        keys = 16 if backward and block == 32 else block
-        return AttentionConfig(block, keys, block_d, warps, 2, precision, register_budget(warps))
+        if backward:  # key-major: 16 x 16 tiles on 4 warps, rows and keys in separate programs (the
+            # one-program form spilled 8-170 bytes at every tile the gate tried)
+            return AttentionConfig(16, 16, block_d, 4, 2, precision, register_budget(4), one_tile=False)
+        return AttentionConfig(block, block, block_d, warps, 2, precision, register_budget(warps))
     block_m = 64 if lq > 32 else 32  # Q-Former rows: 32 queries, or 32 queries + 32 text
     wide = d >= 32
     if not backward:
@@ -324,13 +378,17 @@ def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | N
         if dropout:  # the Philox draws per (row, key) spilled on 4 warps: 8, with the full register budget
             return AttentionConfig(block_m, keys, block_d, 8, 2, precision, register_budget(8))
         return AttentionConfig(block_m, keys, block_d, 4, 2, precision)
-    # the backward holds q, dO, dQ and five (rows x keys) tiles at once: 8 warps. On sm_90 wgmma keeps
-    # its accumulators lean and 64-key blocks let the dK/dV products be wgmma too. sm_80's mma.sync
-    # spilled at 64 keys and 64 rows, so 32 there, with the full register budget (the paper's tile
-    # takes 244 registers anyway; below it ptxas spilled 4 bytes at 128)
+    # the backward, key-major (keys are every product's rows). sm_90: 64-key blocks make all five
+    # products wgmma; 8 warps; at 32 rows without dropout it fits 128 registers without spilling (two
+    # blocks an SM), the dropout draws (207 registers) and 64-row tiles (228) take the full budget.
+    # sm_80 (mma.sync, every operand through registers): the one-program form spilled 96-1000 bytes at
+    # every tile tried; rows and keys in separate programs do not, at 32 keys (16 beside 64-row tiles,
+    # where 32 spilled 28 bytes at head dim 32)
     if target.arch >= 90:
-        return AttentionConfig(block_m, 64, block_d, 8, 2, precision)
-    return AttentionConfig(block_m, 32, block_d, 8, 2, precision, register_budget(8))
+        lean = block_m == 32 and not dropout and not causal
+        return AttentionConfig(block_m, 64, block_d, 8, 2, precision, 128 if lean else None)
+    keys = 32 if block_m == 32 else 16
+    return AttentionConfig(block_m, keys, block_d, 8, 2, precision, register_budget(8), one_tile=False)
 
 
 # Up to this many keys a row is not split: the split's partial states are combined by about 20
@@ -357,7 +415,7 @@ class LaunchPlan:
     call then only allocates what it returns and launches (the host path is part of the kernel's
     cost: benchmarks/test_host_overhead.py)."""
 
-    launches: tuple  # launch.Planned: forward (1); backward: the rows kernel (1, dQ/dK/dV in one pass) or dK/dV then dQ
+    launches: tuple  # launch.Planned: one kernel, forward or backward
     scalars: tuple  # the arguments between the pointers and the strides
     strides: tuple
 
@@ -387,13 +445,12 @@ def _forward_plan(q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, st
 def _backward_plan(do, q, k, v, mode, num_queries, q_offset, text_mask, dropout_p) -> LaunchPlan:
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    cfg = attention_config(lq, d, q.dtype, q.device, backward=True, dropout=dropout_p > 0)
-    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, **cfg.meta(d))
-    rows = Planned(_bwd_rows_kernel, (b * h, triton.cdiv(lq, cfg.block_m)), {**meta, "DKDV": lq <= cfg.block_m})
-    if lq <= cfg.block_m:  # every row in one tile: one kernel, dQ, dK and dV in one pass
-        launches = (rows,)
-    else:
-        launches = (Planned(_bwd_dkdv_kernel, (b * h, triton.cdiv(lk, cfg.block_n)), meta), rows)
+    cfg = attention_config(lq, d, q.dtype, q.device, backward=True, dropout=dropout_p > 0, causal=mode == MODE_CAUSAL)
+    one_tile = lq <= cfg.block_m and cfg.one_tile
+    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, ONE_TILE=one_tile,
+                **cfg.meta(d))
+    programs = 1 if one_tile else triton.cdiv(lk, cfg.block_n) + triton.cdiv(lq, cfg.block_m)
+    launches = (Planned(_bwd_kernel, (b * h, programs), meta),)
     t = 0 if text_mask is None else text_mask.shape[1]
     o_strides = (lq * h * d, h * d, d)  # the forward's output, as launch_forward allocates it
     return LaunchPlan(launches, (1.0 / math.sqrt(d), lq, lk, num_queries, q_offset, t, h, dropout_p),
@@ -435,9 +492,7 @@ def launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset,
     lk = k.shape[1]
     tail = (lse if text_mask is None else text_mask, *plan.scalars, lse if seed is None else seed, *plan.strides)
     g_strides = (lk * h * d, h * d, d)  # dk, dv: contiguous (B, Lk, H, d)
-    if len(plan.launches) == 2:
-        plan.launches[0](q, k, v, do, lse, o, dk, dv, *tail, *g_strides)
-    plan.launches[-1](q, k, v, do, lse, o, dq, dk, dv, *tail, lq * h * d, h * d, d, *g_strides)
+    plan.launches[0](q, k, v, do, lse, o, dq, dk, dv, *tail, lq * h * d, h * d, d, *g_strides)
     return dq, dk, dv
 
 
@@ -590,7 +645,7 @@ def _keep_mask_kernel(OUT, Lq, Lk, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK
     pid_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk)
+    keep = _keep_rows(seed, dropout_p, pid_bh, tl.program_id(1) * BLOCK_M, offs_n, Lq, Lk, BLOCK_M, BLOCK_N)
     out = (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
     tl.store(OUT + out, keep.to(tl.int8), mask=(offs_m < Lq)[:, None] & (offs_n < Lk)[None, :])
 

@@ -2,8 +2,9 @@
 
 Forward: one program per row; statistics in fp32 whatever the input dtype. Only the row's mean
 and 1/std are kept: the backward recomputes the sum and regenerates the dropout mask from the
-seed (Philox, `tl.rand(seed, row * D + col)` with 64-bit offsets; the seed read from the device,
-kernels.dropout_rng), so neither the sum nor the mask is stored. The output has the dtype the
+seed (Philox, four columns a call: counter row * ceil(D / 4) + col // 4, output col % 4, in 64 bits,
+kernels.philox; the seed read from the device, kernels.dropout_rng), so neither the sum nor the mask
+is stored. The output has the dtype the
 reference returns (`output_dtype`): fp32 under CUDA autocast, as F.layer_norm there.
 Backward: each program walks a block of rows, several rows per step, and keeps partial dW/dB in
 registers; the partials are summed in torch (Liger-Kernel's layout).
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import dropout_rng
+from .philox import uniform4_cols
 from .launch import Planned, autocast_dtype, backward_programs, gpu_target, launch, plan_cache, row_block
 
 
@@ -34,9 +36,11 @@ def _call_seed(SEED, HAS_DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, offsets, p):
-    """The dropout keep mask at element offsets (int64, row * D + col): Philox, never stored."""
-    return tl.rand(seed, offsets) >= p
+def _keep(seed, rows, D, p, BLOCK_D: tl.constexpr):
+    """(len(rows), BLOCK_D) dropout keep mask of rows (int64) at columns 0..BLOCK_D-1: one Philox call
+    per four columns (kernels.philox), never stored."""
+    counters = rows[:, None] * tl.cdiv(D, 4) + tl.arange(0, BLOCK_D // 4)[None, :]
+    return uniform4_cols(seed, counters) >= p
 
 
 @triton.jit
@@ -54,7 +58,7 @@ def _fwd_kernel(H, R, W, B, Y, STATS, M, D, eps, p, SEED,
     h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        h = tl.where(_keep(seed, offs, p), h / (1.0 - p), 0.0)
+        h = tl.where(_keep(seed, rows, D, p, BLOCK_D), h / (1.0 - p), 0.0)
     s = h + r
     mean = tl.sum(s, axis=1) / D
     xc = tl.where(mask, s - mean[:, None], 0.0)
@@ -92,7 +96,7 @@ def _bwd_kernel(DY, H, R, W, STATS, DRES, DH, PARTS, M, D, rows_per_program, p, 
         mean = tl.load(STATS + rows, mask=rm, other=0.0)
         rstd = tl.load(STATS + M + rows, mask=rm, other=0.0)
         if HAS_DROPOUT:
-            keep = _keep(seed, offs, p)
+            keep = _keep(seed, rows, D, p, BLOCK_D)
             h = tl.where(keep, h / (1.0 - p), 0.0)
         xhat = tl.where(mask, (h + r - mean[:, None]) * rstd[:, None], 0.0)
         dw += dy * xhat
@@ -112,9 +116,9 @@ def _bwd_kernel(DY, H, R, W, STATS, DRES, DH, PARTS, M, D, rows_per_program, p, 
 @triton.jit
 def _keep_mask_kernel(OUT, D, p, SEED, BLOCK_D: tl.constexpr):
     seed = tl.load(SEED)
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    tl.store(OUT + row * D + cols, _keep(seed, row * D + cols, p).to(tl.int8), mask=cols < D)
+    rows = tl.program_id(0).to(tl.int64) + tl.zeros([1], dtype=tl.int64)
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    tl.store(OUT + rows[:, None] * D + cols, _keep(seed, rows, D, p, BLOCK_D).to(tl.int8), mask=cols < D)
 
 
 def dropout_keep_mask(shape: tuple[int, ...], p: float, seed: int | torch.Tensor, device) -> torch.Tensor:

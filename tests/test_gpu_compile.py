@@ -138,11 +138,14 @@ print(json.dumps(out))
     assert out["bf16"] == dict(spills=0, mma="wgmma", wgmma=2, dots=2, failures=[])
 
 
-def _row(kernel="_fwd_kernel", arch=90, block_m=64, dtype="*bf16", precision="tf32", **result) -> Row:
-    req = CompileRequest("blip2rt.kernels.fused_attention", kernel, arch, (("Q", dtype), ("LSE", "*fp32")),
-                         (("BLOCK_M", block_m), ("BLOCK_N", 64), ("PRECISION", precision)), (),
-                         (("num_warps", 4), ("num_stages", 2)))
-    dots = gate.DOTS[("fused_attention", kernel)]
+def _row(kernel="_fwd_kernel", arch=90, block_m=64, dtype="*bf16", precision="tf32", block_d=64, warps=4,
+         **result) -> Row:
+    meta = (("BLOCK_D", block_d), ("BLOCK_M", block_m), ("BLOCK_N", 64), ("PRECISION", precision))
+    if kernel == "_bwd_kernel":
+        meta += (("ONE_TILE", True),)
+    req = CompileRequest("blip2rt.kernels.fused_attention", kernel, arch, (("Q", dtype), ("LSE", "*fp32")), meta, (),
+                         (("num_warps", warps), ("num_stages", 2)))
+    dots = gate.expected_dots(req)
     return Row(CompileResult(req, **{"registers": 128, "dots": dots, "wgmma_dots": dots, "mma": "wgmma", **result}),
                [("paper", "bf16", "op")])
 
@@ -164,10 +167,22 @@ def test_each_check_fails_on_what_it_guards():
     assert gate.failures([_row(arch=80, wgmma_dots=0, mma="mma")]) == []  # sm_80 has no wgmma
     assert gate.failures([_row(dtype="*fp32", precision="tf32x3", wgmma_dots=0, mma="mma")]) == []  # fp32: not asked
     assert gate.failures([_row(block_m=32, wgmma_dots=0, mma="mma")]) == []  # listed in WGMMA_EXCEPTIONS
-    assert gate.failures([_row(kernel="_bwd_rows_kernel", block_m=32, dots=5, wgmma_dots=2)]) == []
-    assert "1 of 5 dots" in gate.failures([_row(kernel="_bwd_rows_kernel", block_m=32, dots=5, wgmma_dots=1)])[0]
-    # 64-row 16-bit tiles: every dot on wgmma
-    assert "2 of 5 dots are wgmma, want 5" in gate.failures([_row(kernel="_bwd_rows_kernel", wgmma_dots=2)])[0]
+    # the key-major backward: every product wgmma at head dim 64, whatever its rows; below 64 the two dQ^T
+    # products (head-dim rows) may not be
+    assert gate.failures([_row(kernel="_bwd_kernel", block_m=32)]) == []
+    assert "8 of 10 dots are wgmma, want 10" in gate.failures([_row(kernel="_bwd_kernel", block_m=32, wgmma_dots=8)])[0]
+    assert gate.failures([_row(kernel="_bwd_kernel", block_d=16, wgmma_dots=8)]) == []
+    assert "7 of 10 dots are wgmma, want 8" in gate.failures([_row(kernel="_bwd_kernel", block_d=16, wgmma_dots=7)])[0]
+    # occupancy: a kernel below its floor of blocks per SM fails (the CE rows kernel's floor is 2; the
+    # attention backward's 1); registers, shared memory and warps each limit it
+    assert gate.ctas_per_sm(90, 128, 53248, 8) == 2 and gate.ctas_per_sm(90, 129, 53248, 8) == 1
+    assert gate.ctas_per_sm(90, 64, 120000, 4) == 1 and gate.ctas_per_sm(80, 32, 0, 32) == 2
+    assert gate.ctas_per_sm(90, 16, 0, 1) == 32  # the 32-block limit
+    assert gate.failures([_row(kernel="_bwd_kernel", warps=8, registers=255, shared=65536)]) == []
+    ce = _ce_row(4, 4)
+    assert gate.failures([Row(CompileResult(ce.result.request, registers=128, v4_loads=4, v4_stores=4), ce.uses)]) == []
+    low = gate.failures([Row(CompileResult(ce.result.request, registers=200, v4_loads=4, v4_stores=4), ce.uses)])
+    assert len(low) == 1 and "1 blocks per SM (200 registers, 0 B shared, 8 warps), want at least 2" in low[0]
     # a compile that could not be read, or that lost its products, fails instead of passing every check
     assert "0 registers" in gate.failures([_row(registers=0)])[0]
     no_dots = gate.failures([_row(dots=0, wgmma_dots=0, mma="")])

@@ -97,3 +97,31 @@ def test_the_reference_computes_in_float64_when_given_float64():
     loss = linear_cross_entropy_reference(h, w, labels, b, 0.1)
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, linear_cross_entropy64(h, w, labels, b, 0.1), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("tokens", [64 * 40, 256 * 31, 1 << 16], ids=["benchmark", "gate", "many tokens"])
+@pytest.mark.parametrize("hidden, vocab, dtype", [(2560, 50272, torch.bfloat16), (768, 30523, torch.bfloat16),
+                                                  (2560, 50272, torch.float32)], ids=["OPT head", "ITG head", "fp32"])
+def test_the_weight_is_streamed_at_most_three_times_within_the_logits_budget(tokens, hidden, vocab, dtype):
+    """Planned on meta tensors for an H100, as the launcher would launch on one: each chunk is one row-kernel
+    launch and one pass over the weight. At the paper's sizes in 16 bits, 3 passes or fewer; where a third
+    of the tokens' logits would pass the memory budget, chunks as large as the budget allows."""
+    from blip2rt.kernels import launch
+    from blip2rt.kernels.chunked_cross_entropy import LOGITS_BUDGET_BYTES, ROW_ALIGN
+
+    h = torch.empty(tokens, hidden, dtype=dtype, device="meta").requires_grad_()
+    w = torch.empty(vocab, hidden, dtype=dtype, device="meta")
+    labels = torch.empty(tokens, dtype=torch.int64, device="meta")
+    with launch.plan_for(launch.H100) as launches:
+        linear_cross_entropy_triton(h, w, labels, None, 0.0)
+    rows = [one for one in launches if one.name == "chunked_cross_entropy._ce_rows_kernel"]
+    chunk = max(one.args[0].shape[0] for one in rows)
+    row_bytes = -(-vocab // ROW_ALIGN) * ROW_ALIGN * dtype.itemsize
+    assert sum(one.args[0].shape[0] for one in rows) == tokens
+    assert chunk * row_bytes <= LOGITS_BUDGET_BYTES
+    if (-(-tokens // 3)) * row_bytes <= LOGITS_BUDGET_BYTES:
+        assert len(rows) <= 3, len(rows)
+    else:  # bounded by memory: every chunk but the last as large as the budget allows
+        assert chunk == LOGITS_BUDGET_BYTES // row_bytes
+    if tokens <= 256 * 31 and dtype == torch.bfloat16:
+        assert len(rows) <= 3  # the paper's sizes

@@ -51,6 +51,14 @@ def test_dropout_drops_the_right_fraction_and_depends_on_the_seed():
     frac = keep.float().mean().item()
     assert abs(frac - 0.9) < 3 * (0.9 * 0.1 / keep.numel()) ** 0.5 + 1e-4
     assert not torch.equal(keep, dropout_keep_mask((100, 250), 0.1, seed=4, device="cpu"))
+    # four neighbouring columns share one Philox call (kernels.philox): its outputs must be as independent
+    # as separate calls' (5 sigma of a correlation estimated from n draws), at every lag within the four
+    # and across rows; a layout that repeated one output would correlate fully
+    wide = dropout_keep_mask((400, 768), 0.5, seed=5, device="cpu").float()
+    centred = wide - wide.mean()
+    for a, b_ in ((centred[:, 1:], centred[:, :-1]), (centred[:, 2:], centred[:, :-2]), (centred[:, 3:], centred[:, :-3]),
+                  (centred[1:], centred[:-1])):
+        assert abs(((a * b_).mean() / centred.pow(2).mean()).item()) < 5 / wide.numel() ** 0.5
     h, r, w, b = make((100, 250), torch.float32)
     y = residual_layer_norm_triton(h, r, w, b, 1e-12, 0.1, seed=3)
     torch.testing.assert_close(y, residual_layer_norm_reference(h, r, w, b, 1e-12, 0.1, keep_mask=keep),

@@ -1,0 +1,35 @@
+"""Dropout's random numbers: four uniforms from each Philox call (Triton's `randint4x`), laid out along
+a tile's rows or its columns, so a tile of n elements costs n / 4 Philox calls, not n.
+
+Philox4x32 with 7 rounds: the fewest at which its authors found it passes TestU01's BigCrush
+(Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011); Triton's default is 10, a
+margin above that. The tests check what dropout needs of it: the keep fraction, independence of
+neighbouring draws, and one mask per seed (tests/test_kernel_attention_dropout.py,
+tests/test_kernel_post_ln_residual.py).
+
+A counter c gives outputs 0..3; which element each lands on is the caller's layout: `uniform4_cols`
+puts output i of counter j at column 4j + i, `uniform4_rows` at row 4j + i. A caller whose tiles
+come in both layouts (attention: query-major forward, key-major backward) picks its counters so that
+both give each element the same draw.
+"""
+
+import triton
+import triton.language as tl
+from triton.language.random import uint_to_uniform_float
+
+ROUNDS = tl.constexpr(7)
+
+
+@triton.jit
+def uniform4_cols(seed, counters):
+    """(R, C) counters -> (R, 4C) uniforms in [0, 1): column 4j + i is output i of counters[:, j]."""
+    r0, r1, r2, r3 = tl.randint4x(seed, counters, ROUNDS)
+    return uint_to_uniform_float(tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3)))
+
+
+@triton.jit
+def uniform4_rows(seed, counters, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """(ROWS / 4, COLS) counters -> (ROWS, COLS) uniforms in [0, 1): row 4j + i is output i of counters[j]."""
+    r0, r1, r2, r3 = tl.randint4x(seed, counters, ROUNDS)
+    quad = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (ROWS / 4, COLS, 2, 2): [j, c, x, y] = output 2y + x
+    return uint_to_uniform_float(tl.reshape(tl.permute(quad, (0, 3, 2, 1)), (ROWS, COLS)))
