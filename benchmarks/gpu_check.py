@@ -31,8 +31,9 @@ minutes; `--only compiled` the torch.compile peers in full, in 4 minutes; `--onl
 InstructBLIP's answer latency at Vicuna-7B's size (test_instructblip_gpu.py), in 4 minutes;
 `--only onnxruntime` the ONNX Runtime CUDA step.
 
-OUT gets summary.md (ready to paste into RESULTS.md), summary.json and details.tar.gz (one log
-per step and the benchmark JSON files). Exit status: 0 when every step ran and every test passed.
+OUT gets summary.md (ready to paste into RESULTS.md), summary.json, details.tar.gz (one log
+per step and the benchmark JSON files) and auto_table.json (kernels="auto"'s table with this GPU's
+measured choices, to commit as kernels/auto_table.json). Exit status: 0 when every step ran and every test passed.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ ORT_GPU_DIR = "/tmp/blip2rt-ort-gpu"  # where the ort-gpu-parts commands install
 # (name, seconds cap): the order is the priority; the caps add up to BUDGET_S, so every step gets its
 # time (the first H200 run's whole check took 328 s with its kernel benchmarks cut off)
 STEPS = [("install", 15), ("gpu tests", 95), ("qformer", 70), ("caption latency", 60), ("train steps", 45),
-         ("host vs device", 20), ("kernel benchmarks", 45), ("llm attention kernels", 10), ("onnxruntime cuda", 20),
+         ("host vs device", 20), ("kernel benchmarks", 40), ("auto table", 5), ("llm attention kernels", 10), ("onnxruntime cuda", 20),
          ("compiled peers", 20)]
 # the last step also gets whatever the others left unspent
 # `--only profile`: the Q-Former alone (qformer_profile.py), in 4 minutes with the install
@@ -319,6 +320,19 @@ class Check:
         else:
             self.record(step, render_error=output[-500:])
 
+    def auto_table(self) -> None:
+        """kernels="auto"'s table with this GPU's entry, decided from the kernel benchmarks just run:
+        OUT/auto_table.json, the checked-in table plus this architecture, to commit as
+        kernels/auto_table.json (blip2rt.kernels.auto_table)."""
+        src = self.details / "kernel-benchmarks.json"
+        if not src.is_file():
+            self.record("auto table", status="skipped: the kernel benchmarks wrote no JSON")
+            return
+        table = self.out / "auto_table.json"
+        shutil.copy(ROOT / "kernels" / "auto_table.json", table)
+        self.run("auto table", [self.python, "-m", "blip2rt.kernels.auto_table", str(src), "--write", str(table)],
+                 cap=CAPS["auto table"])
+
     def host_vs_device(self) -> None:
         """Wall time against summed CUDA kernel time per step, fused and torch (host_device_split.py)."""
         code, text = self.run("host vs device", [self.python, "benchmarks/host_device_split.py"],
@@ -456,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     check.benchmark("train steps", TRAIN_STEP_CASES)
     check.host_vs_device()
     check.benchmark("kernel benchmarks", KERNEL_FILES, keyword=KERNELS)
+    check.auto_table()
     check.llm_attention_kernels()
     check.onnxruntime_cuda()
     check.benchmark("compiled peers", BENCHMARK_FILES, keyword=COMPILED, cap=max(CAPS["compiled peers"], check.left()))

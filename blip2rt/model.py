@@ -134,7 +134,7 @@ class Blip2(GenerationMixin, RetrievalMixin, nn.Module):
 
     @property
     def kernel_backend(self) -> str:
-        """"torch" or "triton" (see blip2rt.kernels.backend): held by the Q-Former, whose ops dispatch on
+        """"torch", "triton" or "auto" (see blip2rt.kernels.backend): held by the Q-Former, whose ops dispatch on
         it, and read by the losses computed here."""
         return self.qformer.kernel_backend
 
@@ -304,7 +304,7 @@ class Blip2(GenerationMixin, RetrievalMixin, nn.Module):
         q = embeds.shape[1] - labels.shape[1]  # the soft prompt (and a BOS before it): never targets
         labels = labels.to(self.device)
         if self.config.text_config["model_type"] in PLAIN_LM_HEAD and (
-                self.kernel_backend == "triton" or not return_logits):
+                self.kernel_backend != "torch" or not return_logits):
             # Position q - 1 + t predicts text token t: the head runs on those T positions only
             # (the fused kernel in chunks, never storing the (B, T, V) logits).
             hidden = self.language_model.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state

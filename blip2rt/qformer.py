@@ -206,7 +206,7 @@ class QFormer(nn.Module):
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # BERT's embedding LayerNorm
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.encoder = QFormerEncoder(cfg)
-        self.kernel_backend = "torch"  # "torch" | "triton": the one switch every op of the Q-Former reads
+        self.kernel_backend = "torch"  # "torch" | "triton" | "auto": the one switch every op of the Q-Former reads
         self.gradient_checkpointing = False  # recompute each layer in the backward (training memory)
         self._image_kv = PackedLinears()
 

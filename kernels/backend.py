@@ -4,8 +4,8 @@
 - "triton": the fused Triton kernel of every op (`dispatch.OPS`).
   On a machine without a GPU this needs Triton's interpreter (TRITON_INTERPRET=1, what the
   tests use); it is refused otherwise, with the reason.
-- "auto": Triton on CUDA once the kernels have been verified on a GPU, correct and faster than
-  the torch path (`VERIFIED_ON_GPU`), torch everywhere else.
+- "auto": on a CUDA GPU whose architecture the measured table holds (`auto_table.py`), each op
+  and shape class takes the path measured faster there; torch everywhere else (other GPUs, CPUs).
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from blip2rt.errors import InputError
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "BLIP2RT_KERNELS"
-# Correct on an H200 (every GPU test passed), but slower there than the torch path at the
-# Q-Former's sizes (benchmarks/RESULTS.md): "auto" turns the kernels on once they measure faster.
-VERIFIED_ON_GPU = False
 
 
 def interpreter_active() -> bool:
@@ -29,7 +26,8 @@ def interpreter_active() -> bool:
 
 
 def resolve_backend(requested: str | None, device: torch.device | str | None) -> str:
-    """The backend that will run: "triton" or "torch"."""
+    """The backend that will run: "triton", "torch", or "auto" (per op and shape class, from the table of
+    measurements for this GPU's architecture; only on a GPU the table holds)."""
     choice = requested if requested is not None else os.environ.get(ENV_VAR, "auto")
     if choice not in BACKENDS:
         source = "kernels=" if requested is not None else f"${ENV_VAR}="
@@ -39,7 +37,12 @@ def resolve_backend(requested: str | None, device: torch.device | str | None) ->
     if choice == "torch":
         return "torch"
     if choice == "auto":
-        return "triton" if (device.type == "cuda" and triton_installed and VERIFIED_ON_GPU) else "torch"
+        if device.type != "cuda" or not triton_installed:
+            return "torch"
+        from . import auto_table
+        from .launch import gpu_target
+
+        return "auto" if auto_table.measured(gpu_target(device).arch) else "torch"
     if not triton_installed:
         raise InputError("kernels='triton' needs the triton package, which is not installed")
     if device.type != "cuda" and not interpreter_active():

@@ -33,13 +33,19 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert resolve_backend("triton", "cpu") == "triton"
 
 
-def test_auto_stays_on_torch_until_gpu_verified(monkeypatch):
-    from blip2rt.kernels import backend
+def test_auto_picks_per_op_only_on_a_gpu_the_measured_table_holds(monkeypatch):
+    """An H100 (sm_90) planned without a GPU: "auto" where the table holds sm_90, torch where it holds only
+    another architecture, and torch on the CPU whatever it holds."""
+    from blip2rt.kernels import auto_table, launch
 
-    monkeypatch.setattr(backend, "VERIFIED_ON_GPU", False)
-    assert resolve_backend("auto", "cuda") == "torch"
-    monkeypatch.setattr(backend, "VERIFIED_ON_GPU", True)
-    assert resolve_backend("auto", "cuda") == "triton"
+    def with_archs(*archs):
+        monkeypatch.setattr(auto_table, "table", lambda: {"version": 1, "archs": {str(a): {"ops": {}} for a in archs}})
+
+    with launch.plan_for(launch.H100):
+        with_archs(80)
+        assert resolve_backend("auto", "cuda") == "torch"
+        with_archs(80, 90)
+        assert resolve_backend("auto", "cuda") == "auto"
     assert resolve_backend("auto", "cpu") == "torch"
 
 
