@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 GPU_IMAGE_TRITON := triton==3.6.0
 TRITON_GPU_IMAGE := $(VENV)/triton-gpu-image/.installed
 
-.PHONY: demo test bench install clean gpu-compile gpu-check ort-gpu-parts
+.PHONY: demo test bench install clean gpu-compile gpu-check gpu-tune ort-gpu-parts
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ gpu-compile: $(STAMP)
 OUT ?= gpu-check-out
 gpu-check:
 	@$(PYTHON) benchmarks/gpu_check.py $(OUT) $(ARGS)
+
+# On a CUDA machine: each fused kernel's launch configurations swept at the benchmark shapes, every candidate
+# through the compile gate first, the passing ones timed; 240 s (benchmarks/README.md). Results and the
+# tuned table (to commit as kernels/tuned_configs.json) in $(OUT).
+gpu-tune:
+	@$(PYTHON) benchmarks/gpu_tune.py $(OUT) $(ARGS)
 
 # onnxruntime-gpu for the GPU machine, in parts the device tool can carry; prints the device calls
 PY ?= 3.12

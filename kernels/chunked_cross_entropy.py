@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuned
 from .launch import autocast_dtype, gpu_target, launch
 
 
@@ -105,9 +106,15 @@ def default_chunk(tokens: int, vocab: int, element_bytes: int) -> int:
     return max(1, min(tokens, by_memory, triton.cdiv(tokens, min(MAX_WEIGHT_PASSES, tokens))))
 
 
-def ce_rows_config(vocab: int, device: torch.device) -> dict:
-    """Launch sizes of the row kernel. The compile gate checks these for 128-bit main-loop access."""
-    block = min(triton.next_power_of_2(vocab), 4096 if gpu_target(device) is not None else 1024)
+def ce_rows_config(vocab: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Launch sizes of the row kernel: gpu-tune's measured choice for this architecture (kernels.tuned)
+    where there is one. The compile gate checks these for 128-bit main-loop access."""
+    target = gpu_target(device)
+    if target is not None:
+        found = tuned.lookup(target.arch, tuned.ce_rows_key(vocab, str(dtype).removeprefix("torch.")))
+        if found is not None:
+            return found
+    block = min(triton.next_power_of_2(vocab), 4096 if target is not None else 1024)
     return dict(BLOCK_V=block, num_warps=max(1, min(8, block // 256)))  # >= 8 logits a thread: a 128-bit access
 
 
@@ -115,7 +122,7 @@ def launch_rows(logits: torch.Tensor, labels: torch.Tensor, loss_rows: torch.Ten
                  eps: float, ignore_index: int) -> None:
     """logits (C, V) with unit column stride, becomes the grad; labels (C,) contiguous; loss_rows (C,)."""
     v = logits.shape[1]
-    cfg = ce_rows_config(v, logits.device)
+    cfg = ce_rows_config(v, logits.device, logits.dtype)
     v_main = v // cfg["BLOCK_V"] * cfg["BLOCK_V"]
     launch(_ce_rows_kernel, (logits.shape[0],), logits, labels, loss_rows, scale, v, v_main, logits.stride(0),
            ignore_index, eps, **cfg)

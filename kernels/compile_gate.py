@@ -78,6 +78,7 @@ MIN_CTAS_PER_SM = {
     "fused_attention._fwd_kernel": 1,  # 8 warps with dropout: 131-154 registers
     "fused_attention._bwd_kernel": 1,  # key-major at 64 keys: 203-255 registers with dropout or 64 rows
     "chunked_cross_entropy._ce_rows_kernel": 2,
+    "post_ln_residual._bwd_kernel": 2,  # its grid is post_ln_residual.BLOCKS_PER_SM blocks an SM: one wave
     # the ITC grids are under one wave (16-512 blocks), so their blocks per SM are not what limits them
     "itc._qmax_fwd_kernel": 1,
     "itc._qmax_bwd_img_kernel": 1,

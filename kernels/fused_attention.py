@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dropout_rng
+from . import dropout_rng, tuned
 from .philox import uniform4_cols, uniform4_rows
 from .launch import GpuTarget, Planned, gpu_target, launch, plan_cache, register_budget
 from .qformer_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_NONE, MODE_UNIMODAL, AttentionMode, kernel_mode_id
@@ -345,9 +345,16 @@ class AttentionConfig:
 def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, backward: bool = False,
                      dropout: bool = False, causal: bool = False) -> AttentionConfig:
     """Tiles for Lq rows of head dim d on the target GPU (worked out once per shape and GPU); causal:
-    the multimodal-causal mask (ITG), whose backward needs a few more registers."""
-    return _attention_config(lq, d, dtype, gpu_target(device), dot_precision(dtype, device), backward, dropout,
-                             causal)
+    the multimodal-causal mask (ITG), whose backward needs a few more registers. A configuration that
+    gpu-tune measured fastest on this architecture (kernels.tuned) comes first."""
+    target = gpu_target(device)
+    precision = dot_precision(dtype, device)
+    if target is not None:
+        found = tuned.lookup(target.arch, tuned.attention_key(backward, lq, d, str(dtype).removeprefix("torch."),
+                                                              dropout, causal))
+        if found is not None:
+            return AttentionConfig(precision=precision, **found)
+    return _attention_config(lq, d, dtype, target, precision, backward, dropout, causal)
 
 
 @functools.lru_cache(maxsize=256)

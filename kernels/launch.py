@@ -311,10 +311,10 @@ def row_block(width: int) -> tuple[int, int]:
     return block, warps
 
 
-def backward_programs(rows: int, device: torch.device) -> int:
-    """Programs for row-block reductions (dW/dB partials): two per SM on a GPU, one on CPU (the
-    interpreter's cost is per program)."""
+def backward_programs(rows: int, device: torch.device, blocks_per_sm: int = 2) -> int:
+    """Programs for row-block reductions (dW/dB partials): `blocks_per_sm` per SM on a GPU, one on CPU
+    (the interpreter's cost is per program)."""
     target = gpu_target(device)
     if target is not None:
-        return max(1, min(rows, 2 * target.sm_count))
+        return max(1, min(rows, blocks_per_sm * target.sm_count))
     return 1

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dropout_rng
+from . import dropout_rng, tuned
 from .philox import uniform4_cols
 from .launch import Planned, autocast_dtype, backward_programs, gpu_target, launch, plan_cache, row_block
 
@@ -141,6 +141,12 @@ def output_dtype(h: torch.Tensor, residual: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, residual.dtype)
 
 
+# The backward's grid: this many blocks per SM, each walking its share of the rows. The compile gate holds
+# the kernel to at least this many blocks per SM (its floor for post_ln_residual._bwd_kernel), so the grid
+# is one wave: no block waits for another's SM.
+BLOCKS_PER_SM = 2
+
+
 def backward_rows(d: int) -> int:
     """Rows per step of the backward: about 2048 elements in flight per loaded tensor (4096
     spilled in fp32 with Triton 3.6)."""
@@ -171,14 +177,27 @@ def _forward_plan(h, residual, p: float) -> _Plan:
     return _Plan(planned, rows, d, output_dtype(h, residual))
 
 
+def backward_config(d: int, dtype: torch.dtype, p: float, device: torch.device) -> dict:
+    """Rows per step, warps and blocks per SM of the backward: gpu-tune's measured choice for this
+    architecture (kernels.tuned) where there is one, else `backward_rows` rows a step on 8 warps from 2048
+    elements a step (4 below) and BLOCKS_PER_SM blocks an SM."""
+    target = gpu_target(device)
+    if target is not None:
+        found = tuned.lookup(target.arch, tuned.layer_norm_key(d, str(dtype).removeprefix("torch."), p > 0))
+        if found is not None:
+            return found
+    block_r = backward_rows(d)
+    return dict(block_r=block_r, warps=8 if block_r * row_block(d)[0] >= 2048 else 4, blocks_per_sm=BLOCKS_PER_SM)
+
+
 def _backward_plan(h, residual, weight, p: float) -> _Plan:
     d = h.shape[-1]
     rows = h.numel() // d
-    programs = backward_programs(rows, h.device)
+    cfg = backward_config(d, h.dtype, p, h.device)
+    programs = backward_programs(rows, h.device, cfg["blocks_per_sm"])
     block, _ = row_block(d)
-    block_r = backward_rows(d)
-    planned = Planned(_bwd_kernel, (programs,), dict(HAS_DROPOUT=p > 0, BLOCK_R=block_r, BLOCK_D=block,
-                                                      num_warps=8 if block_r * block >= 2048 else 4))
+    planned = Planned(_bwd_kernel, (programs,), dict(HAS_DROPOUT=p > 0, BLOCK_R=cfg["block_r"], BLOCK_D=block,
+                                                      num_warps=cfg["warps"]))
     return _Plan(planned, rows, d, weight.dtype, programs)
 
 

@@ -257,3 +257,12 @@ def test_a_ptxas_report_that_does_not_parse_is_an_error_and_is_not_cached(tmp_pa
     monkeypatch.setattr(gate, "_run_ptxas", lambda ptx, arch: PTXAS_REPORT)
     assert gate._ptxas_report(".version 8.0 // an unread kernel", 90) == (168, 8, 12)  # read afresh, then cached
     assert len(list((tmp_path / "blip2rt-gpu-compile").glob("*.json"))) == 1
+
+
+def test_the_layer_norm_backward_grid_is_one_wave_at_its_occupancy_floor():
+    """The LayerNorm backward launches BLOCKS_PER_SM blocks an SM; the gate holds it to that many blocks per SM."""
+    from blip2rt.kernels import post_ln_residual
+
+    assert gate.MIN_CTAS_PER_SM["post_ln_residual._bwd_kernel"] == post_ln_residual.BLOCKS_PER_SM
+    with launch.plan_for(launch.H100):
+        assert launch.backward_programs(10**6, "cuda", post_ln_residual.BLOCKS_PER_SM) == 2 * launch.H100.sm_count
