@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from attention_cases import PAPER, attention_case, qformer_forward_case
+from kernel_floors import attention_flops, plan_bytes, record_kernel_floor
 from timing import measure, per_second, skip_compiled_in_quick_mode
 
 CPU_PRESETS = ["tiny", "blip2-mini"]
@@ -27,6 +28,9 @@ def test_attention(benchmark, cuda, kind, batch, backward, impl):
     kernels = ("fused_attention._fwd_kernel",) + (("fused_attention._bwd_kernel",) if backward else ())
     measure(benchmark, step, device=cuda, expect=kernels)
     per_second(benchmark, "samples_per_s", batch)
+    nbytes = plan_bytes(lambda device: attention_case(kind, "fused", device, torch.bfloat16, batch=batch,
+                                                      backward=backward, **PAPER))
+    record_kernel_floor(benchmark, nbytes, attention_flops(kind, batch, backward, **PAPER), cuda)
 
 
 @pytest.mark.parametrize("impl", ["fused", "graphed", "torch", "compiled", "transformers"])

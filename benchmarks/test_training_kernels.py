@@ -7,6 +7,7 @@ Run: blip2rt bench -k training_kernel
 import pytest
 import torch
 
+from kernel_floors import plan_bytes, record_kernel_floor
 from timing import measure
 from training_kernel_cases import CASES, FUSED_KERNEL, PAPER_SHAPES
 
@@ -20,3 +21,5 @@ def test_training_kernel(benchmark, cuda, op, impl):
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(dtype="bf16", shape=PAPER_SHAPES[op],
                                 tflops=round(case.flops / median / 1e12, 2) if case.flops else None)
+    nbytes = plan_bytes(lambda device: CASES[op]("fused", device, torch.bfloat16, **PAPER_SHAPES[op]).step)
+    record_kernel_floor(benchmark, nbytes, case.flops, cuda)

@@ -125,8 +125,9 @@ def machine_warnings(new: dict, base: dict) -> list[str]:
 
 
 def render_table(new: dict, base: dict | None = None) -> str:
-    """Markdown: per case the median, the speed-up over eager in the same run and, with a
-    baseline, the change of the median against it (+ is slower)."""
+    """Markdown: per case the median, the speed-up over eager in the same run, the median's multiple
+    of its floor where the case recorded one (`x_floor`: bandwidth or FLOPs, benchmarks/kernel_floors.py
+    and floors.py) and, with a baseline, the change of the median against it (+ is slower)."""
     now = cases(new)
     up = speedups(now)
     old = cases(base) if base else {}
@@ -138,11 +139,14 @@ def render_table(new: dict, base: dict | None = None) -> str:
         lines.append(f"baseline {commit(base)} ({base.get('datetime', '?')}) -> now {commit(new)} "
                      f"({new.get('datetime', '?')})")
         lines.append("")
-    head = "| group | impl | median | vs eager |" + (" baseline | change |" if base else "")
+    floors = any("x_floor" in c["extra"] for c in now.values())
+    head = "| group | impl | median | vs eager |" + (" x floor |" if floors else "") + (" baseline | change |" if base else "")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for k, c in sorted(now.items(), key=lambda kv: (kv[1]["group"], kv[1]["impl"])):
         row = f"| {c['group']} | {c['impl'] or c['name']} | {_ms(c['median'])} | " + (
             f"{up[k]:.2f}x |" if up[k] is not None else "- |")
+        if floors:
+            row += f" {c['extra']['x_floor']:.2f} |" if "x_floor" in c["extra"] else " - |"
         if base is not None:
             if k in old:
                 change = c["median"] / old[k]["median"] - 1

@@ -45,6 +45,12 @@ def test_table_gives_speedups_over_eager_and_changes_against_the_baseline(tmp_pa
     assert "2.50x" in rows[("caption B=1", "ort")] and "-20.0%" in rows[("caption B=1", "ort")]
     assert "+50.0%" in rows[("qformer", "torch")]
     assert "new" in rows[("decode", "ort")]
+    assert "x floor" not in table  # no case recorded a floor
+    new["benchmarks"][1]["extra_info"]["x_floor"] = 2.36  # (kernel_floors.record_kernel_floor on a GPU)
+    floored = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in bench.render_table(new).splitlines()
+               if line.startswith("| ")}
+    assert "| x floor |" in bench.render_table(new) and "| 2.36 |" in floored[("caption B=1", "ort")]
+    assert floored[("caption B=1", "eager")].rstrip().endswith("| - |")
     (tmp_path / "new.json").write_text(json.dumps(new))
     (tmp_path / "base.json").write_text(json.dumps(base))
     text = bench.report(str(tmp_path / "new.json"), str(tmp_path / "base.json"), png=str(tmp_path / "cmp.png"),

@@ -107,3 +107,24 @@ def test_llm_weights_caption_case_runs(weights):
     step()
     _, rt = weights_export("tiny", weights, ("CPUExecutionProvider",))
     assert rt.llm_weights["format"] == weights.split("-")[-1]
+
+
+def test_kernel_floors_count_the_bytes_of_the_fused_plan():
+    """The floor's bytes come from the fused launch plan (kernel_floors.plan_bytes): cross-attention at the
+    paper's shapes, B = 128, moves q, K, V and O in inference (114 MB), and in training the forward also
+    writes the log-sum-exp, which the backward reads with q, K, V, dO and O, writing dQ, dK, dV (341 MB)."""
+    from attention_cases import PAPER, attention_case
+    from kernel_floors import attention_flops, plan_bytes
+    from training_kernel_cases import PAPER_SHAPES
+
+    b, h, d, nq, nk = 128, PAPER["heads"], PAPER["head_dim"], PAPER["queries"], PAPER["image_tokens"]
+    q, kv, lse = b * nq * h * d * 2, b * nk * h * d * 2, b * h * nq * 4
+    inference = q + 2 * kv + q  # read q, k, v; write o
+    backward = (q + 2 * kv + q + lse + q) + (q + 2 * kv)  # read q, k, v, dO, lse, o; write dq, dk, dv
+    for bw, want in ((False, inference), (True, inference + lse + backward)):
+        got = plan_bytes(lambda dev: attention_case("cross", "fused", dev, torch.bfloat16, batch=b, backward=bw, **PAPER))
+        assert got == want, (bw, got, want)
+    assert attention_flops("cross", b, True, **PAPER) == 7 * 2 * b * h * nq * nk * d
+    rows, dim = PAPER_SHAPES["layer_norm"]["rows"], PAPER_SHAPES["layer_norm"]["dim"]
+    ln = plan_bytes(lambda dev: CASES["layer_norm"]("fused", dev, torch.bfloat16, rows=rows, dim=dim).step)
+    assert ln >= 7 * rows * dim * 2  # at least h, r, y forward; dy, h, r, dh, dres backward (h, r read twice)
