@@ -42,11 +42,14 @@ class ImageKV:
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(k, v) of every cross-attention layer, each a (B, N, H, d) strided view.
 
-        unbind rather than indexing: under autograd, each indexed view's backward zero-fills a
-        buffer the size of `packed` and adds it in. unbind's backward stacks the grads once (the
-        measured cost is in benchmarks/RESULTS.md).
+        One split of all 2 x layers parts (kernels.packed_grads.split_packed, unbind's views): its
+        backward gathers every layer's dK and dV in one tensor of the packed shape, which the fused
+        attention writes in place; indexed views would each zero-fill a buffer the size of `packed`,
+        and unbind would stack the grads, per layer and again for the layers.
         """
-        return [kv.unbind(2) for kv in self.packed.unbind(2)]  # kv: (B, N, 2, H, d) -> (k, v)
+        b, n, layers, two, h, d = self.packed.shape
+        parts = kernels.split_packed(self.packed.view(b, n, layers * two, h, d))
+        return [(parts[2 * i], parts[2 * i + 1]) for i in range(layers)]
 
     def take(self, index: torch.Tensor) -> "ImageKV":
         """The rows of another batch, e.g. hard-negative images: (len(index), N, ...)."""
@@ -95,11 +98,12 @@ class QFormerMultiHeadAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention's q, k and v of x (B, L, D) from one GEMM: each (B, L, H, d), a strided view
-        of the (B, L, 3D) product (the fused and the torch attention both read strided heads)."""
+        of the (B, L, 3D) product (the fused and the torch attention both read strided heads), split by
+        kernels.split_packed, so the fused backward writes dq, dk and dv into one grad of the product."""
         w, bias = self._qkv.weights([self.query, self.key, self.value])
         out = F.linear(x, w, bias)
         b, n, _ = out.shape
-        return out.view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+        return kernels.split_packed(out.view(b, n, 3, self.num_heads, self.head_dim))
 
 
 class QFormerResidualOutput(nn.Module):

@@ -13,11 +13,12 @@ import torch
 from .backend import BACKENDS, ENV_VAR, resolve_backend
 from .dispatch import OPS, implementation
 from .itc_loss import itc_loss
+from .packed_grads import split_packed
 from .qformer_attention import AttentionMode, qformer_attention_bias
 
 __all__ = ["AttentionMode", "BACKENDS", "ENV_VAR", "OPS", "implementation", "resolve_backend",
            "qformer_self_attention", "qformer_cross_attention", "qformer_attention_bias", "residual_layer_norm",
-           "query_max_similarity", "itc_loss", "linear_cross_entropy"]
+           "query_max_similarity", "itc_loss", "linear_cross_entropy", "split_packed"]
 
 
 def qformer_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, num_queries: int,

@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 
 from . import dropout_rng, tuned
+from .packed_grads import grad_slot
 from .philox import uniform4_cols, uniform4_rows
 from .launch import GpuTarget, Planned, gpu_target, launch, plan_cache, register_budget
 from .qformer_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_NONE, MODE_UNIMODAL, AttentionMode, kernel_mode_id
@@ -492,14 +493,13 @@ def launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset,
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _backward_plan(do, q, k, v, mode, num_queries, q_offset, text_mask, dropout_p)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
+    # the grads go where packed_grads says: a slice of the packed projection's grad when q, k or v came
+    # from split_packed (no copy behind it), else new tensors
+    dq, dk, dv = grad_slot(q), grad_slot(k), grad_slot(v)
+    if dk.stride() != dv.stride():  # the kernel writes dK and dV with one set of strides
+        dk, dv = torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
     tail = (lse if text_mask is None else text_mask, *plan.scalars, lse if seed is None else seed, *plan.strides)
-    g_strides = (lk * h * d, h * d, d)  # dk, dv: contiguous (B, Lk, H, d)
-    plan.launches[0](q, k, v, do, lse, o, dq, dk, dv, *tail, lq * h * d, h * d, d, *g_strides)
+    plan.launches[0](q, k, v, do, lse, o, dq, dk, dv, *tail, *dq.stride()[:3], *dk.stride()[:3])
     return dq, dk, dv
 
 
