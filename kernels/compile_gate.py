@@ -213,6 +213,8 @@ def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], No
                 for op, qkv, mode, n, txt in training]
     out += [
         ("cross-attention, B=1 inference", attention(heads_view(1, nq), *image_kv(1), grad=False)),
+        # a batch whose (batch, head) programs are under one wave: the backward in separate key and row programs
+        ("cross-attention, B=1 training", attention(heads_view(1, nq), *image_kv(1))),
         # 1,025 keys (a 448-pixel ViT's tokens): enough key blocks for the split-KV path
         ("cross-attention, B=1 inference, split keys",
          attention(heads_view(1, nq), *(_meta(1, 1025, h, hd, dtype=dtype) for _ in range(2)), grad=False)),

@@ -454,7 +454,11 @@ def _backward_plan(do, q, k, v, mode, num_queries, q_offset, text_mask, dropout_
     b, lq, h, d = q.shape
     lk = k.shape[1]
     cfg = attention_config(lq, d, q.dtype, q.device, backward=True, dropout=dropout_p > 0, causal=mode == MODE_CAUSAL)
-    one_tile = lq <= cfg.block_m and cfg.one_tile
+    # one program per (batch, head) only where that fills the GPU: below one wave (a small batch) the keys
+    # and rows go to separate programs, (key blocks + query tiles) per (batch, head), which fill more SMs
+    # for the price of computing the scores twice
+    target = gpu_target(q.device)
+    one_tile = lq <= cfg.block_m and cfg.one_tile and (target is None or b * h >= target.sm_count)
     meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, ONE_TILE=one_tile,
                 **cfg.meta(d))
     programs = 1 if one_tile else triton.cdiv(lk, cfg.block_n) + triton.cdiv(lq, cfg.block_m)

@@ -6,8 +6,13 @@ seed (Philox, four columns a call: counter row * ceil(D / 4) + col // 4, output 
 kernels.philox; the seed read from the device, kernels.dropout_rng), so neither the sum nor the mask
 is stored. The output has the dtype the
 reference returns (`output_dtype`): fp32 under CUDA autocast, as F.layer_norm there.
-Backward: each program walks a block of rows, several rows per step, and keeps partial dW/dB in
-registers; the partials are summed in torch (Liger-Kernel's layout).
+Backward: BLOCKS_PER_SM programs an SM (one wave, at the blocks per SM the compile gate holds the
+kernel to), each walking its share of the rows, several rows per step, with partial dW/dB in
+registers, written once per program; one sum over the programs finishes them. Beside the designs it
+was compared with: Liger-Kernel's backward has one program per SM walking one row a step, with the
+same per-program partials summed in torch; flash-attn's CUDA backward keeps partials per block of
+rows in a workspace and finishes them in a second kernel. Several rows a step keep more loads in
+flight than one; the finishing sum is one small op over (2, programs, D) either way.
 Each launcher plans its launch once per shape, dtypes and device, and later calls only allocate
 their outputs and launch (benchmarks/test_host_overhead.py times the host path).
 

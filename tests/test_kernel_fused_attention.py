@@ -212,3 +212,21 @@ def test_inference_splits_keys_only_past_512(dtype):
     assert splits[257] == splits[512] == 1 and splits[513] > 1 and splits[1025] > 1
     cpu_q, cpu_k = torch.empty(1, 32, 12, 64, dtype=dtype), torch.empty(1, 1025, 12, 64, dtype=dtype)
     assert fa.forward_splits(cpu_q, cpu_k, needs_grad=False) == 1  # the interpreter
+
+
+def test_backward_grid_is_one_program_per_batch_and_head_only_when_that_fills_the_gpu():
+    """Planned for an H100 (132 SMs) on meta tensors: 12 heads x B = 128 fill it, one program each; at B = 1
+    the 12 would leave 120 SMs idle, so keys and rows get programs of their own (5 key blocks + 1 row tile)."""
+    from blip2rt.kernels import launch
+    from blip2rt.kernels.fused_attention import launch_backward
+
+    def backward(batch):
+        q, k, v = (torch.empty(batch, n, 12, 64, dtype=torch.bfloat16, device="meta") for n in (32, 257, 257))
+        with launch.plan_for(launch.H100) as launches:
+            o, lse = launch_forward(q, k, v, 0, 0, 0, None)
+            launch_backward(torch.empty_like(o), q, k, v, o, lse, None, 0, 0, 0)
+        return next(one for one in launches if one.name == "fused_attention._bwd_kernel")
+
+    big, small = backward(128), backward(1)
+    assert big.kwargs["ONE_TILE"] and big.grid == (128 * 12, 1, 1)
+    assert not small.kwargs["ONE_TILE"] and small.grid == (12, 5 + 1, 1)
