@@ -108,17 +108,17 @@ def _attention_case(name: str, backward: bool, lq: int, lk: int, mode: int, num_
 
     def plan(device):
         q, k, v, mask, seed = inputs(device)
-        o, lse = fa.launch_forward(q, k, v, mode, num_queries, q_offset, mask, 1, dropout, seed)
+        o, lse, keep = fa.launch_forward(q, k, v, mode, num_queries, q_offset, mask, 1, dropout, seed)
         if backward:
-            fa.launch_backward(torch.empty_like(o), q, k, v, o, lse, mask, mode, num_queries, q_offset, dropout, seed)
+            fa.launch_backward(torch.empty_like(o), q, k, v, o, lse, keep, mask, mode, num_queries, q_offset, dropout)
 
     def timed(device):
         q, k, v, mask, seed = inputs(device)
         if not backward:
             return lambda: fa.launch_forward(q, k, v, mode, num_queries, q_offset, mask, 1, dropout, seed)
-        o, lse = fa.launch_forward(q, k, v, mode, num_queries, q_offset, mask, 1, dropout, seed)
+        o, lse, keep = fa.launch_forward(q, k, v, mode, num_queries, q_offset, mask, 1, dropout, seed)
         do = torch.randn_like(o)
-        return lambda: fa.launch_backward(do, q, k, v, o, lse, mask, mode, num_queries, q_offset, dropout, seed)
+        return lambda: fa.launch_backward(do, q, k, v, o, lse, keep, mask, mode, num_queries, q_offset, dropout)
 
     if backward:  # keys are the rows of every product: 64 or 128 keep them wgmma on sm_90
         candidates = [dict(block_m=lq, block_n=n, block_d=HEAD_DIM, warps=w, stages=s, maxnreg=r)

@@ -26,7 +26,8 @@ def qformer_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                            backend: str = "torch") -> torch.Tensor:
     """Masked self-attention over [queries ; text]; q (B, Lq, H, d), k/v (B, K, H, d) -> (B, Lq, H, d).
 
-    Attention dropout runs inside the fused kernel (its mask drawn from a seed, never stored).
+    Attention dropout runs inside the fused kernel (its mask drawn from a seed; a training forward keeps
+    it as bits, a byte per 4 (row, key) pairs, for the backward).
     """
     return implementation("attention", backend)(q, k, v, mode=AttentionMode(mode), num_queries=num_queries,
                                                 text_mask=text_mask, dropout_p=dropout_p)

@@ -167,10 +167,10 @@ def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], No
             mask = _meta(batch, k.shape[1] - num_queries, dtype=torch.int8) if text else None  # text_mask_arg's
             q_offset = k.shape[1] - lq if mode != MODE_NONE else 0
             seed = _meta(1, dtype=torch.int64)  # the call's dropout seed, on the device
-            o, lse = fa.launch_forward(q, k, v, mode, num_queries, q_offset, mask, fa.forward_splits(q, k, grad), p,
-                                       seed)
+            o, lse, keep = fa.launch_forward(q, k, v, mode, num_queries, q_offset, mask, fa.forward_splits(q, k, grad),
+                                             p, seed)
             if grad:
-                fa.launch_backward(torch.empty_like(o), q, k, v, o, lse, mask, mode, num_queries, q_offset, p, seed)
+                fa.launch_backward(torch.empty_like(o), q, k, v, o, lse, keep, mask, mode, num_queries, q_offset, p)
         return run
 
     def post_ln(h_dtype, r_dtype, p):

@@ -3,7 +3,8 @@
 Each device holds one (2,) int64 tensor: a base seed and a count of the draws so far. A fused call
 with dropout takes `draw(device)`: a (1,) int64 tensor holding this call's seed, a function of the
 base and the count, made by a few device ops that also advance the count. The kernels load their
-seed from it, and the backward reloads the same tensor, so it draws the forward's mask again.
+seed from it; the residual LayerNorm's backward reloads the same tensor, so it draws the forward's
+mask again (the attention's forward keeps its mask as bits for its backward instead).
 
 Why on the device: a seed drawn on the host (`.item()`) waits for the device, and a CUDA graph would
 bake that one seed into every replay, so every replay would drop the same activations. Here the

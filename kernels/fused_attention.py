@@ -33,10 +33,12 @@ sm_80 (blip2rt.kernels.compile_gate).
 Rows with nothing to see (only when a sample's whole text is padding, in a mode where text
 sees text only) give 0 here; the reference gives the mean of all values.
 
-Attention dropout is fused as FlashAttention fuses it: a counter-based RNG (Philox, `tl.rand`)
-at an offset per (batch, head, row, key), so the mask is never stored and the backward draws the
-same one again from the seed, which the kernels read from the device (kernels.dropout_rng).
-`attention_keep_mask` materialises it for tests.
+Attention dropout is fused: the forward draws the mask from a counter-based RNG (Philox, four
+outputs a call, kernels.philox) at an offset per (batch, head, row, key), from a seed the kernels
+read from the device (kernels.dropout_rng). A forward that a backward will follow also stores the
+mask as bits, a byte per 4 (row, key) pairs, which the backward reads instead of drawing again: no
+Philox in the backward, whose registers it would cost (the compile gate's tables). Any program
+draws the same mask from the seed; `attention_keep_mask` materialises it for tests.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import triton.language as tl
 
 from . import dropout_rng, tuned
 from .packed_grads import grad_slot
-from .philox import uniform4_cols, uniform4_rows
+from .philox import spread_rows, uniform4
 from .launch import GpuTarget, Planned, gpu_target, launch, plan_cache, register_budget
 from .qformer_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_NONE, MODE_UNIMODAL, AttentionMode, kernel_mode_id
 from .tile_ops import dot, dot_precision
@@ -80,21 +82,38 @@ def _allowed(rows, cols, Lk, NQ, TM, b, T, MODE: tl.constexpr, HAS_TEXT_MASK: tl
 
 @triton.jit
 def _keep_rows(seed, dropout_p, pid_bh, m_start, offs_n, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) attention-dropout keep mask of query rows m_start.. and keys offs_n of (batch,
-    head) pid_bh, query-major. Each Philox call covers four consecutive rows of one key: counter
-    (pid_bh * ceil(Lq / 4) + row // 4) * Lk + key, output row % 4 (kernels.philox). Any program, split
-    or backward draws the same mask again; it is never stored."""
+    """The attention-dropout keep mask of query rows m_start.. and keys offs_n of (batch, head) pid_bh,
+    twice: (BLOCK_M, BLOCK_N) bool, query-major, and (BLOCK_M / 4, BLOCK_N) uint8 whose bit i in row j is
+    row m_start + 4j + i (the form `_store_keep` stores). Each Philox call covers four consecutive rows
+    of one key: counter (pid_bh * ceil(Lq / 4) + row // 4) * Lk + key, output row % 4 (kernels.philox)."""
     groups = m_start // 4 + tl.arange(0, BLOCK_M // 4)
     counters = (pid_bh.to(tl.int64) * tl.cdiv(Lq, 4) + groups[:, None]) * Lk + offs_n[None, :]
-    return uniform4_rows(seed, counters, BLOCK_M, BLOCK_N) >= dropout_p
+    u0, u1, u2, u3 = uniform4(seed, counters)
+    k0, k1, k2, k3 = u0 >= dropout_p, u1 >= dropout_p, u2 >= dropout_p, u3 >= dropout_p
+    bits = k0.to(tl.uint8) | (k1.to(tl.uint8) << 1) | (k2.to(tl.uint8) << 2) | (k3.to(tl.uint8) << 3)
+    return spread_rows(k0, k1, k2, k3, BLOCK_M, BLOCK_N), bits
 
 
 @triton.jit
-def _keep_keys(seed, dropout_p, pid_bh, m_start, offs_n, Lq, Lk, BLOCK_M: tl.constexpr):
-    """The same mask as `_keep_rows`, key-major: (len(offs_n), BLOCK_M), the backward's layout."""
+def _store_keep(KEEP, bits, pid_bh, m_start, offs_n, Lq, Lk, BLOCK_M: tl.constexpr):
+    """Stores `_keep_rows`'s bits: byte (pid_bh, row // 4, key) of the (B*H, ceil(Lq / 4), Lk) uint8 mask
+    holds rows 4j..4j+3 of that key, row 4j + i in bit i, so the backward reads the mask instead of
+    drawing it again. A byte per 4 (row, key) pairs: at the Q-Former's sizes about 3% of the bytes the
+    forward moves anyway (cross-attention at B = 128: 3.2 MB beside 114 MB)."""
     groups = m_start // 4 + tl.arange(0, BLOCK_M // 4)
-    counters = (pid_bh.to(tl.int64) * tl.cdiv(Lq, 4) + groups[None, :]) * Lk + offs_n[:, None]
-    return uniform4_cols(seed, counters) >= dropout_p
+    n_groups = tl.cdiv(Lq, 4)
+    tl.store(KEEP + (pid_bh.to(tl.int64) * n_groups + groups[:, None]) * Lk + offs_n[None, :], bits,
+             mask=(groups < n_groups)[:, None] & (offs_n < Lk)[None, :])
+
+
+@triton.jit
+def _load_keep_t(KEEP, pid_bh, offs_m, offs_n, mm, mn, Lq, Lk):
+    """The keep mask `_store_keep` stored, key-major: (len(offs_n), len(offs_m)) bool for keys offs_n and
+    rows offs_m, in range where mn and mm. Every element loads its byte (the 4 rows sharing one come
+    from the same cache line)."""
+    byte = tl.load(KEEP + (pid_bh.to(tl.int64) * tl.cdiv(Lq, 4) + offs_m[None, :] // 4) * Lk + offs_n[:, None],
+                   mask=mm[None, :] & mn[:, None], other=0)
+    return ((byte >> (offs_m[None, :] % 4).to(tl.uint8)) & 1) != 0
 
 
 @triton.jit
@@ -115,14 +134,15 @@ def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
+def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM, KEEP,
                 sm_scale, Lq, Lk, NQ, q_offset, T, H, keys_per_split, dropout_p, SEED,
                 s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_ob, s_om, s_oh,
                 MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, SPLIT: tl.constexpr, DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 HEAD_DIM: tl.constexpr, STORE_LSE: tl.constexpr = True):
     """Online softmax over key blocks. With DROPOUT, the probabilities that multiply V are dropped and
-    scaled by 1/(1 - p) (the normaliser and the log-sum-exp are not): softmax, then dropout, then V."""
+    scaled by 1/(1 - p) (the normaliser and the log-sum-exp are not): softmax, then dropout, then V; a
+    call that keeps its log-sum-exp for a backward also stores the keep mask, as bits (`_store_keep`)."""
     seed = _call_seed(SEED, DROPOUT)
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -154,7 +174,10 @@ def _fwd_kernel(Q, K, V, O, LSE, M_PART, L_PART, TM,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
         if DROPOUT:
-            p = tl.where(_keep_rows(seed, dropout_p, pid_bh, pid_m * BLOCK_M, offs_n, Lq, Lk, BLOCK_M, BLOCK_N), p / (1.0 - dropout_p), 0.0)
+            keep, bits = _keep_rows(seed, dropout_p, pid_bh, pid_m * BLOCK_M, offs_n, Lq, Lk, BLOCK_M, BLOCK_N)
+            if STORE_LSE:
+                _store_keep(KEEP, bits, pid_bh, pid_m * BLOCK_M, offs_n, Lq, k_end, BLOCK_M)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
     if SPLIT:
@@ -192,8 +215,8 @@ def _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
 
 
 @triton.jit
-def _bwd_tile_t(q, do, lse, delta, k, v, m_start, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh, sm_scale,
-                dropout_p, seed, MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+def _bwd_tile_t(q, do, lse, delta, k, v, offs_m, offs_n, mm, mn, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh, sm_scale,
+                dropout_p, KEEP, MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (key block, query tile) of the backward, key-major: (BLOCK_N, BLOCK_M) each, the transposed
     probabilities that multiplied V (dropped and scaled under dropout) for dV, and d(scores)^T for dK and
@@ -209,15 +232,24 @@ def _bwd_tile_t(q, do, lse, delta, k, v, m_start, offs_m, offs_n, mm, q_offset, 
     dpt = dot(v, tl.trans(do), zeros, PRECISION)
     pt_v = pt
     if DROPOUT:
-        keep = _keep_keys(seed, dropout_p, pid_bh, m_start, offs_n, Lq, Lk, BLOCK_M)
-        dpt = tl.where(keep, dpt / (1.0 - dropout_p), 0.0)
-        pt_v = tl.where(keep, pt / (1.0 - dropout_p), 0.0)
+        keep = _load_keep_t(KEEP, pid_bh, offs_m, offs_n, mm, mn, Lq, Lk)
+        dpt = tl.where(keep, dpt, 0.0) * (1.0 / (1.0 - dropout_p))
+        pt_v = tl.where(keep, pt, 0.0)  # the 1 / (1 - p) goes on dV as it is stored (`_dv_scale`)
     return pt_v, pt * (dpt - delta[None, :])
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM,
-                sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p, SEED,
+def _dv_scale(dropout_p, DROPOUT: tl.constexpr):
+    """dV's dropout scale, applied once to the finished block instead of to every probability."""
+    if DROPOUT:
+        return 1.0 / (1.0 - dropout_p)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP,
+                sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
                 s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
                 s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
                 MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, ONE_TILE: tl.constexpr,
@@ -231,7 +263,6 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM,
     key blocks run unmasked; the last, partial one is peeled off and masked.
     Otherwise, grid (B*H, key blocks + query tiles): the first programs make dK/dV of their key block
     over every query tile, the rest dQ of their query tile over every key block."""
-    seed = _call_seed(SEED, DROPOUT)
     pid_bh = tl.program_id(0)
     pid = tl.program_id(1)
     b = pid_bh // H
@@ -248,12 +279,12 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM,
         full = (Lk // BLOCK_N) * BLOCK_N
         for start_n in range(0, full, BLOCK_N):
             dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, offs_d, md, b, h, pid_bh,
-                                 q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, seed,
+                                 q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
                                  s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, False,
                                  MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         if full < Lk:
             dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, full, offs_m, mm, offs_d, md, b, h, pid_bh,
-                                 q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, seed,
+                                 q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
                                  s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, True,
                                  MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
         _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
@@ -269,12 +300,12 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM,
             mm = offs_m < Lq
             q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
                                            s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
-            pt, dst = _bwd_tile_t(q, do, lse, delta, k, v, start_m, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
-                                  sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
+            pt, dst = _bwd_tile_t(q, do, lse, delta, k, v, offs_m, offs_n, mm, mn, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
+                                  sm_scale, dropout_p, KEEP, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
             dv = dot(pt.to(do.dtype), do, dv, PRECISION)
             dk = dot(dst.to(q.dtype), q, dk, PRECISION)
         _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk * sm_scale)
-        _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv)
+        _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv * _dv_scale(dropout_p, DROPOUT))
     else:  # dQ of query tile pid - key_blocks, over every key block
         offs_m = (pid - key_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
         mm = offs_m < Lq
@@ -286,15 +317,15 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM,
             mn = offs_n < Lk
             k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
             v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-            _, dst = _bwd_tile_t(q, do, lse, delta, k, v, (pid - key_blocks) * BLOCK_M, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
-                                 sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
+            _, dst = _bwd_tile_t(q, do, lse, delta, k, v, offs_m, offs_n, mm, mn, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
+                                 sm_scale, dropout_p, KEEP, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
             dqt = dot(tl.trans(k), dst.to(k.dtype), dqt, PRECISION)
         _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
 
 
 @triton.jit
 def _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, offs_d, md, b, h, pid_bh,
-                   q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, seed,
+                   q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
                    s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, TAIL: tl.constexpr,
                    MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -307,13 +338,13 @@ def _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, of
         mn = tl.full([BLOCK_N], 1, tl.int1)
     k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
     v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-    pt, dst = _bwd_tile_t(q, do, lse, delta, k, v, 0, offs_m, offs_n, mm, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
-                          sm_scale, dropout_p, seed, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
+    pt, dst = _bwd_tile_t(q, do, lse, delta, k, v, offs_m, offs_n, mm, mn, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
+                          sm_scale, dropout_p, KEEP, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
     zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = dot(pt.to(do.dtype), do, zeros, PRECISION)
     dk = dot(dst.to(q.dtype), q, zeros, PRECISION)
     _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk * sm_scale)
-    _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv)
+    _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv * _dv_scale(dropout_p, DROPOUT))
     return dot(tl.trans(k), dst.to(k.dtype), dqt, PRECISION)
 
 
@@ -383,12 +414,17 @@ def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | N
     wide = d >= 32
     if not backward:
         keys = 64 if wide or target.arch >= 90 else 32
-        if dropout:  # the Philox draws per (row, key) spilled on 4 warps: 8, with the full register budget
-            return AttentionConfig(block_m, keys, block_d, 8, 2, precision, register_budget(8))
+        if dropout:  # the Philox draws spilled on 4 warps: 8, which fit 128 registers at 32 rows and head dim
+            # 64 (two blocks an SM; 131-152 without the budget); elsewhere 128 spilled 4-24 bytes (head dims
+            # 16 and 32), and 64-row tiles take 159: the full budget
+            fits = block_m == 32 and d >= 64
+            return AttentionConfig(block_m, keys, block_d, 8, 2, precision, 128 if fits else register_budget(8))
         return AttentionConfig(block_m, keys, block_d, 4, 2, precision)
     # the backward, key-major (keys are every product's rows). sm_90: 64-key blocks make all five
     # products wgmma; 8 warps; at 32 rows without dropout it fits 128 registers without spilling (two
-    # blocks an SM), the dropout draws (207 registers) and 64-row tiles (228) take the full budget.
+    # blocks an SM). With dropout (the stored mask read: 145-179 registers at 32 rows, 235 at 64) 128
+    # spilled 4-32 bytes, and 64-row tiles take 228 without; so both take the full budget. (4 warps:
+    # two blocks an SM at 32 rows, no spill; gpu-tune measures which wins)
     # sm_80 (mma.sync, every operand through registers): the one-program form spilled 96-1000 bytes at
     # every tile tried; rows and keys in separate programs do not, at 32 keys (16 beside 64-row tiles,
     # where 32 spilled 28 bytes at head dim 32)
@@ -471,9 +507,10 @@ def _backward_plan(do, q, k, v, mode, num_queries, q_offset, text_mask, dropout_
 
 def launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int = 1, dropout_p: float = 0.0,
                    seed: torch.Tensor | None = None, store_lse: bool = True):
-    """(o (B, Lq, H, d), lse (B*H, Lq) fp32, or None with store_lse=False: an inference call).
-    text_mask: (B, T) int8 (see `text_mask_arg`); seed: this call's dropout seed, a (1,) int64 tensor on
-    q's device (kernels.dropout_rng), read only with dropout."""
+    """(o (B, Lq, H, d), lse (B*H, Lq) fp32, keep) for the backward; lse and keep are None with
+    store_lse=False (an inference call), keep also without dropout: else the keep mask as bits, (B*H,
+    ceil(Lq / 4), Lk) uint8 (`_store_keep`). text_mask: (B, T) int8 (see `text_mask_arg`); seed: this
+    call's dropout seed, a (1,) int64 tensor on q's device (kernels.dropout_rng), read only with dropout."""
     if splits > 1:
         return _launch_split_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
     key = _plan_key("fwd", q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, (store_lse,))
@@ -483,15 +520,19 @@ def launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int 
     b, lq, h, d = q.shape
     o = torch.empty(b, lq, h, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b * h, lq, dtype=torch.float32, device=q.device) if store_lse else None
+    keep = None
+    if store_lse and dropout_p > 0:
+        keep = torch.empty(b * h, triton.cdiv(lq, 4), k.shape[1], dtype=torch.uint8, device=q.device)
     spare = o if lse is None else lse  # pointers a launch does not read
-    plan.launches[0](q, k, v, o, spare, spare, spare, spare if text_mask is None else text_mask, *plan.scalars,
-                     spare if seed is None else seed, *plan.strides)
-    return o, lse
+    plan.launches[0](q, k, v, o, spare, spare, spare, spare if text_mask is None else text_mask,
+                     spare if keep is None else keep, *plan.scalars, spare if seed is None else seed, *plan.strides)
+    return o, lse, keep
 
 
-def launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p: float = 0.0,
-                    seed: torch.Tensor | None = None):
-    """(dq, dk, dv) from the forward's o and lse; seed: the forward's, so the backward draws its mask again."""
+def launch_backward(do, q, k, v, o, lse, keep, text_mask, mode, num_queries, q_offset, dropout_p: float = 0.0):
+    """(dq, dk, dv) from the forward's o, lse and keep (its dropout mask as bits; None without dropout)."""
+    if (keep is None) != (dropout_p == 0):
+        raise ValueError(f"launch_backward: dropout_p={dropout_p} needs the forward's keep mask exactly when it is > 0")
     do = do if do.stride(-1) == 1 else do.contiguous()
     key = _plan_key("bwd", q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, do.stride())
     plan = _PLANS.get(key)
@@ -502,7 +543,7 @@ def launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset,
     dq, dk, dv = grad_slot(q), grad_slot(k), grad_slot(v)
     if dk.stride() != dv.stride():  # the kernel writes dK and dV with one set of strides
         dk, dv = torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
-    tail = (lse if text_mask is None else text_mask, *plan.scalars, lse if seed is None else seed, *plan.strides)
+    tail = (lse if text_mask is None else text_mask, lse if keep is None else keep, *plan.scalars, *plan.strides)
     plan.launches[0](q, k, v, do, lse, o, dq, dk, dv, *tail, *dq.stride()[:3], *dk.stride()[:3])
     return dq, dk, dv
 
@@ -534,7 +575,7 @@ def _launch_split_forward(q, k, v, mode, num_queries, q_offset, text_mask, split
     l_part = torch.empty_like(m_part)
     t = 0 if text_mask is None else text_mask.shape[1]
     launch(_fwd_kernel, (b * h, m_blocks, splits), q, k, v, acc, m_part, m_part, l_part,
-           m_part if text_mask is None else text_mask, 1.0 / math.sqrt(d), lq, lk, num_queries, q_offset, t, h,
+           m_part if text_mask is None else text_mask, m_part, 1.0 / math.sqrt(d), lq, lk, num_queries, q_offset, t, h,
            per_split, dropout_p, m_part if seed is None else seed, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
            0, 0, 0, SPLIT=True, **meta)
     # combine the splits' softmax states: (B*H, S, Lq) -> (B*H, Lq)
@@ -545,47 +586,51 @@ def _launch_split_forward(q, k, v, mode, num_queries, q_offset, text_mask, split
     out = (torch.exp(m_part - m_safe[:, None])[..., None] * acc).sum(1) / l_tot.clamp(min=1e-30)[..., None]
     o = out.view(b, h, lq, d).transpose(1, 2).contiguous().to(q.dtype)
     lse = m_safe + torch.log(l_tot.clamp(min=1e-30))
-    return o, lse
+    return o, lse, None
 
 
 # Registered as custom ops so torch.compile treats the kernels as opaque, differentiable ops.
 @torch.library.custom_op("blip2rt::qformer_attention_fwd", mutates_args=())
 def attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_mask: torch.Tensor | None,
                          mode: int, num_queries: int, q_offset: int, splits: int, dropout_p: float,
-                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
+                         seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, lse, keep): keep is empty without dropout (an op returns tensors only)."""
+    o, lse, keep = launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
+    return o, lse, q.new_empty(0, dtype=torch.uint8) if keep is None else keep
 
 
 @attention_forward_op.register_fake
 def _(q, k, v, text_mask, mode, num_queries, q_offset, splits, dropout_p, seed):
     b, lq, h, d = q.shape
-    return q.new_empty(b, lq, h, d), q.new_empty(b * h, lq, dtype=torch.float32)
+    keep = (b * h, triton.cdiv(lq, 4), k.shape[1]) if dropout_p > 0 else (0,)
+    return q.new_empty(b, lq, h, d), q.new_empty(b * h, lq, dtype=torch.float32), q.new_empty(keep, dtype=torch.uint8)
 
 
 @torch.library.custom_op("blip2rt::qformer_attention_bwd", mutates_args=())
 def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, text_mask: torch.Tensor | None, mode: int, num_queries: int,
-                          q_offset: int, dropout_p: float,
-                          seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return launch_backward(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p, seed)
+                          lse: torch.Tensor, keep: torch.Tensor, text_mask: torch.Tensor | None, mode: int,
+                          num_queries: int, q_offset: int,
+                          dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_backward(do, q, k, v, o, lse, keep if dropout_p > 0 else None, text_mask, mode, num_queries,
+                           q_offset, dropout_p)
 
 
 @attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, text_mask, mode, num_queries, q_offset, dropout_p, seed):
+def _(do, q, k, v, o, lse, keep, text_mask, mode, num_queries, q_offset, dropout_p):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, text_mask, mode, num_queries, q_offset, _, dropout_p, seed = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, text_mask)
-    ctx.mode, ctx.num_queries, ctx.q_offset, ctx.dropout_p, ctx.seed = mode, num_queries, q_offset, dropout_p, seed
+    q, k, v, text_mask, mode, num_queries, q_offset, _, dropout_p, _ = inputs
+    o, lse, keep = output
+    ctx.save_for_backward(q, k, v, o, lse, keep, text_mask)
+    ctx.mode, ctx.num_queries, ctx.q_offset, ctx.dropout_p = mode, num_queries, q_offset, dropout_p
 
 
-def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, text_mask = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset,
-                                       ctx.dropout_p, ctx.seed)
+def _backward(ctx, do, _dlse, _dkeep):
+    q, k, v, o, lse, keep, text_mask = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, keep, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset,
+                                       ctx.dropout_p)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -598,16 +643,16 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, text_mask, mode, num_queries, q_offset, splits, dropout_p, seed):
-        o, lse = launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse, text_mask)
-        ctx.mode, ctx.num_queries, ctx.q_offset, ctx.dropout_p, ctx.seed = mode, num_queries, q_offset, dropout_p, seed
+        o, lse, keep = launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, keep, text_mask)
+        ctx.mode, ctx.num_queries, ctx.q_offset, ctx.dropout_p = mode, num_queries, q_offset, dropout_p
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, text_mask = ctx.saved_tensors
-        dq, dk, dv = launch_backward(do, q, k, v, o, lse, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset,
-                                      ctx.dropout_p, ctx.seed)
+        q, k, v, o, lse, keep, text_mask = ctx.saved_tensors
+        dq, dk, dv = launch_backward(do, q, k, v, o, lse, keep, text_mask, ctx.mode, ctx.num_queries, ctx.q_offset,
+                                     ctx.dropout_p)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -656,7 +701,7 @@ def _keep_mask_kernel(OUT, Lq, Lk, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK
     pid_bh = tl.program_id(0)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep_rows(seed, dropout_p, pid_bh, tl.program_id(1) * BLOCK_M, offs_n, Lq, Lk, BLOCK_M, BLOCK_N)
+    keep = _keep_rows(seed, dropout_p, pid_bh, tl.program_id(1) * BLOCK_M, offs_n, Lq, Lk, BLOCK_M, BLOCK_N)[0]
     out = (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
     tl.store(OUT + out, keep.to(tl.int8), mask=(offs_m < Lq)[:, None] & (offs_n < Lk)[None, :])
 
@@ -664,7 +709,8 @@ def _keep_mask_kernel(OUT, Lq, Lk, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK
 def attention_keep_mask(batch: int, heads: int, lq: int, lk: int, dropout_p: float, seed: int | torch.Tensor,
                         device) -> torch.Tensor:
     """The keep mask the kernels draw for (dropout_p, seed): bool (B, H, Lq, Lk), rows being this call's
-    query rows and columns its keys. For tests and debugging (the kernels never store it)."""
+    query rows and columns its keys. For tests and debugging (a training forward stores it packed:
+    `_store_keep`)."""
     out = torch.empty(batch * heads, lq, lk, dtype=torch.int8, device=device)
     block_n = min(512, triton.next_power_of_2(lk))
     launch(_keep_mask_kernel, (batch * heads, triton.cdiv(lq, 16), triton.cdiv(lk, block_n)), out, lq, lk, dropout_p,

@@ -28,8 +28,21 @@ def uniform4_cols(seed, counters):
 
 
 @triton.jit
+def uniform4(seed, counters):
+    """(R, C) counters -> the four outputs of each, as four (R, C) tiles of uniforms in [0, 1)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, counters, ROUNDS)
+    return uint_to_uniform_float(r0), uint_to_uniform_float(r1), uint_to_uniform_float(r2), uint_to_uniform_float(r3)
+
+
+@triton.jit
+def spread_rows(t0, t1, t2, t3, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Four (ROWS / 4, COLS) tiles -> one (ROWS, COLS) tile whose row 4j + i is row j of t_i."""
+    quad = tl.join(tl.join(t0, t1), tl.join(t2, t3))  # (ROWS / 4, COLS, 2, 2): [j, c, x, y] = t_(2y + x)
+    return tl.reshape(tl.permute(quad, (0, 3, 2, 1)), (ROWS, COLS))
+
+
+@triton.jit
 def uniform4_rows(seed, counters, ROWS: tl.constexpr, COLS: tl.constexpr):
     """(ROWS / 4, COLS) counters -> (ROWS, COLS) uniforms in [0, 1): row 4j + i is output i of counters[j]."""
-    r0, r1, r2, r3 = tl.randint4x(seed, counters, ROUNDS)
-    quad = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (ROWS / 4, COLS, 2, 2): [j, c, x, y] = output 2y + x
-    return uint_to_uniform_float(tl.reshape(tl.permute(quad, (0, 3, 2, 1)), (ROWS, COLS)))
+    u0, u1, u2, u3 = uniform4(seed, counters)
+    return spread_rows(u0, u1, u2, u3, ROWS, COLS)

@@ -1,6 +1,6 @@
 """Attention dropout inside the fused attention (Triton's interpreter): the kernel's mask, drawn from a
-seed and never stored, gives the reference's forward and grads under that same mask (materialised by
-`attention_keep_mask`); its keep fraction is 1 - p; one seed, one mask."""
+seed by the forward and kept as bits for the backward, gives the reference's forward and grads under
+that same mask (materialised by `attention_keep_mask`); its keep fraction is 1 - p; one seed, one mask."""
 
 import pytest
 import torch
@@ -83,6 +83,39 @@ def test_itg_rows_behind_a_cached_query_past_under_the_kernels_mask():
         b, t, nq + t, torch.float32, p, seed, qformer_allowed(mode.value, nq, text, t, nq + t))
 
 
+def unpack_keep(bits: torch.Tensor, b: int, lq: int) -> torch.Tensor:
+    """The forward's stored mask, (B*H, ceil(Lq / 4), Lk) uint8 with row 4j + i in bit i of byte j,
+    as bool (B, H, Lq, Lk)."""
+    planes = torch.stack([(bits >> i) & 1 for i in range(4)], dim=2)  # (B*H, groups, 4, Lk)
+    return planes.flatten(1, 2)[:, :lq].bool().view(b, H, lq, bits.shape[-1])
+
+
+@pytest.mark.parametrize("lq", [9, 40], ids=["partial byte", "several query tiles"])
+def test_the_forward_stores_its_mask_and_the_backward_reads_that_one(lq):
+    """The stored bits are the drawn mask (bit for bit); the backward draws nothing itself: given other
+    bits, its grads are the reference's under those bits, not under the seed's mask."""
+    from blip2rt.kernels.fused_attention import launch_backward, launch_forward
+
+    b, lk, p, seed = 2, 37, 0.3, 8
+    q, k, v = leaves(b, lq, lk, torch.float32, 3)
+    o, lse, bits = launch_forward(q, k, v, 0, 0, 0, None, dropout_p=p, seed=dropout_rng.fixed(seed, "cpu"))
+    assert bits.dtype == torch.uint8 and bits.shape == (b * H, -(-lq // 4), lk)
+    drawn = attention_keep_mask(b, H, lq, lk, p, seed, "cpu")
+    assert torch.equal(unpack_keep(bits, b, lq), drawn)
+    other = torch.randint(0, 16, bits.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    mask = unpack_keep(other, b, lq)
+    assert not torch.equal(mask, drawn)
+    g = torch.randn(b, lq, H, D, generator=torch.Generator().manual_seed(6))
+    got = launch_backward(g, q, k, v, o, lse, other, None, 0, 0, 0, p)
+    # the reference's grads with this mask, at the forward's own output and log-sum-exp: the backward's
+    # inputs are (o, lse) of the drawn mask, so its dV is P-dropped-by-`other` times g, and so on
+    _, want = grads(lambda *t: transposed(lambda q, k, v, m: cross_attention_reference(q, k, v, p, keep_mask=m))(
+        *t, mask), [q, k, v], g)
+    torch.testing.assert_close(got[2], want[2], atol=1e-5, rtol=1e-5)  # dV: P and the mask only
+    with pytest.raises(ValueError, match="keep mask"):
+        launch_backward(g, q, k, v, o, lse, None, None, 0, 0, 0, p)
+
+
 def test_p_zero_is_the_output_without_dropout():
     q, k, v = leaves(2, 20, 37, torch.float32, 0)
     plain = fused_attention(q, k, v)
@@ -152,7 +185,7 @@ def test_a_stage1_training_step_runs_the_fused_attention_with_the_papers_dropout
     # every other layer for the image pass and ITM
     layers = m.config.qformer_config.num_hidden_layers
     assert len(forwards) == 4 * layers + 2 * len(m.qformer.cross_layers())
-    assert all(one.kwargs["DROPOUT"] and one.args[16] == 0.1 for one in forwards)
+    assert all(one.kwargs["DROPOUT"] and one.args[17] == 0.1 for one in forwards)
     assert {one.name for one in attention} >= {"fused_attention._bwd_kernel"}
     assert all(one.kwargs["DROPOUT"] for one in attention)
     assert all(p.grad is not None for p in m.qformer.parameters() if p.requires_grad)

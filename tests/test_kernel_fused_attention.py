@@ -100,8 +100,8 @@ def test_queries_only_and_text_only_passes():
 @pytest.mark.parametrize("splits", [2, 3, 7])
 def test_split_kv_forward_equals_one_pass(splits):
     q, k, v = (t.detach() for t in qkv(1, 32, 257, torch.float32))
-    whole, lse = launch_forward(q, k, v, 0, 0, 0, None, splits=1)
-    split, lse_split = launch_forward(q, k, v, 0, 0, 0, None, splits=splits)
+    whole, lse, _ = launch_forward(q, k, v, 0, 0, 0, None, splits=1)
+    split, lse_split, _ = launch_forward(q, k, v, 0, 0, 0, None, splits=splits)
     torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse_split, lse, atol=1e-5, rtol=1e-5)
 
@@ -162,8 +162,8 @@ def test_offsets_past_two_to_the_31_elements(lq):
         t.copy_(torch.randn(t.shape, generator=g))
     q = torch.randn(3, lq, H, D, generator=g).half()
     do = torch.randn(3, lq, H, D, generator=g).half()
-    o, lse = launch_forward(q, k, v, 0, 0, 0, None)
-    dq, dk, dv = launch_backward(do, q, k, v, o, lse, None, 0, 0, 0)
+    o, lse, keep = launch_forward(q, k, v, 0, 0, 0, None)
+    dq, dk, dv = launch_backward(do, q, k, v, o, lse, keep, None, 0, 0, 0)
     leaves = [t.detach().double().requires_grad_() for t in (q, k.contiguous(), v.contiguous())]
     ref = kernels.qformer_cross_attention(*leaves, backend="torch")
     grads = torch.autograd.grad(ref, leaves, do.double())
@@ -223,8 +223,8 @@ def test_backward_grid_is_one_program_per_batch_and_head_only_when_that_fills_th
     def backward(batch):
         q, k, v = (torch.empty(batch, n, 12, 64, dtype=torch.bfloat16, device="meta") for n in (32, 257, 257))
         with launch.plan_for(launch.H100) as launches:
-            o, lse = launch_forward(q, k, v, 0, 0, 0, None)
-            launch_backward(torch.empty_like(o), q, k, v, o, lse, None, 0, 0, 0)
+            o, lse, keep = launch_forward(q, k, v, 0, 0, 0, None)
+            launch_backward(torch.empty_like(o), q, k, v, o, lse, keep, None, 0, 0, 0)
         return next(one for one in launches if one.name == "fused_attention._bwd_kernel")
 
     big, small = backward(128), backward(1)

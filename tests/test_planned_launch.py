@@ -31,8 +31,8 @@ def _planned_launches() -> list[launch.Launch]:
                                     (32, k, fa.MODE_NONE, 0, None)):
             qq = torch.empty(2, lq, 12, 64, dtype=torch.bfloat16, **meta)
             off = kk.shape[1] - lq if mode != fa.MODE_NONE else 0
-            o, lse = fa.launch_forward(qq, kk, kk, mode, nq, off, t, 1, 0.1, seed)
-            fa.launch_backward(torch.empty_like(o), qq, kk, kk, o, lse, t, mode, nq, off, 0.1, seed)
+            o, lse, keep = fa.launch_forward(qq, kk, kk, mode, nq, off, t, 1, 0.1, seed)
+            fa.launch_backward(torch.empty_like(o), qq, kk, kk, o, lse, keep, t, mode, nq, off, 0.1)
         fa.launch_forward(q, k, k, fa.MODE_NONE, 0, 0, None, store_lse=False)
         h = torch.empty(64, 768, dtype=torch.bfloat16, **meta)
         w = torch.empty(768, dtype=torch.float32, **meta)
