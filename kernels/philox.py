@@ -8,9 +8,8 @@ neighbouring draws, and one mask per seed (tests/test_kernel_attention_dropout.p
 tests/test_kernel_post_ln_residual.py).
 
 A counter c gives outputs 0..3; which element each lands on is the caller's layout: `uniform4_cols`
-puts output i of counter j at column 4j + i, `uniform4_rows` at row 4j + i. A caller whose tiles
-come in both layouts (attention: query-major forward, key-major backward) picks its counters so that
-both give each element the same draw.
+puts output i of counter j at column 4j + i; `uniform4` gives the four outputs as tiles of their own,
+which `spread_rows` lays at rows 4j + i (the attention, which also packs them into its stored mask).
 """
 
 import triton
@@ -39,10 +38,3 @@ def spread_rows(t0, t1, t2, t3, ROWS: tl.constexpr, COLS: tl.constexpr):
     """Four (ROWS / 4, COLS) tiles -> one (ROWS, COLS) tile whose row 4j + i is row j of t_i."""
     quad = tl.join(tl.join(t0, t1), tl.join(t2, t3))  # (ROWS / 4, COLS, 2, 2): [j, c, x, y] = t_(2y + x)
     return tl.reshape(tl.permute(quad, (0, 3, 2, 1)), (ROWS, COLS))
-
-
-@triton.jit
-def uniform4_rows(seed, counters, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """(ROWS / 4, COLS) counters -> (ROWS, COLS) uniforms in [0, 1): row 4j + i is output i of counters[j]."""
-    u0, u1, u2, u3 = uniform4(seed, counters)
-    return spread_rows(u0, u1, u2, u3, ROWS, COLS)
