@@ -123,6 +123,9 @@ def _attention_case(name: str, backward: bool, lq: int, lk: int, mode: int, num_
     if backward:  # keys are the rows of every product: 64 or 128 keep them wgmma on sm_90
         candidates = [dict(block_m=lq, block_n=n, block_d=HEAD_DIM, warps=w, stages=s, maxnreg=r)
                       for n, w, s, r in itertools.product((64, 128), (4, 8), (1, 2, 3), (None, 128))]
+        # and a persistent grid (1 or 2 programs an SM walking the pairs) at the launcher's own tiles
+        candidates += [dict(block_m=lq, block_n=64, block_d=HEAD_DIM, warps=w, stages=2, maxnreg=r, persistent=p)
+                       for w, r, p in itertools.product((4, 8), (None, 128), (1, 2))]
     else:
         candidates = [dict(block_m=lq, block_n=n, block_d=HEAD_DIM, warps=w, stages=s)
                       for n, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]

@@ -247,20 +247,21 @@ def _dv_scale(dropout_p, DROPOUT: tl.constexpr):
         return 1.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BH"])  # read only by a persistent grid: one compile for any batch
 def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP,
-                sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
+                sm_scale, Lq, Lk, NQ, q_offset, T, H, BH, dropout_p,
                 s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
                 s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
                 MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, ONE_TILE: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HEAD_DIM: tl.constexpr):
+                PERSISTENT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """dQ, dK and dV, key-major (keys are the rows of every product).
 
     ONE_TILE (every query row in one tile: the Q-Former's 32 queries, or 32 queries + 32 text): one
     program per (batch, head) reads q, dO and O once, walks the key blocks, and writes each block's dK
     and dV as it finishes it, accumulating dQ^T = K^T dS^T, so no atomics and K/V read once. The full
-    key blocks run unmasked; the last, partial one is peeled off and masked.
+    key blocks run unmasked; the last, partial one is peeled off and masked. PERSISTENT: a grid of a few
+    programs an SM, each walking the (batch, head) pairs pid, pid + grid, ... of the BH.
     Otherwise, grid (B*H, key blocks + query tiles): the first programs make dK/dV of their key block
     over every query tile, the rest dQ of their query tile over every key block."""
     pid_bh = tl.program_id(0)
@@ -271,23 +272,20 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP,
     md = offs_d < HEAD_DIM
     key_blocks = tl.cdiv(Lk, BLOCK_N)
     if ONE_TILE:
-        offs_m = tl.arange(0, BLOCK_M)
-        mm = offs_m < Lq
-        q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
-                                       s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
-        dqt = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
-        full = (Lk // BLOCK_N) * BLOCK_N
-        for start_n in range(0, full, BLOCK_N):
-            dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, offs_d, md, b, h, pid_bh,
-                                 q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
-                                 s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, False,
-                                 MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        if full < Lk:
-            dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, full, offs_m, mm, offs_d, md, b, h, pid_bh,
-                                 q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
-                                 s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, True,
-                                 MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-        _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
+        if PERSISTENT:
+            programs = tl.num_programs(0)
+            for i in range(0, tl.cdiv(BH - pid_bh, programs)):  # pairs pid_bh, pid_bh + programs, ...
+                _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh + i * programs, offs_d, md,
+                               sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
+                               s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om,
+                               s_oh, s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
+                               MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        else:
+            _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md,
+                           sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
+                           s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om,
+                           s_oh, s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
+                           MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     elif pid < key_blocks:  # dK and dV of key block pid, over every query tile
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = offs_n < Lk
@@ -321,6 +319,35 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP,
                                  sm_scale, dropout_p, KEEP, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
             dqt = dot(tl.trans(k), dst.to(k.dtype), dqt, PRECISION)
         _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
+
+
+@triton.jit
+def _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md,
+                   sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
+                   s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
+                   s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
+                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The one-tile backward of (batch, head) pair pid_bh: dQ, and dK and dV of every key block."""
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    mm = offs_m < Lq
+    q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+                                   s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
+    dqt = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+    full = (Lk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full, BLOCK_N):
+        dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, offs_d, md, b, h, pid_bh,
+                             q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
+                             s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, False,
+                             MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    if full < Lk:
+        dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, full, offs_m, mm, offs_d, md, b, h, pid_bh,
+                             q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
+                             s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, True,
+                             MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
 
 
 @triton.jit
@@ -367,6 +394,7 @@ class AttentionConfig:
     precision: str  # tile_ops.dot_precision
     maxnreg: int | None = None  # launch.register_budget where ptxas would otherwise spill
     one_tile: bool = True  # backward: one program per (batch, head) when every row fits one tile
+    persistent: int = 0  # one-tile backward: this many programs an SM walk the (batch, head) pairs; 0: one each
 
     def meta(self, head_dim: int) -> dict:
         extra = {} if self.maxnreg is None else dict(maxnreg=self.maxnreg)
@@ -495,13 +523,19 @@ def _backward_plan(do, q, k, v, mode, num_queries, q_offset, text_mask, dropout_
     # for the price of computing the scores twice
     target = gpu_target(q.device)
     one_tile = lq <= cfg.block_m and cfg.one_tile and (target is None or b * h >= target.sm_count)
+    # persistent (a tuned choice): a few programs an SM walk the pairs, where there are more pairs than that
+    sms = 1 if target is None else target.sm_count  # the interpreter: `persistent` programs in all
+    persistent = one_tile and 0 < cfg.persistent * sms < b * h
     meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, ONE_TILE=one_tile,
-                **cfg.meta(d))
-    programs = 1 if one_tile else triton.cdiv(lk, cfg.block_n) + triton.cdiv(lq, cfg.block_m)
-    launches = (Planned(_bwd_kernel, (b * h, programs), meta),)
+                PERSISTENT=persistent, **cfg.meta(d))
+    if one_tile:
+        grid = (cfg.persistent * sms if persistent else b * h, 1)
+    else:
+        grid = (b * h, triton.cdiv(lk, cfg.block_n) + triton.cdiv(lq, cfg.block_m))
+    launches = (Planned(_bwd_kernel, grid, meta),)
     t = 0 if text_mask is None else text_mask.shape[1]
     o_strides = (lq * h * d, h * d, d)  # the forward's output, as launch_forward allocates it
-    return LaunchPlan(launches, (1.0 / math.sqrt(d), lq, lk, num_queries, q_offset, t, h, dropout_p),
+    return LaunchPlan(launches, (1.0 / math.sqrt(d), lq, lk, num_queries, q_offset, t, h, b * h, dropout_p),
                       (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o_strides))
 
 

@@ -214,19 +214,73 @@ def test_inference_splits_keys_only_past_512(dtype):
     assert fa.forward_splits(cpu_q, cpu_k, needs_grad=False) == 1  # the interpreter
 
 
-def test_backward_grid_is_one_program_per_batch_and_head_only_when_that_fills_the_gpu():
-    """Planned for an H100 (132 SMs) on meta tensors: 12 heads x B = 128 fill it, one program each; at B = 1
-    the 12 would leave 120 SMs idle, so keys and rows get programs of their own (5 key blocks + 1 row tile)."""
+def planned_backward(batch: int):
+    """The attention backward's launch for cross-attention at the paper's sizes and `batch`, planned for an
+    H100 on meta tensors."""
     from blip2rt.kernels import launch
     from blip2rt.kernels.fused_attention import launch_backward
 
-    def backward(batch):
-        q, k, v = (torch.empty(batch, n, 12, 64, dtype=torch.bfloat16, device="meta") for n in (32, 257, 257))
-        with launch.plan_for(launch.H100) as launches:
-            o, lse, keep = launch_forward(q, k, v, 0, 0, 0, None)
-            launch_backward(torch.empty_like(o), q, k, v, o, lse, keep, None, 0, 0, 0)
-        return next(one for one in launches if one.name == "fused_attention._bwd_kernel")
+    q, k, v = (torch.empty(batch, n, 12, 64, dtype=torch.bfloat16, device="meta") for n in (32, 257, 257))
+    with launch.plan_for(launch.H100) as launches:
+        o, lse, keep = launch_forward(q, k, v, 0, 0, 0, None)
+        launch_backward(torch.empty_like(o), q, k, v, o, lse, keep, None, 0, 0, 0)
+    return next(one for one in launches if one.name == "fused_attention._bwd_kernel")
 
-    big, small = backward(128), backward(1)
+
+def test_backward_grid_is_one_program_per_batch_and_head_only_when_that_fills_the_gpu():
+    """Planned for an H100 (132 SMs) on meta tensors: 12 heads x B = 128 fill it, one program each; at B = 1
+    the 12 would leave 120 SMs idle, so keys and rows get programs of their own (5 key blocks + 1 row tile)."""
+    big, small = planned_backward(128), planned_backward(1)
     assert big.kwargs["ONE_TILE"] and big.grid == (128 * 12, 1, 1)
     assert not small.kwargs["ONE_TILE"] and small.grid == (12, 5 + 1, 1)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["plain", "dropout"])
+@pytest.mark.parametrize("programs", [2, 4], ids=["pairs divide evenly", "unevenly"])
+def test_persistent_backward_walks_every_pair_as_one_program_each_would(programs, dropout_p, monkeypatch):
+    """A persistent backward (a tuned choice: `persistent` programs an SM, here the interpreter's `persistent`
+    programs in all) walks the 3 x 2 (batch, head) pairs: its grads are the one-program-per-pair grads bit for
+    bit (the arithmetic of each pair is the same), which the tests above hold to float64. 70 keys: two full
+    key blocks and a peeled tail."""
+    from blip2rt.kernels import fused_attention as fa
+    from blip2rt.kernels import launch
+
+    q, k, v = qkv(3, 9, 70, torch.float32, seed=5)
+    g = torch.randn(3, 9, H, D, generator=torch.Generator().manual_seed(6))
+
+    def grads():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with launch.record() as launches:
+            out = fa.fused_attention(*leaves, dropout_p=dropout_p, seed=11)
+            got = torch.autograd.grad(out, leaves, g)
+        return got, next(one for one in launches if one.name == "fused_attention._bwd_kernel")
+
+    launch.forget_plans()
+    separate, one_each = grads()
+    original = fa.attention_config
+    monkeypatch.setattr(fa, "attention_config", lambda *a, **kw: fa.AttentionConfig(
+        **{**original(*a, **kw).__dict__, "persistent": programs}))
+    launch.forget_plans()
+    walked, persistent = grads()
+    launch.forget_plans()
+    assert one_each.grid[:2] == (6, 1) and not one_each.kwargs["PERSISTENT"]
+    assert persistent.grid[:2] == (programs, 1) and persistent.kwargs["PERSISTENT"]
+    for a, b in zip(walked, separate):
+        assert torch.equal(a, b)
+
+
+def test_a_persistent_backward_only_where_the_pairs_outnumber_its_programs(monkeypatch):
+    """Planned for an H100 (132 SMs) with 2 programs an SM: 264 programs walk B = 128's 1536 pairs; B = 16's
+    192 pairs keep a program each (fewer than the 264 programs)."""
+    from blip2rt.kernels import fused_attention as fa
+    from blip2rt.kernels import launch
+
+    original = fa.attention_config
+    monkeypatch.setattr(fa, "attention_config", lambda *a, **kw: fa.AttentionConfig(
+        **{**original(*a, **kw).__dict__, "persistent": 2}))
+    try:
+        big, small = planned_backward(128), planned_backward(16)
+    finally:
+        launch.forget_plans()
+    assert big.kwargs["PERSISTENT"] and big.grid == (2 * 132, 1, 1)
+    assert not small.kwargs["PERSISTENT"] and small.grid == (16 * 12, 1, 1)
