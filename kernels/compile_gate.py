@@ -211,6 +211,11 @@ def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], No
     if s.name == "paper":  # training without dropout (eval-mode grads, a dropout-free config): the paper's shapes
         out += [(f"{op}, no dropout", attention(*qkv, mode, n, text=txt, dropout=0.0))
                 for op, qkv, mode, n, txt in training]
+        # K/V rows off 16-byte steps: the backward's pointer launch, which a call that cannot take tensor
+        # descriptors falls back to
+        odd = tuple(_meta(b, s.image_tokens, h, hd + 4, dtype=dtype)[..., :hd] for _ in range(2))
+        out += [("cross-attention, K/V off 16-byte steps", attention(heads_view(b, nq), *odd)),
+                ("cross-attention, K/V off 16-byte steps, no dropout", attention(heads_view(b, nq), *odd, dropout=0.0))]
     out += [
         ("cross-attention, B=1 inference", attention(heads_view(1, nq), *image_kv(1), grad=False)),
         # a batch whose (batch, head) programs are under one wave: the backward in separate key and row programs
@@ -324,6 +329,7 @@ class CompileResult:
     mma: str = ""  # wgmma | mma | fma (a dot on the FMA units) | "" (no dot)
     v4_loads: int = 0  # 128-bit global loads / stores in the PTX
     v4_stores: int = 0
+    tma: int = 0  # tensor-memory (cp.async.bulk.tensor) copies in the PTX
     seconds: float = 0.0
 
 
@@ -358,7 +364,8 @@ def compile_request(req: CompileRequest) -> CompileResult:
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma" if dots else ""
     return CompileResult(req, shared=compiled.metadata.shared, registers=regs, spill_stores=stores, spill_loads=loads,
                          dots=dots, wgmma_dots=wgmma, mma=mma, v4_loads=len(re.findall(r"ld\.global[\w.]*\.v4", ptx)),
-                         v4_stores=len(re.findall(r"st\.global[\w.]*\.v4", ptx)), seconds=time.perf_counter() - start)
+                         v4_stores=len(re.findall(r"st\.global[\w.]*\.v4", ptx)),
+                         tma=len(re.findall(r"cp\.async\.bulk\.tensor", ptx)), seconds=time.perf_counter() - start)
 
 
 def _ptxas_report(ptx: str, arch: int, triton_log: str = "") -> tuple[int, int, int]:
@@ -503,6 +510,9 @@ def failures(rows: list[Row]) -> list[str]:
         if row.ctas_per_sm < floor:
             out.append(f"{where}: {row.ctas_per_sm} blocks per SM ({r.registers} registers, {r.shared} B shared, "
                        f"{_warps(req)} warps), want at least {floor}")
+        if req.meta.get("TMA") and req.arch >= 90 and r.tma < 4:  # K and V in, dK and dV out
+            out.append(f"{where}: {r.tma} tensor-memory copies in the PTX, want K's and V's loads and "
+                       f"dK's and dV's stores (4 or more): the descriptors were lowered to pointers")
         per_pass = _vector_ops_per_block(req) if req.kernel == "_ce_rows_kernel" else 0
         if per_pass:  # (a block too small for one 128-bit access per thread has nothing to check)
             if r.v4_loads < 2 * per_pass or r.v4_stores < 2 * per_pass:

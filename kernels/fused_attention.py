@@ -14,9 +14,12 @@ the output projection reads. The last dimension must be contiguous.
 
 Grid: (B*H, query tiles, key splits): B*H on axis x, whose limit (2^31 - 1) no batch reaches.
 
-Backward: when all rows fit one tile (Lq <= BLOCK_M: the 32 queries, or 32 queries + 32 text),
-one program per (batch, head) makes dQ, dK and dV in one pass over the keys, reading K/V once
-and needing no atomics. Longer rows use two kernels (dK/dV per key block, dQ per query tile).
+Backward, key-major: when all rows fit one tile (Lq <= BLOCK_M: the 32 queries, or 32 queries + 32
+text) and B*H fills the GPU, one program per (batch, head) (or, where gpu-tune chose it, a persistent
+grid walking them) makes dQ, dK and dV in one pass over the keys, reading K/V once and needing no
+atomics. On sm_90 it moves K, V, dK and dV through tensor descriptors made once per (batch, head),
+where the pointers and strides are on 16-byte steps (`tma_ready`; else pointer tiles). Longer rows,
+and a small batch, get programs of their own for each key block (dK/dV) and query tile (dQ).
 
 Split-KV: for inference at small B*H (B = 1 is 12 programs) over more than 512 keys, the keys
 are split across programs and the partial softmax states combined, so the GPU fills.
@@ -45,7 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -54,7 +57,7 @@ import triton.language as tl
 from . import dropout_rng, tuned
 from .packed_grads import grad_slot
 from .philox import spread_rows, uniform4
-from .launch import GpuTarget, Planned, gpu_target, launch, plan_cache, register_budget
+from .launch import GpuTarget, Planned, ensure_scratch_allocator, gpu_target, launch, plan_cache, register_budget
 from .qformer_attention import MODE_BIDIRECTIONAL, MODE_CAUSAL, MODE_NONE, MODE_UNIMODAL, AttentionMode, kernel_mode_id
 from .tile_ops import dot, dot_precision
 
@@ -131,6 +134,16 @@ def _load_tile(PTR, b, offs, h, s_b, s_n, s_h, offs_d, rows_ok, d_ok):
     """(len(offs), BLOCK_D) tile of head h of sample b from a (B, L, H, d) strided tensor; 0 outside."""
     return tl.load(PTR + b.to(tl.int64) * s_b + offs[:, None] * s_n + h * s_h + offs_d[None, :],
                    mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _head_descriptor(PTR, b, h, s_b, s_n, s_h, L, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """Head h of sample b of a (B, L, H, d) strided tensor as an (L, d) tensor descriptor read and written
+    in (BLOCK_N, BLOCK_D) blocks: rows past L and columns past d read as 0 and are not written. Needs
+    PTR + b * s_b + h * s_h on a 16-byte boundary and s_n a multiple of 16 bytes (`tma_ready`)."""
+    return tl.make_tensor_descriptor(PTR + b.to(tl.int64) * s_b + h * s_h, shape=[L, HEAD_DIM], strides=[s_n, 1],
+                                     block_shape=[BLOCK_N, BLOCK_D])
 
 
 @triton.jit
@@ -253,15 +266,17 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP,
                 s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
                 s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
                 MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, ONE_TILE: tl.constexpr,
-                PERSISTENT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+                PERSISTENT: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """dQ, dK and dV, key-major (keys are the rows of every product).
 
     ONE_TILE (every query row in one tile: the Q-Former's 32 queries, or 32 queries + 32 text): one
     program per (batch, head) reads q, dO and O once, walks the key blocks, and writes each block's dK
     and dV as it finishes it, accumulating dQ^T = K^T dS^T, so no atomics and K/V read once. The full
     key blocks run unmasked; the last, partial one is peeled off and masked. PERSISTENT: a grid of a few
-    programs an SM, each walking the (batch, head) pairs pid, pid + grid, ... of the BH.
+    programs an SM, each walking the (batch, head) pairs pid, pid + grid, ... of the BH. TMA (Hopper):
+    K and V come in, and dK and dV go out, through tensor descriptors made once per pair, so no address
+    or bound is computed per element (the tensor-memory unit zero-fills and clips at the key bound).
     Otherwise, grid (B*H, key blocks + query tiles): the first programs make dK/dV of their key block
     over every query tile, the rest dQ of their query tile over every key block."""
     pid_bh = tl.program_id(0)
@@ -279,13 +294,13 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP,
                                sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
                                s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om,
                                s_oh, s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
-                               MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                               MODE, HAS_TEXT_MASK, DROPOUT, TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
         else:
             _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md,
                            sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
                            s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om,
                            s_oh, s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
-                           MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                           MODE, HAS_TEXT_MASK, DROPOUT, TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
     elif pid < key_blocks:  # dK and dV of key block pid, over every query tile
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = offs_n < Lk
@@ -326,11 +341,17 @@ def _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md
                    sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
                    s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
                    s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
-                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
     """The one-tile backward of (batch, head) pair pid_bh: dQ, and dK and dV of every key block."""
     b = pid_bh // H
     h = pid_bh % H
+    if TMA:  # this pair's (Lk, d) slices of K, V, dK and dV as tensor descriptors
+        K = _head_descriptor(K, b, h, s_kb, s_kn, s_kh, Lk, HEAD_DIM, BLOCK_N, BLOCK_D)
+        V = _head_descriptor(V, b, h, s_vb, s_vn, s_vh, Lk, HEAD_DIM, BLOCK_N, BLOCK_D)
+        DK = _head_descriptor(DK, b, h, s_gb, s_gn, s_gh, Lk, HEAD_DIM, BLOCK_N, BLOCK_D)
+        DV = _head_descriptor(DV, b, h, s_gb, s_gn, s_gh, Lk, HEAD_DIM, BLOCK_N, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
     mm = offs_m < Lq
     q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
@@ -341,12 +362,12 @@ def _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md
         dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, offs_d, md, b, h, pid_bh,
                              q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
                              s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, False,
-                             MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                             MODE, HAS_TEXT_MASK, DROPOUT, TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     if full < Lk:
         dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, full, offs_m, mm, offs_d, md, b, h, pid_bh,
                              q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
                              s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, True,
-                             MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                             MODE, HAS_TEXT_MASK, DROPOUT, TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
     _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
 
 
@@ -354,24 +375,34 @@ def _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md
 def _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, offs_d, md, b, h, pid_bh,
                    q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
                    s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, TAIL: tl.constexpr,
-                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One key block of the one-tile backward: writes its dK and dV, returns dQ^T with its part added.
-    A full block (TAIL False) loads and stores without a key bound."""
+    A full block (TAIL False) loads and stores without a key bound. TMA: K, V, DK and DV are the pair's
+    tensor descriptors (`_head_descriptor`)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if TAIL:
         mn = offs_n < Lk
     else:  # every key in range: no bound to test
         mn = tl.full([BLOCK_N], 1, tl.int1)
-    k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
-    v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
+    if TMA:
+        k = K.load([start_n, 0])
+        v = V.load([start_n, 0])
+    else:
+        k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
+        v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
     pt, dst = _bwd_tile_t(q, do, lse, delta, k, v, offs_m, offs_n, mm, mn, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
                           sm_scale, dropout_p, KEEP, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
     zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = dot(pt.to(do.dtype), do, zeros, PRECISION)
-    dk = dot(dst.to(q.dtype), q, zeros, PRECISION)
-    _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk * sm_scale)
-    _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv * _dv_scale(dropout_p, DROPOUT))
+    dk = dot(dst.to(q.dtype), q, zeros, PRECISION) * sm_scale
+    dv = dv * _dv_scale(dropout_p, DROPOUT)
+    if TMA:
+        DK.store([start_n, 0], dk.to(k.dtype))
+        DV.store([start_n, 0], dv.to(k.dtype))
+    else:
+        _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk)
+        _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv)
     return dot(tl.trans(k), dst.to(k.dtype), dqt, PRECISION)
 
 
@@ -395,6 +426,7 @@ class AttentionConfig:
     maxnreg: int | None = None  # launch.register_budget where ptxas would otherwise spill
     one_tile: bool = True  # backward: one program per (batch, head) when every row fits one tile
     persistent: int = 0  # one-tile backward: this many programs an SM walk the (batch, head) pairs; 0: one each
+    tma: bool = True  # one-tile backward on sm_90: K, V and their grads through tensor descriptors where aligned
 
     def meta(self, head_dim: int) -> dict:
         extra = {} if self.maxnreg is None else dict(maxnreg=self.maxnreg)
@@ -403,10 +435,12 @@ class AttentionConfig:
 
 
 def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, backward: bool = False,
-                     dropout: bool = False, causal: bool = False) -> AttentionConfig:
+                     dropout: bool = False, causal: bool = False, descriptors: bool = False) -> AttentionConfig:
     """Tiles for Lq rows of head dim d on the target GPU (worked out once per shape and GPU); causal:
-    the multimodal-causal mask (ITG), whose backward needs a few more registers. A configuration that
-    gpu-tune measured fastest on this architecture (kernels.tuned) comes first."""
+    the multimodal-causal mask (ITG), whose backward needs a few more registers; descriptors: the
+    backward that moves K and V through tensor descriptors (fewer registers than pointer tiles). A
+    configuration that gpu-tune measured fastest on this architecture (kernels.tuned) comes first: it
+    was timed on the descriptor backward, and a pointer fallback keeps its tiles."""
     target = gpu_target(device)
     precision = dot_precision(dtype, device)
     if target is not None:
@@ -414,12 +448,12 @@ def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, 
                                                               dropout, causal))
         if found is not None:
             return AttentionConfig(precision=precision, **found)
-    return _attention_config(lq, d, dtype, target, precision, backward, dropout, causal)
+    return _attention_config(lq, d, dtype, target, precision, backward, dropout, causal, descriptors)
 
 
 @functools.lru_cache(maxsize=256)
 def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | None, precision: str, backward: bool,
-                      dropout: bool, causal: bool) -> AttentionConfig:
+                      dropout: bool, causal: bool, descriptors: bool = False) -> AttentionConfig:
     """Every choice made here is compiled for sm_90 and sm_80 by the compile gate
     (blip2rt.kernels.compile_gate), which checks spills, shared memory and wgmma; the comments say what it
     found."""
@@ -449,16 +483,21 @@ def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | N
             return AttentionConfig(block_m, keys, block_d, 8, 2, precision, 128 if fits else register_budget(8))
         return AttentionConfig(block_m, keys, block_d, 4, 2, precision)
     # the backward, key-major (keys are every product's rows). sm_90: 64-key blocks make all five
-    # products wgmma; 8 warps; at 32 rows without dropout it fits 128 registers without spilling (two
-    # blocks an SM). With dropout (the stored mask read: 145-179 registers at 32 rows, 235 at 64) 128
-    # spilled 4-32 bytes, and 64-row tiles take 228 without; so both take the full budget. (4 warps:
-    # two blocks an SM at 32 rows, no spill; gpu-tune measures which wins)
+    # products wgmma; 8 warps. Through tensor descriptors (no per-element addresses) 32-row tiles fit 128
+    # registers without spilling at 3 stages (two blocks an SM), dropout included, but for ITG's causal
+    # mask with dropout (28 bytes spilled: the full budget, 143 registers, at 2 stages); 64-row tiles
+    # take 188 without a budget. Through pointer tiles (no descriptors: a misaligned call, or separate
+    # key and row programs at a small batch) 128 spilled 4-32 bytes with dropout, and 16 without it where
+    # K/V rows are off 16-byte steps, so those keep the full budget at 2 stages. (4 warps: three blocks an
+    # SM at 32 rows through descriptors, no spill; gpu-tune measures which wins)
     # sm_80 (mma.sync, every operand through registers): the one-program form spilled 96-1000 bytes at
     # every tile tried; rows and keys in separate programs do not, at 32 keys (16 beside 64-row tiles,
     # where 32 spilled 28 bytes at head dim 32)
     if target.arch >= 90:
-        lean = block_m == 32 and not dropout and not causal
-        return AttentionConfig(block_m, 64, block_d, 8, 2, precision, 128 if lean else None)
+        if descriptors:
+            lean = block_m == 32 and not (dropout and causal)
+            return AttentionConfig(block_m, 64, block_d, 8, 3 if lean else 2, precision, 128 if lean else None)
+        return AttentionConfig(block_m, 64, block_d, 8, 2, precision)
     keys = 32 if block_m == 32 else 16
     return AttentionConfig(block_m, keys, block_d, 8, 2, precision, register_budget(8), one_tile=False)
 
@@ -505,6 +544,10 @@ def _forward_plan(q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, st
     b, lq, h, d = q.shape
     lk = k.shape[1]
     cfg = attention_config(lq, d, q.dtype, q.device, dropout=dropout_p > 0)
+    if cfg.maxnreg is not None and not all(_descriptor_strides(t.stride()[:3], t.element_size()) for t in (q, k, v)):
+        # a budget is chosen for rows on 16-byte steps: rows off them load in narrower pieces, and the
+        # dropout forward spilled 12 bytes under its 128 (the compile gate)
+        cfg = replace(cfg, maxnreg=register_budget(cfg.warps))
     meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, SPLIT=False,
                 STORE_LSE=store_lse, **cfg.meta(d))
     t = 0 if text_mask is None else text_mask.shape[1]
@@ -517,26 +560,55 @@ def _forward_plan(q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, st
 def _backward_plan(do, q, k, v, mode, num_queries, q_offset, text_mask, dropout_p) -> LaunchPlan:
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    cfg = attention_config(lq, d, q.dtype, q.device, backward=True, dropout=dropout_p > 0, causal=mode == MODE_CAUSAL)
+    choice = dict(backward=True, dropout=dropout_p > 0, causal=mode == MODE_CAUSAL)
+    cfg = attention_config(lq, d, q.dtype, q.device, **choice)
     # one program per (batch, head) only where that fills the GPU: below one wave (a small batch) the keys
     # and rows go to separate programs, (key blocks + query tiles) per (batch, head), which fill more SMs
     # for the price of computing the scores twice
     target = gpu_target(q.device)
     one_tile = lq <= cfg.block_m and cfg.one_tile and (target is None or b * h >= target.sm_count)
-    # persistent (a tuned choice): a few programs an SM walk the pairs, where there are more pairs than that
-    sms = 1 if target is None else target.sm_count  # the interpreter: `persistent` programs in all
-    persistent = one_tile and 0 < cfg.persistent * sms < b * h
-    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, ONE_TILE=one_tile,
-                PERSISTENT=persistent, **cfg.meta(d))
-    if one_tile:
-        grid = (cfg.persistent * sms if persistent else b * h, 1)
-    else:
-        grid = (b * h, triton.cdiv(lk, cfg.block_n) + triton.cdiv(lq, cfg.block_m))
-    launches = (Planned(_bwd_kernel, grid, meta),)
+    # tensor descriptors (sm_90's tensor-memory unit; the interpreter too) where K's and V's strides allow;
+    # a call whose pointers or grad strides do not takes the pointer launch after it (`tma_ready`)
+    tma = (one_tile and (target is None or target.arch >= 90) and _descriptor_strides(k.stride()[:3], q.element_size())
+           and _descriptor_strides(v.stride()[:3], q.element_size()))
+    launches = (_backward_launch(cfg, False, one_tile, mode, text_mask, dropout_p, b * h, lq, lk, d, target),)
+    if tma:
+        by_descriptor = attention_config(lq, d, q.dtype, q.device, descriptors=True, **choice)
+        if by_descriptor.tma:
+            launches = (_backward_launch(by_descriptor, True, one_tile, mode, text_mask, dropout_p, b * h, lq, lk, d,
+                                         target), *launches)
     t = 0 if text_mask is None else text_mask.shape[1]
     o_strides = (lq * h * d, h * d, d)  # the forward's output, as launch_forward allocates it
     return LaunchPlan(launches, (1.0 / math.sqrt(d), lq, lk, num_queries, q_offset, t, h, b * h, dropout_p),
                       (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o_strides))
+
+
+def _backward_launch(cfg: AttentionConfig, tma: bool, one_tile: bool, mode, text_mask, dropout_p, pairs: int, lq: int,
+                     lk: int, d: int, target: GpuTarget | None) -> Planned:
+    # persistent (a tuned choice): a few programs an SM walk the pairs, where there are more pairs than that
+    sms = 1 if target is None else target.sm_count  # the interpreter: `persistent` programs in all
+    persistent = one_tile and 0 < cfg.persistent * sms < pairs
+    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, ONE_TILE=one_tile,
+                PERSISTENT=persistent, TMA=tma, **cfg.meta(d))
+    if one_tile:
+        grid = (cfg.persistent * sms if persistent else pairs, 1)
+    else:
+        grid = (pairs, triton.cdiv(lk, cfg.block_n) + triton.cdiv(lq, cfg.block_m))
+    return Planned(_bwd_kernel, grid, meta)
+
+
+def _descriptor_strides(strides: tuple[int, ...], element_size: int) -> bool:
+    """Whether (B, L, H) strides keep every head's rows on 16-byte steps, as a tensor descriptor needs."""
+    return all(s * element_size % 16 == 0 for s in strides)
+
+
+def tma_ready(k: torch.Tensor, v: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> bool:
+    """Whether this call's K, V and grads can go through the backward's tensor descriptors: every
+    pointer on a 16-byte boundary and the grads' strides on 16-byte steps (K's and V's strides are
+    checked once, when the call is planned)."""
+    s = dk.stride()  # dv's are the same (launch_backward)
+    e = dk.element_size()
+    return (k.data_ptr() | v.data_ptr() | dk.data_ptr() | dv.data_ptr() | s[0] * e | s[1] * e | s[2] * e) & 15 == 0
 
 
 def launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int = 1, dropout_p: float = 0.0,
@@ -578,7 +650,13 @@ def launch_backward(do, q, k, v, o, lse, keep, text_mask, mode, num_queries, q_o
     if dk.stride() != dv.stride():  # the kernel writes dK and dV with one set of strides
         dk, dv = torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
     tail = (lse if text_mask is None else text_mask, lse if keep is None else keep, *plan.scalars, *plan.strides)
-    plan.launches[0](q, k, v, do, lse, o, dq, dk, dv, *tail, *dq.stride()[:3], *dk.stride()[:3])
+    launcher = plan.launches[0]
+    if len(plan.launches) > 1:  # the first makes tensor descriptors on the device
+        if not tma_ready(k, v, dk, dv):
+            launcher = plan.launches[1]
+        elif q.is_cuda:
+            ensure_scratch_allocator()
+    launcher(q, k, v, do, lse, o, dq, dk, dv, *tail, *dq.stride()[:3], *dk.stride()[:3])
     return dq, dk, dv
 
 

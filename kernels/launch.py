@@ -280,6 +280,48 @@ def host_only(target: GpuTarget):
     return _recording(_Recorder(target=target, run=False, keep=False, stand_in=True))
 
 
+class ScratchAllocator:
+    """Triton's allocator for the global scratch a kernel asks for at launch (the attention backward
+    builds its tensor descriptors there: 128 bytes a program). One buffer per (device, stream), kept
+    and grown: kernels on one stream run one after another, so one buffer serves them all. Under CUDA
+    graph capture every launch gets a buffer of the graph's own pool instead, so no replay shares
+    memory with work outside it."""
+
+    def __init__(self, device=None, capturing=None):
+        self._device = device or (lambda: torch.device("cuda", torch.cuda.current_device()))
+        self._capturing = capturing or torch.cuda.is_current_stream_capturing
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, size: int, alignment: int, stream) -> torch.Tensor:
+        device = self._device()
+        if self._capturing():
+            return torch.empty(size, dtype=torch.uint8, device=device)
+        key = (device, stream)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._buffers[key] = torch.empty(size, dtype=torch.uint8, device=device)
+        return buffer
+
+
+SCRATCH = ScratchAllocator()
+
+
+def ensure_scratch_allocator() -> None:
+    """Makes `SCRATCH` Triton's allocator in this context where none is set. Triton keeps its allocator
+    in a context variable, so a thread starts without one (autograd runs the backward on a thread of
+    its own); an allocator the user set is kept."""
+    global _ALLOCATION
+    if _ALLOCATION is None:
+        from triton.runtime import _allocation
+
+        _ALLOCATION = _allocation
+    if isinstance(_ALLOCATION._allocator.get(), _ALLOCATION.NullAllocator):
+        _ALLOCATION._allocator.set(SCRATCH)
+
+
+_ALLOCATION = None  # triton.runtime._allocation, once imported
+
+
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """The dtype autocast computes matmuls in on `device`'s type, or None where it is off."""
     kind = torch.device(device).type

@@ -139,10 +139,10 @@ print(json.dumps(out))
 
 
 def _row(kernel="_fwd_kernel", arch=90, block_m=64, dtype="*bf16", precision="tf32", block_d=64, warps=4,
-         **result) -> Row:
+         descriptors=False, **result) -> Row:
     meta = (("BLOCK_D", block_d), ("BLOCK_M", block_m), ("BLOCK_N", 64), ("PRECISION", precision))
     if kernel == "_bwd_kernel":
-        meta += (("ONE_TILE", True),)
+        meta += (("ONE_TILE", True), ("TMA", descriptors))
     req = CompileRequest("blip2rt.kernels.fused_attention", kernel, arch, (("Q", dtype), ("LSE", "*fp32")), meta, (),
                          (("num_warps", warps), ("num_stages", 2)))
     dots = gate.expected_dots(req)
@@ -172,6 +172,10 @@ def test_each_check_fails_on_what_it_guards():
     assert gate.failures([_row(kernel="_bwd_kernel", block_m=32)]) == []
     assert "8 of 10 dots are wgmma, want 10" in gate.failures([_row(kernel="_bwd_kernel", block_m=32, wgmma_dots=8)])[0]
     assert gate.failures([_row(kernel="_bwd_kernel", block_d=16, wgmma_dots=8)]) == []
+    # the backward planned with tensor descriptors: their copies must be in the PTX
+    assert gate.failures([_row(kernel="_bwd_kernel", block_m=32, descriptors=True, tma=10)]) == []
+    lowered = gate.failures([_row(kernel="_bwd_kernel", block_m=32, descriptors=True, tma=3)])
+    assert len(lowered) == 1 and "3 tensor-memory copies in the PTX" in lowered[0]
     assert "7 of 10 dots are wgmma, want 8" in gate.failures([_row(kernel="_bwd_kernel", block_d=16, wgmma_dots=7)])[0]
     # occupancy: a kernel below its floor of blocks per SM fails (the CE rows kernel's floor is 2; the
     # attention backward's 1); registers, shared memory and warps each limit it

@@ -284,3 +284,56 @@ def test_a_persistent_backward_only_where_the_pairs_outnumber_its_programs(monke
         launch.forget_plans()
     assert big.kwargs["PERSISTENT"] and big.grid == (2 * 132, 1, 1)
     assert not small.kwargs["PERSISTENT"] and small.grid == (16 * 12, 1, 1)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["plain", "dropout"])
+def test_tensor_descriptor_backward_equals_the_pointer_backward(dropout_p):
+    """The one-tile backward reads K and V and writes their grads through tensor descriptors where the
+    pointers and strides allow (sm_90; the interpreter too), else through pointer tiles. Both give the
+    same grads bit for bit (the tests above hold the default, descriptors, to float64), here with 70 keys
+    (a peeled tail the descriptor zero-fills and clips) and head dim 24 (columns past it likewise). A K
+    whose rows are not on 16-byte steps takes the pointer launch."""
+    from blip2rt.kernels import fused_attention as fa
+    from blip2rt.kernels import launch
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(3, n, H, 24, generator=g, dtype=torch.float16) for n in (9, 70, 70))
+    # the same values with rows 26 elements (52 bytes) apart: no descriptor
+    k_odd, v_odd = (torch.zeros(3, 70, H, 26, dtype=torch.float16)[..., :24].copy_(t) for t in (k, v))
+    do = torch.randn(3, 9, H, 24, generator=g, dtype=torch.float16)
+
+    def grads(k, v):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        with launch.record() as launches:
+            out = fa.fused_attention(*leaves, dropout_p=dropout_p, seed=3)
+            got = torch.autograd.grad(out, leaves, do)
+        return got, next(one for one in launches if one.name == "fused_attention._bwd_kernel")
+
+    by_descriptor, one = grads(k, v)
+    by_pointer, other = grads(k_odd, v_odd)
+    assert one.kwargs["TMA"] and not other.kwargs["TMA"]
+    for a, b in zip(by_descriptor, by_pointer):
+        assert torch.equal(a, b)
+    assert by_descriptor[1].abs().sum() > 0 and by_descriptor[2].abs().sum() > 0
+
+
+def test_the_descriptor_launch_is_planned_where_hopper_and_the_strides_allow():
+    """Planned on meta tensors: the H100 gets the descriptor launch first and the pointer launch as the
+    fallback a misaligned call takes; the A100 (no tensor-memory unit) and a small batch (separate key
+    and row programs) get pointers only."""
+    from blip2rt.kernels import launch
+    from blip2rt.kernels.fused_attention import _backward_plan, tma_ready
+
+    def plan(target, batch, d=64):
+        q, k, v = (torch.empty(batch, n, 12, d, dtype=torch.bfloat16, device="meta") for n in (32, 257, 257))
+        with launch.plan_for(target):
+            return _backward_plan(torch.empty_like(q), q, k, v, 0, 0, 0, None, 0.0)
+
+    hopper = plan(launch.H100, 128).launches
+    assert [one.meta["TMA"] for one in hopper] == [True, False]
+    assert [one.meta["TMA"] for one in plan(launch.A100, 128).launches] == [False]
+    assert [one.meta["TMA"] for one in plan(launch.H100, 1).launches] == [False]
+    k = torch.empty(2, 257, 12, 64, dtype=torch.bfloat16)
+    assert tma_ready(k, k, k, k)
+    assert not tma_ready(k[:, :, :, 1:], k, k, k)  # 2 bytes off a 16-byte boundary
+    assert not tma_ready(k, k, torch.empty(2, 257, 12, 63, dtype=torch.bfloat16), k)  # grad rows 126 bytes apart

@@ -173,3 +173,48 @@ def test_recording_sees_planned_launches_and_plan_for_runs_none():
 def test_a_grid_past_cudas_limit_is_refused_when_planned():
     with pytest.raises(ValueError, match="limit"):
         launch.Planned(_FakeKernel(_jit(fa._fwd_kernel)), (1, 70000), {})
+
+
+def test_scratch_allocator_keeps_one_buffer_per_stream_and_a_fresh_one_under_capture():
+    """Triton's global scratch (the backward's tensor descriptors): reused per (device, stream) and grown
+    when a launch asks for more; a launch being captured into a CUDA graph gets a buffer of its own."""
+    capturing = [False]
+    alloc = launch.ScratchAllocator(device=lambda: torch.device("cpu"), capturing=lambda: capturing[0])
+    a = alloc(256, 128, 7)
+    assert a.numel() == 256 and alloc(128, 128, 7) is a
+    b = alloc(512, 128, 7)
+    assert b.numel() == 512 and alloc(256, 128, 7) is b
+    assert alloc(256, 128, 8) is not b  # another stream
+    capturing[0] = True
+    assert alloc(256, 128, 7) is not b and alloc(256, 128, 7) is not alloc(256, 128, 7)
+
+
+def test_the_scratch_allocator_is_set_in_each_thread_and_never_over_the_users():
+    """Triton keeps its allocator per context: a new thread (autograd's backward thread) starts without
+    one. `ensure_scratch_allocator` sets blip2rt's there, and keeps one the user set."""
+    import threading
+
+    from triton.runtime import _allocation
+
+    def in_a_thread(user_allocator):
+        seen = []
+
+        def run():
+            if user_allocator is not None:
+                triton.set_allocator(user_allocator)
+            before = _allocation._allocator.get()
+            launch.ensure_scratch_allocator()
+            seen.append((before, _allocation._allocator.get()))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    before, after = in_a_thread(None)
+    assert isinstance(before, _allocation.NullAllocator) and after is launch.SCRATCH
+
+    def users(size, alignment, stream):
+        return torch.empty(size, dtype=torch.uint8)
+
+    assert in_a_thread(users) == (users, users)
