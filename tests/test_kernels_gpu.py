@@ -105,6 +105,48 @@ def test_cross_attention_on_gpu(b, n, dtype):
                      [(b, 32, 12, 64), (b, n, 12, 64), (b, n, 12, 64)], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["plain", "dropout"])
+def test_descriptor_backward_and_its_pointer_fallback_on_gpu(dropout_p, dtype):
+    """B*H past the SM count: the one-tile backward, through tensor descriptors on sm_90; K/V whose rows
+    are off 16-byte steps (a padded buffer's view) take the pointer launch. One seed, so one dropout
+    mask: both give the same grads, within the dtype's tolerance of each other and, without dropout,
+    of float64 (the reference)."""
+    from blip2rt import kernels
+    from blip2rt.kernels import launch
+    from blip2rt.kernels.fused_attention import fused_attention
+
+    b, n = 32, 257
+
+    def padded(t):  # the same values in rows 68 elements apart
+        return F.pad(t, (0, 4))[..., :64]
+
+    def fused(pad):
+        def call(q, k, v):
+            k, v = (padded(k), padded(v)) if pad else (k, v)
+            return fused_attention(q, k, v, dropout_p=dropout_p, seed=11)
+        return call
+
+    base = [torch.randn(*s, device="cuda") for s in ((b, 32, 12, 64), (b, n, 12, 64), (b, n, 12, 64))]
+    g = torch.randn(b, 32, 12, 64, device="cuda").to(dtype)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    got = []
+    for pad in (False, True):
+        with launch.record() as launches:
+            got.append(grads_of(fused(pad), leaves_like(base, dtype), g))
+        backward = [one for one in launches if one.name == "fused_attention._bwd_kernel"]
+        assert backward and backward[0].kwargs["ONE_TILE"] and backward[0].kwargs["TMA"] == (hopper and not pad)
+    (o, gr), (o_pad, gr_pad) = got
+    if dropout_p == 0:
+        ref = lambda q, k, v: kernels.qformer_cross_attention(q, k, v, backend="torch")
+        oe, ge = grads_of(ref, leaves_like(base, dtype), g)
+        o64, g64 = grads_of(ref, leaves_like(base, torch.float64), g.double())
+        for a, e, r, name in zip((o, *gr), (oe, *ge), (o64, *g64), ("out", "dq", "dk", "dv")):
+            assert_matches(a, e, r, dtype, name)
+    for a, e, name in zip((o, *gr), (o_pad, *gr_pad), ("out", "dq", "dk", "dv")):
+        torch.testing.assert_close(a, e, msg=name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("mode", ["bidirectional", "multimodal_causal", "unimodal"])
 def test_self_attention_on_gpu(mode, dtype):
