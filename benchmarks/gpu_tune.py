@@ -94,7 +94,7 @@ def _attention_case(name: str, backward: bool, lq: int, lk: int, mode: int, num_
     from blip2rt.kernels import dropout_rng, fused_attention as fa, tuned
     from blip2rt.kernels.qformer_attention import MODE_CAUSAL
 
-    key = tuned.attention_key(backward, lq, HEAD_DIM, "bfloat16", dropout > 0, mode == MODE_CAUSAL)
+    key = tuned.attention_key(backward, lq, lk, HEAD_DIM, "bfloat16", dropout > 0, mode == MODE_CAUSAL)
     q_offset = lk - lq if mode else 0
 
     def inputs(device):
@@ -121,10 +121,14 @@ def _attention_case(name: str, backward: bool, lq: int, lk: int, mode: int, num_
         return lambda: fa.launch_backward(do, q, k, v, o, lse, keep, mask, mode, num_queries, q_offset, dropout)
 
     if backward:  # keys are the rows of every product: 64 or 128 keep them wgmma on sm_90
-        candidates = [dict(block_m=lq, block_n=n, block_d=HEAD_DIM, warps=w, stages=s, maxnreg=r)
-                      for n, w, s, r in itertools.product((64, 128), (4, 8), (1, 2, 3), (None, 128))]
+        # rows: 32 a tile, and for longer rows also one tile of them all (ITM's 64: the 64-row tile the
+        # launcher chose before it walked 32-row tiles); keys: 128 only where there are more than 64 (else
+        # half of each block would be padding)
+        rows, keys = sorted({32, lq}), (64, 128) if lk > 64 else (64,)
+        candidates = [dict(block_m=m, block_n=n, block_d=HEAD_DIM, warps=w, stages=s, maxnreg=r)
+                      for m, n, w, s, r in itertools.product(rows, keys, (4, 8), (1, 2, 3), (None, 128))]
         # and a persistent grid (1 or 2 programs an SM walking the pairs) at the launcher's own tiles
-        candidates += [dict(block_m=lq, block_n=64, block_d=HEAD_DIM, warps=w, stages=2, maxnreg=r, persistent=p)
+        candidates += [dict(block_m=32, block_n=64, block_d=HEAD_DIM, warps=w, stages=2, maxnreg=r, persistent=p)
                        for w, r, p in itertools.product((4, 8), (None, 128), (1, 2))]
     else:
         candidates = [dict(block_m=lq, block_n=n, block_d=HEAD_DIM, warps=w, stages=s)

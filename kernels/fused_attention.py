@@ -14,12 +14,14 @@ the output projection reads. The last dimension must be contiguous.
 
 Grid: (B*H, query tiles, key splits): B*H on axis x, whose limit (2^31 - 1) no batch reaches.
 
-Backward, key-major: when all rows fit one tile (Lq <= BLOCK_M: the 32 queries, or 32 queries + 32
-text) and B*H fills the GPU, one program per (batch, head) (or, where gpu-tune chose it, a persistent
-grid walking them) makes dQ, dK and dV in one pass over the keys, reading K/V once and needing no
-atomics. On sm_90 it moves K, V, dK and dV through tensor descriptors made once per (batch, head),
-where the pointers and strides are on 16-byte steps (`tma_ready`; else pointer tiles). Longer rows,
-and a small batch, get programs of their own for each key block (dK/dV) and query tile (dQ).
+Backward, key-major: where B*H fills the GPU, one program per (batch, head) (or, where gpu-tune chose
+it, a persistent grid walking them) makes dQ, dK and dV in one pass, reading K/V once and needing no
+atomics, when every key fits one block (Lk <= BLOCK_N: the Q-Former's self-attention, 32 queries + 32
+text; the program walks the 32-row query tiles) or every row one tile (Lq <= BLOCK_M: the 32 queries
+against the image; it walks the key blocks). On sm_90 it moves K, V, dK and dV (and, walking query
+tiles, q, dO, O and dQ) through tensor descriptors made once per (batch, head), where the pointers and
+strides are on 16-byte steps (`tma_ready`; else pointer tiles). Longer rows and keys, and a small
+batch, get programs of their own for each key block (dK/dV) and query tile (dQ).
 
 Split-KV: for inference at small B*H (B = 1 is 12 programs) over more than 512 keys, the keys
 are split across programs and the partial softmax states combined, so the GPU fills.
@@ -266,85 +268,123 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP,
                 s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
                 s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
                 MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, ONE_TILE: tl.constexpr,
-                PERSISTENT: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+                ALL_KEYS: tl.constexpr, PERSISTENT: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
     """dQ, dK and dV, key-major (keys are the rows of every product).
 
-    ONE_TILE (every query row in one tile: the Q-Former's 32 queries, or 32 queries + 32 text): one
-    program per (batch, head) reads q, dO and O once, walks the key blocks, and writes each block's dK
-    and dV as it finishes it, accumulating dQ^T = K^T dS^T, so no atomics and K/V read once. The full
-    key blocks run unmasked; the last, partial one is peeled off and masked. PERSISTENT: a grid of a few
-    programs an SM, each walking the (batch, head) pairs pid, pid + grid, ... of the BH. TMA (Hopper):
-    K and V come in, and dK and dV go out, through tensor descriptors made once per pair, so no address
-    or bound is computed per element (the tensor-memory unit zero-fills and clips at the key bound).
+    One program per (batch, head) pair, in one pass that reads K/V once and needs no atomics, where the
+    pair fits it:
+    - ONE_TILE (every query row in one tile: the Q-Former's 32 queries, or its 32 text rows): the
+      program holds q, dO and O, walks the key blocks, writes each block's dK and dV as it finishes it,
+      and accumulates dQ^T = K^T dS^T. The full key blocks run unmasked; the last, partial one is peeled
+      off and masked.
+    - ALL_KEYS (every key in one block: self-attention over 32 queries + 32 text): the program holds K
+      and V, walks the query tiles, accumulates dK and dV, and writes each tile's dQ, which is complete
+      as this block holds every key.
+    PERSISTENT: a grid of a few programs an SM, each walking the (batch, head) pairs pid, pid + grid, ...
+    of the BH. TMA (Hopper): K and V come in, and dK and dV go out, through tensor descriptors made once
+    per pair, so no address or bound is computed per element (the tensor-memory unit zero-fills and
+    clips at the key bound).
     Otherwise, grid (B*H, key blocks + query tiles): the first programs make dK/dV of their key block
     over every query tile, the rest dQ of their query tile over every key block."""
     pid_bh = tl.program_id(0)
     pid = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     offs_d = tl.arange(0, BLOCK_D)
     md = offs_d < HEAD_DIM
-    key_blocks = tl.cdiv(Lk, BLOCK_N)
-    if ONE_TILE:
+    if ONE_TILE or ALL_KEYS:
         if PERSISTENT:
             programs = tl.num_programs(0)
             for i in range(0, tl.cdiv(BH - pid_bh, programs)):  # pairs pid_bh, pid_bh + programs, ...
-                _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh + i * programs, offs_d, md,
+                _pair_backward(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh + i * programs, offs_d, md,
                                sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
                                s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om,
-                               s_oh, s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
-                               MODE, HAS_TEXT_MASK, DROPOUT, TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+                               s_oh, s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh, MODE, HAS_TEXT_MASK, DROPOUT, ALL_KEYS,
+                               TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
         else:
-            _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md,
+            _pair_backward(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md,
                            sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
                            s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om,
-                           s_oh, s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
-                           MODE, HAS_TEXT_MASK, DROPOUT, TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
-    elif pid < key_blocks:  # dK and dV of key block pid, over every query tile
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        mn = offs_n < Lk
-        k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
-        v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for start_m in range(0, Lq, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
+                           s_oh, s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh, MODE, HAS_TEXT_MASK, DROPOUT, ALL_KEYS,
+                           TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, HEAD_DIM)
+    else:
+        b = pid_bh // H
+        h = pid_bh % H
+        key_blocks = tl.cdiv(Lk, BLOCK_N)
+        if pid < key_blocks:  # dK and dV of key block pid, over every query tile
+            _key_block(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid * BLOCK_N, b, h, pid_bh, offs_d, md,
+                       sm_scale, Lq, Lk, NQ, q_offset, T, dropout_p,
+                       s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
+                       s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh, MODE, HAS_TEXT_MASK, DROPOUT, False, False,
+                       PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        else:  # dQ of query tile pid - key_blocks, over every key block
+            offs_m = (pid - key_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
             mm = offs_m < Lq
             q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
                                            s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
-            pt, dst = _bwd_tile_t(q, do, lse, delta, k, v, offs_m, offs_n, mm, mn, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
-                                  sm_scale, dropout_p, KEEP, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
-            dv = dot(pt.to(do.dtype), do, dv, PRECISION)
-            dk = dot(dst.to(q.dtype), q, dk, PRECISION)
-        _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk * sm_scale)
-        _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv * _dv_scale(dropout_p, DROPOUT))
-    else:  # dQ of query tile pid - key_blocks, over every key block
-        offs_m = (pid - key_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mm = offs_m < Lq
-        q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
-                                       s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
-        dqt = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
-        for start_n in range(0, Lk, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            mn = offs_n < Lk
-            k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
-            v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
-            _, dst = _bwd_tile_t(q, do, lse, delta, k, v, offs_m, offs_n, mm, mn, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
-                                 sm_scale, dropout_p, KEEP, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
-            dqt = dot(tl.trans(k), dst.to(k.dtype), dqt, PRECISION)
-        _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
+            dqt = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+            for start_n in range(0, Lk, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                mn = offs_n < Lk
+                k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
+                v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
+                _, dst = _bwd_tile_t(q, do, lse, delta, k, v, offs_m, offs_n, mm, mn, q_offset, Lq, Lk, NQ, TM, b, T,
+                                     pid_bh, sm_scale, dropout_p, KEEP, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION,
+                                     BLOCK_M, BLOCK_N)
+                dqt = dot(tl.trans(k), dst.to(k.dtype), dqt, PRECISION)
+            _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
 
 
 @triton.jit
-def _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md,
+def _key_block(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, start_n, b, h, pid_bh, offs_d, md,
+               sm_scale, Lq, Lk, NQ, q_offset, T, dropout_p,
+               s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
+               s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh, MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr,
+               DROPOUT: tl.constexpr, WITH_DQ: tl.constexpr, TMA: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dK and dV of the key block at start_n, over every query tile. WITH_DQ (the block holds every key):
+    each tile's dQ too, complete once this block's part is in. TMA: K, V, DK and DV are the pair's
+    tensor descriptors (`_head_descriptor`)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    mn = offs_n < Lk
+    k, v = _load_kv(K, V, start_n, b, offs_n, h, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, offs_d, mn, md, TMA)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, Lq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mm = offs_m < Lq
+        if TMA:
+            q = Q.load([start_m, 0])
+            do = DO.load([start_m, 0])
+            lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=mm, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * O.load([start_m, 0]).to(tl.float32), axis=1)
+        else:
+            q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+                                           s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
+        pt, dst = _bwd_tile_t(q, do, lse, delta, k, v, offs_m, offs_n, mm, mn, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
+                              sm_scale, dropout_p, KEEP, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
+        dv = dot(pt.to(do.dtype), do, dv, PRECISION)
+        dk = dot(dst.to(q.dtype), q, dk, PRECISION)
+        if WITH_DQ:
+            dqt = dot(tl.trans(k), dst.to(k.dtype), tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32), PRECISION)
+            if TMA:
+                DQ.store([start_m, 0], tl.trans(dqt * sm_scale).to(k.dtype))
+            else:
+                _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
+    dk = dk * sm_scale
+    dv = dv * _dv_scale(dropout_p, DROPOUT)
+    _store_kv_grads(DK, DV, dk, dv, start_n, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, TMA)
+
+
+@triton.jit
+def _pair_backward(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md,
                    sm_scale, Lq, Lk, NQ, q_offset, T, H, dropout_p,
                    s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
                    s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh,
-                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, TMA: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   HEAD_DIM: tl.constexpr):
-    """The one-tile backward of (batch, head) pair pid_bh: dQ, and dK and dV of every key block."""
+                   MODE: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, DROPOUT: tl.constexpr, ALL_KEYS: tl.constexpr,
+                   TMA: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The whole backward of (batch, head) pair pid_bh in one program: ALL_KEYS, its one key block over
+    every query tile (`_key_block`); else its one query tile over every key block."""
     b = pid_bh // H
     h = pid_bh % H
     if TMA:  # this pair's (Lk, d) slices of K, V, dK and dV as tensor descriptors
@@ -352,23 +392,35 @@ def _one_tile_pair(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, pid_bh, offs_d, md
         V = _head_descriptor(V, b, h, s_vb, s_vn, s_vh, Lk, HEAD_DIM, BLOCK_N, BLOCK_D)
         DK = _head_descriptor(DK, b, h, s_gb, s_gn, s_gh, Lk, HEAD_DIM, BLOCK_N, BLOCK_D)
         DV = _head_descriptor(DV, b, h, s_gb, s_gn, s_gh, Lk, HEAD_DIM, BLOCK_N, BLOCK_D)
-    offs_m = tl.arange(0, BLOCK_M)
-    mm = offs_m < Lq
-    q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
-                                   s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
-    dqt = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
-    full = (Lk // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full, BLOCK_N):
-        dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, offs_d, md, b, h, pid_bh,
-                             q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
-                             s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, False,
-                             MODE, HAS_TEXT_MASK, DROPOUT, TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-    if full < Lk:
-        dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, full, offs_m, mm, offs_d, md, b, h, pid_bh,
-                             q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
-                             s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, True,
-                             MODE, HAS_TEXT_MASK, DROPOUT, TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
-    _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
+    if ALL_KEYS:
+        if TMA:  # and its (Lq, d) slices of Q, dO, O and dQ, read and written a query tile at a time
+            Q = _head_descriptor(Q, b, h, s_qb, s_qm, s_qh, Lq, HEAD_DIM, BLOCK_M, BLOCK_D)
+            DO = _head_descriptor(DO, b, h, s_dob, s_dom, s_doh, Lq, HEAD_DIM, BLOCK_M, BLOCK_D)
+            O = _head_descriptor(O, b, h, s_ob, s_om, s_oh, Lq, HEAD_DIM, BLOCK_M, BLOCK_D)
+            DQ = _head_descriptor(DQ, b, h, s_dqb, s_dqm, s_dqh, Lq, HEAD_DIM, BLOCK_M, BLOCK_D)
+        _key_block(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, 0, b, h, pid_bh, offs_d, md,
+                   sm_scale, Lq, Lk, NQ, q_offset, T, dropout_p,
+                   s_qb, s_qm, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh,
+                   s_dqb, s_dqm, s_dqh, s_gb, s_gn, s_gh, MODE, HAS_TEXT_MASK, DROPOUT, True, TMA,
+                   PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        offs_m = tl.arange(0, BLOCK_M)
+        mm = offs_m < Lq
+        q, do, lse, delta = _row_state(Q, DO, O, LSE, b, h, pid_bh, offs_m, mm, offs_d, md, Lq,
+                                       s_qb, s_qm, s_qh, s_dob, s_dom, s_doh, s_ob, s_om, s_oh)
+        dqt = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+        full = (Lk // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, offs_d, md, b, h, pid_bh,
+                                 q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
+                                 s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, False,
+                                 MODE, HAS_TEXT_MASK, DROPOUT, TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        if full < Lk:
+            dqt = _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, full, offs_m, mm, offs_d, md, b, h, pid_bh,
+                                 q_offset, Lq, Lk, NQ, TM, T, sm_scale, dropout_p, KEEP,
+                                 s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_gb, s_gn, s_gh, True,
+                                 MODE, HAS_TEXT_MASK, DROPOUT, TMA, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+        _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
 
 
 @triton.jit
@@ -385,25 +437,36 @@ def _one_tile_keys(q, do, lse, delta, dqt, K, V, DK, DV, start_n, offs_m, mm, of
         mn = offs_n < Lk
     else:  # every key in range: no bound to test
         mn = tl.full([BLOCK_N], 1, tl.int1)
-    if TMA:
-        k = K.load([start_n, 0])
-        v = V.load([start_n, 0])
-    else:
-        k = _load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md)
-        v = _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md)
+    k, v = _load_kv(K, V, start_n, b, offs_n, h, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, offs_d, mn, md, TMA)
     pt, dst = _bwd_tile_t(q, do, lse, delta, k, v, offs_m, offs_n, mm, mn, q_offset, Lq, Lk, NQ, TM, b, T, pid_bh,
                           sm_scale, dropout_p, KEEP, MODE, HAS_TEXT_MASK, DROPOUT, PRECISION, BLOCK_M, BLOCK_N)
     zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = dot(pt.to(do.dtype), do, zeros, PRECISION)
     dk = dot(dst.to(q.dtype), q, zeros, PRECISION) * sm_scale
     dv = dv * _dv_scale(dropout_p, DROPOUT)
+    _store_kv_grads(DK, DV, dk, dv, start_n, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, TMA)
+    return dot(tl.trans(k), dst.to(k.dtype), dqt, PRECISION)
+
+
+@triton.jit
+def _load_kv(K, V, start_n, b, offs_n, h, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, offs_d, mn, md, TMA: tl.constexpr):
+    """The key block at start_n of K and V: through the pair's tensor descriptors (TMA), else pointer tiles."""
     if TMA:
-        DK.store([start_n, 0], dk.to(k.dtype))
-        DV.store([start_n, 0], dv.to(k.dtype))
+        return K.load([start_n, 0]), V.load([start_n, 0])
+    else:
+        return (_load_tile(K, b, offs_n, h, s_kb, s_kn, s_kh, offs_d, mn, md),
+                _load_tile(V, b, offs_n, h, s_vb, s_vn, s_vh, offs_d, mn, md))
+
+
+@triton.jit
+def _store_kv_grads(DK, DV, dk, dv, start_n, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, TMA: tl.constexpr):
+    """dK and dV of the key block at start_n (one set of strides, `launch_backward`), as `_load_kv` reads."""
+    if TMA:
+        DK.store([start_n, 0], dk.to(DK.dtype))
+        DV.store([start_n, 0], dv.to(DV.dtype))
     else:
         _store_tile(DK, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dk)
         _store_tile(DV, b, offs_n, h, s_gb, s_gn, s_gh, offs_d, mn, md, dv)
-    return dot(tl.trans(k), dst.to(k.dtype), dqt, PRECISION)
 
 
 @triton.jit
@@ -424,7 +487,7 @@ class AttentionConfig:
     stages: int
     precision: str  # tile_ops.dot_precision
     maxnreg: int | None = None  # launch.register_budget where ptxas would otherwise spill
-    one_tile: bool = True  # backward: one program per (batch, head) when every row fits one tile
+    per_pair: bool = True  # backward: one program per (batch, head) when its rows fit one tile or its keys one block
     persistent: int = 0  # one-tile backward: this many programs an SM walk the (batch, head) pairs; 0: one each
     tma: bool = True  # one-tile backward on sm_90: K, V and their grads through tensor descriptors where aligned
 
@@ -434,26 +497,26 @@ class AttentionConfig:
                     HEAD_DIM=head_dim, num_warps=self.warps, num_stages=self.stages, **extra)
 
 
-def attention_config(lq: int, d: int, dtype: torch.dtype, device: torch.device, backward: bool = False,
+def attention_config(lq: int, lk: int, d: int, dtype: torch.dtype, device: torch.device, backward: bool = False,
                      dropout: bool = False, causal: bool = False, descriptors: bool = False) -> AttentionConfig:
-    """Tiles for Lq rows of head dim d on the target GPU (worked out once per shape and GPU); causal:
-    the multimodal-causal mask (ITG), whose backward needs a few more registers; descriptors: the
-    backward that moves K and V through tensor descriptors (fewer registers than pointer tiles). A
+    """Tiles for Lq rows against Lk keys of head dim d on the target GPU (worked out once per shape and
+    GPU); causal: the multimodal-causal mask (ITG), a tuned table's key of its own; descriptors: the
+    backward that moves its tiles through tensor descriptors (fewer registers than pointer tiles). A
     configuration that gpu-tune measured fastest on this architecture (kernels.tuned) comes first: it
     was timed on the descriptor backward, and a pointer fallback keeps its tiles."""
     target = gpu_target(device)
     precision = dot_precision(dtype, device)
     if target is not None:
-        found = tuned.lookup(target.arch, tuned.attention_key(backward, lq, d, str(dtype).removeprefix("torch."),
+        found = tuned.lookup(target.arch, tuned.attention_key(backward, lq, lk, d, str(dtype).removeprefix("torch."),
                                                               dropout, causal))
         if found is not None:
             return AttentionConfig(precision=precision, **found)
-    return _attention_config(lq, d, dtype, target, precision, backward, dropout, causal, descriptors)
+    return _attention_config(lq, lk, d, dtype, target, precision, backward, dropout, descriptors)
 
 
 @functools.lru_cache(maxsize=256)
-def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | None, precision: str, backward: bool,
-                      dropout: bool, causal: bool, descriptors: bool = False) -> AttentionConfig:
+def _attention_config(lq: int, lk: int, d: int, dtype: torch.dtype, target: GpuTarget | None, precision: str,
+                      backward: bool, dropout: bool, descriptors: bool = False) -> AttentionConfig:
     """Every choice made here is compiled for sm_90 and sm_80 by the compile gate
     (blip2rt.kernels.compile_gate), which checks spills, shared memory and wgmma; the comments say what it
     found."""
@@ -470,7 +533,7 @@ def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | N
         block, warps = (32, 8) if d >= 64 else (16, 4)
         if backward:  # key-major: 16 x 16 tiles on 4 warps, rows and keys in separate programs (the
             # one-program form spilled 8-170 bytes at every tile the gate tried)
-            return AttentionConfig(16, 16, block_d, 4, 2, precision, register_budget(4), one_tile=False)
+            return AttentionConfig(16, 16, block_d, 4, 2, precision, register_budget(4), per_pair=False)
         return AttentionConfig(block, block, block_d, warps, 2, precision, register_budget(warps))
     block_m = 64 if lq > 32 else 32  # Q-Former rows: 32 queries, or 32 queries + 32 text
     wide = d >= 32
@@ -483,23 +546,28 @@ def _attention_config(lq: int, d: int, dtype: torch.dtype, target: GpuTarget | N
             return AttentionConfig(block_m, keys, block_d, 8, 2, precision, 128 if fits else register_budget(8))
         return AttentionConfig(block_m, keys, block_d, 4, 2, precision)
     # the backward, key-major (keys are every product's rows). sm_90: 64-key blocks make all five
-    # products wgmma; 8 warps. Through tensor descriptors (no per-element addresses) 32-row tiles fit 128
-    # registers without spilling at 3 stages (two blocks an SM), dropout included, but for ITG's causal
-    # mask with dropout (28 bytes spilled: the full budget, 143 registers, at 2 stages); 64-row tiles
-    # take 188 without a budget. Through pointer tiles (no descriptors: a misaligned call, or separate
-    # key and row programs at a small batch) 128 spilled 4-32 bytes with dropout, and 16 without it where
-    # K/V rows are off 16-byte steps, so those keep the full budget at 2 stages. (4 warps: three blocks an
-    # SM at 32 rows through descriptors, no spill; gpu-tune measures which wins)
+    # products wgmma, over 32-row tiles. Through tensor descriptors (no per-element addresses):
+    # - walking the key blocks (cross-attention), 8 warps fit a 128-register budget at 3 stages without
+    #   spilling (two blocks an SM), dropout included; 2 stages spilled 4 bytes with dropout;
+    # - walking the query tiles (self-attention: every key in one block), 4 warps at 2 stages take 146-168
+    #   registers without a budget, three blocks an SM, in Triton 3.6 and 3.8 alike, dropout and ITG's
+    #   causal mask included; 8 warps under 128 spilled 8-36 bytes at 3 stages in fp16 with dropout, and
+    #   16 at 2 stages in Triton 3.6 under ITG's mask with dropout.
+    # 64-row tiles (every row of 32 queries + 32 text in one) took 188-235 and kept one block an SM. Through pointer tiles (no descriptors: a
+    # misaligned call, or separate key and row programs at a small batch) 128 spilled 4-32 bytes with
+    # dropout, and 16 without it where K/V rows are off 16-byte steps, so those keep the full budget at
+    # 2 stages. (4 warps: three blocks an SM through descriptors, no spill; gpu-tune measures which wins)
     # sm_80 (mma.sync, every operand through registers): the one-program form spilled 96-1000 bytes at
     # every tile tried; rows and keys in separate programs do not, at 32 keys (16 beside 64-row tiles,
     # where 32 spilled 28 bytes at head dim 32)
     if target.arch >= 90:
         if descriptors:
-            lean = block_m == 32 and not (dropout and causal)
-            return AttentionConfig(block_m, 64, block_d, 8, 3 if lean else 2, precision, 128 if lean else None)
-        return AttentionConfig(block_m, 64, block_d, 8, 2, precision)
+            if lk <= 64:  # every key in one block: 4 warps walk the 32-row query tiles
+                return AttentionConfig(32, 64, block_d, 4, 2, precision)
+            return AttentionConfig(32, 64, block_d, 8, 3, precision, 128)
+        return AttentionConfig(32, 64, block_d, 8, 2, precision)
     keys = 32 if block_m == 32 else 16
-    return AttentionConfig(block_m, keys, block_d, 8, 2, precision, register_budget(8), one_tile=False)
+    return AttentionConfig(block_m, keys, block_d, 8, 2, precision, register_budget(8), per_pair=False)
 
 
 # Up to this many keys a row is not split: the split's partial states are combined by about 20
@@ -543,7 +611,7 @@ def _plan_key(kind: str, q, k, v, mode, num_queries, q_offset, text_mask, dropou
 def _forward_plan(q, k, v, mode, num_queries, q_offset, text_mask, dropout_p, store_lse: bool) -> LaunchPlan:
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    cfg = attention_config(lq, d, q.dtype, q.device, dropout=dropout_p > 0)
+    cfg = attention_config(lq, lk, d, q.dtype, q.device, dropout=dropout_p > 0)
     if cfg.maxnreg is not None and not all(_descriptor_strides(t.stride()[:3], t.element_size()) for t in (q, k, v)):
         # a budget is chosen for rows on 16-byte steps: rows off them load in narrower pieces, and the
         # dropout forward spilled 12 bytes under its 128 (the compile gate)
@@ -561,21 +629,24 @@ def _backward_plan(do, q, k, v, mode, num_queries, q_offset, text_mask, dropout_
     b, lq, h, d = q.shape
     lk = k.shape[1]
     choice = dict(backward=True, dropout=dropout_p > 0, causal=mode == MODE_CAUSAL)
-    cfg = attention_config(lq, d, q.dtype, q.device, **choice)
+    cfg = attention_config(lq, lk, d, q.dtype, q.device, **choice)
     # one program per (batch, head) only where that fills the GPU: below one wave (a small batch) the keys
     # and rows go to separate programs, (key blocks + query tiles) per (batch, head), which fill more SMs
     # for the price of computing the scores twice
     target = gpu_target(q.device)
-    one_tile = lq <= cfg.block_m and cfg.one_tile and (target is None or b * h >= target.sm_count)
-    # tensor descriptors (sm_90's tensor-memory unit; the interpreter too) where K's and V's strides allow;
-    # a call whose pointers or grad strides do not takes the pointer launch after it (`tma_ready`)
-    tma = (one_tile and (target is None or target.arch >= 90) and _descriptor_strides(k.stride()[:3], q.element_size())
-           and _descriptor_strides(v.stride()[:3], q.element_size()))
-    launches = (_backward_launch(cfg, False, one_tile, mode, text_mask, dropout_p, b * h, lq, lk, d, target),)
-    if tma:
-        by_descriptor = attention_config(lq, d, q.dtype, q.device, descriptors=True, **choice)
-        if by_descriptor.tma:
-            launches = (_backward_launch(by_descriptor, True, one_tile, mode, text_mask, dropout_p, b * h, lq, lk, d,
+    per_pair = cfg.per_pair and (target is None or b * h >= target.sm_count)
+    launches = (_backward_launch(cfg, False, _pair_form(per_pair, lq, lk, cfg), mode, text_mask, dropout_p, b * h,
+                                 lq, lk, d, target),)
+    # tensor descriptors (sm_90's tensor-memory unit; the interpreter too) for a one-program form, where K's
+    # and V's strides allow (the all-keys form moves q, dO, O and dQ through them too, so theirs as well); a
+    # call whose pointers or grad strides do not takes the pointer launch after it (`tma_ready`)
+    if target is None or target.arch >= 90:
+        by_descriptor = attention_config(lq, lk, d, q.dtype, q.device, descriptors=True, **choice)
+        form = _pair_form(per_pair, lq, lk, by_descriptor)
+        rows = (q, do) if form == "all keys" else ()
+        if (by_descriptor.tma and form != "split"
+                and all(_descriptor_strides(t.stride()[:3], q.element_size()) for t in (k, v, *rows))):
+            launches = (_backward_launch(by_descriptor, True, form, mode, text_mask, dropout_p, b * h, lq, lk, d,
                                          target), *launches)
     t = 0 if text_mask is None else text_mask.shape[1]
     o_strides = (lq * h * d, h * d, d)  # the forward's output, as launch_forward allocates it
@@ -583,14 +654,26 @@ def _backward_plan(do, q, k, v, mode, num_queries, q_offset, text_mask, dropout_
                       (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o_strides))
 
 
-def _backward_launch(cfg: AttentionConfig, tma: bool, one_tile: bool, mode, text_mask, dropout_p, pairs: int, lq: int,
+def _pair_form(per_pair: bool, lq: int, lk: int, cfg: AttentionConfig) -> str:
+    """How the backward's programs split a (batch, head) pair: "one tile" (one program; every query row
+    in one tile, walking the key blocks), "all keys" (one program; every key in one block, walking the
+    query tiles) or "split" (a program per key block and per query tile)."""
+    if per_pair and lk <= cfg.block_n:
+        return "all keys"
+    if per_pair and lq <= cfg.block_m:
+        return "one tile"
+    return "split"
+
+
+def _backward_launch(cfg: AttentionConfig, tma: bool, form: str, mode, text_mask, dropout_p, pairs: int, lq: int,
                      lk: int, d: int, target: GpuTarget | None) -> Planned:
     # persistent (a tuned choice): a few programs an SM walk the pairs, where there are more pairs than that
     sms = 1 if target is None else target.sm_count  # the interpreter: `persistent` programs in all
-    persistent = one_tile and 0 < cfg.persistent * sms < pairs
-    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, ONE_TILE=one_tile,
-                PERSISTENT=persistent, TMA=tma, **cfg.meta(d))
-    if one_tile:
+    per_pair = form != "split"
+    persistent = per_pair and 0 < cfg.persistent * sms < pairs
+    meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, ONE_TILE=form == "one tile",
+                ALL_KEYS=form == "all keys", PERSISTENT=persistent, TMA=tma, **cfg.meta(d))
+    if per_pair:
         grid = (cfg.persistent * sms if persistent else pairs, 1)
     else:
         grid = (pairs, triton.cdiv(lk, cfg.block_n) + triton.cdiv(lq, cfg.block_m))
@@ -602,13 +685,19 @@ def _descriptor_strides(strides: tuple[int, ...], element_size: int) -> bool:
     return all(s * element_size % 16 == 0 for s in strides)
 
 
-def tma_ready(k: torch.Tensor, v: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> bool:
+def tma_ready(k: torch.Tensor, v: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, rows: tuple = ()) -> bool:
     """Whether this call's K, V and grads can go through the backward's tensor descriptors: every
     pointer on a 16-byte boundary and the grads' strides on 16-byte steps (K's and V's strides are
-    checked once, when the call is planned)."""
+    checked once, when the call is planned). rows: (q, dO, O, dQ) where the all-keys form moves them
+    through descriptors too (q's and dO's strides are planned; O is the forward's, contiguous)."""
     s = dk.stride()  # dv's are the same (launch_backward)
     e = dk.element_size()
-    return (k.data_ptr() | v.data_ptr() | dk.data_ptr() | dv.data_ptr() | s[0] * e | s[1] * e | s[2] * e) & 15 == 0
+    bits = k.data_ptr() | v.data_ptr() | dk.data_ptr() | dv.data_ptr() | s[0] * e | s[1] * e | s[2] * e
+    if rows:
+        q, do, o, dq = rows
+        s = dq.stride()
+        bits |= q.data_ptr() | do.data_ptr() | o.data_ptr() | dq.data_ptr() | s[0] * e | s[1] * e | s[2] * e
+    return bits & 15 == 0
 
 
 def launch_forward(q, k, v, mode, num_queries, q_offset, text_mask, splits: int = 1, dropout_p: float = 0.0,
@@ -652,7 +741,7 @@ def launch_backward(do, q, k, v, o, lse, keep, text_mask, mode, num_queries, q_o
     tail = (lse if text_mask is None else text_mask, lse if keep is None else keep, *plan.scalars, *plan.strides)
     launcher = plan.launches[0]
     if len(plan.launches) > 1:  # the first makes tensor descriptors on the device
-        if not tma_ready(k, v, dk, dv):
+        if not tma_ready(k, v, dk, dv, (q, do, o, dq) if launcher.meta["ALL_KEYS"] else ()):
             launcher = plan.launches[1]
         elif q.is_cuda:
             ensure_scratch_allocator()
@@ -673,7 +762,7 @@ def _launch_split_forward(q, k, v, mode, num_queries, q_offset, text_mask, split
     partial softmax states are then combined."""
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    cfg = attention_config(lq, d, q.dtype, q.device, dropout=dropout_p > 0)
+    cfg = attention_config(lq, lk, d, q.dtype, q.device, dropout=dropout_p > 0)
     m_blocks = triton.cdiv(lq, cfg.block_m)
     meta = dict(MODE=mode, HAS_TEXT_MASK=text_mask is not None, DROPOUT=dropout_p > 0, **cfg.meta(d))
     per_split = triton.cdiv(triton.cdiv(lk, splits), cfg.block_n) * cfg.block_n
@@ -803,7 +892,7 @@ def forward_splits(q: torch.Tensor, k: torch.Tensor, needs_grad: bool) -> int:
     if needs_grad or k.shape[1] <= MAX_KEYS_UNSPLIT:
         return 1
     b, lq, h, d = q.shape
-    cfg = attention_config(lq, d, q.dtype, q.device)
+    cfg = attention_config(lq, k.shape[1], d, q.dtype, q.device)
     return _num_splits(b * h, triton.cdiv(lq, cfg.block_m), k.shape[1], cfg.block_n, q.device)
 
 

@@ -8,7 +8,7 @@ and keeps the fastest. The table is never edited by hand. A launcher asks `looku
 the table holds none (every architecture today, until gpu-tune has run there) it keeps its own choice,
 which the compile gate checks.
 
-Keys name the kernel's role and shape class, e.g. "attention.backward:32x64:bf16:dropout".
+Keys name the kernel's role and shape, e.g. "attention.backward:32x257x64:bfloat16:dropout".
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ _TABLE: dict | None = None
 _TRYING: dict[str, dict] = {}  # gpu-tune's candidate under test, ahead of the table
 
 
-def attention_key(backward: bool, lq: int, d: int, dtype_name: str, dropout: bool, causal: bool) -> str:
+def attention_key(backward: bool, lq: int, lk: int, d: int, dtype_name: str, dropout: bool, causal: bool) -> str:
+    """Lq rows against Lk keys at head dim d: the benchmark shapes gpu-tune times, e.g. cross-attention's
+    "attention.backward:32x257x64:bfloat16:dropout"."""
     role = "backward" if backward else "forward"
-    return f"attention.{role}:{lq}x{d}:{dtype_name}:{'dropout' if dropout else 'plain'}{':causal' if causal else ''}"
+    return (f"attention.{role}:{lq}x{lk}x{d}:{dtype_name}:{'dropout' if dropout else 'plain'}"
+            f"{':causal' if causal else ''}")
 
 
 def layer_norm_key(d: int, dtype_name: str, dropout: bool) -> str:

@@ -139,10 +139,10 @@ print(json.dumps(out))
 
 
 def _row(kernel="_fwd_kernel", arch=90, block_m=64, dtype="*bf16", precision="tf32", block_d=64, warps=4,
-         descriptors=False, **result) -> Row:
+         descriptors=False, all_keys=False, **result) -> Row:
     meta = (("BLOCK_D", block_d), ("BLOCK_M", block_m), ("BLOCK_N", 64), ("PRECISION", precision))
     if kernel == "_bwd_kernel":
-        meta += (("ONE_TILE", True), ("TMA", descriptors))
+        meta += (("ONE_TILE", not all_keys), ("ALL_KEYS", all_keys), ("TMA", descriptors))
     req = CompileRequest("blip2rt.kernels.fused_attention", kernel, arch, (("Q", dtype), ("LSE", "*fp32")), meta, (),
                          (("num_warps", warps), ("num_stages", 2)))
     dots = gate.expected_dots(req)
@@ -176,13 +176,22 @@ def test_each_check_fails_on_what_it_guards():
     assert gate.failures([_row(kernel="_bwd_kernel", block_m=32, descriptors=True, tma=10)]) == []
     lowered = gate.failures([_row(kernel="_bwd_kernel", block_m=32, descriptors=True, tma=3)])
     assert len(lowered) == 1 and "3 tensor-memory copies in the PTX" in lowered[0]
+    # the all-keys form: its five products once, all wgmma at head dim 64
+    assert gate.failures([_row(kernel="_bwd_kernel", block_m=32, all_keys=True, descriptors=True, tma=8)]) == []
+    assert "4 dots in the compiled kernel, want the source's 5" in gate.failures(
+        [_row(kernel="_bwd_kernel", block_m=32, all_keys=True, descriptors=True, tma=8, dots=4, wgmma_dots=4)])[0]
     assert "7 of 10 dots are wgmma, want 8" in gate.failures([_row(kernel="_bwd_kernel", block_d=16, wgmma_dots=7)])[0]
     # occupancy: a kernel below its floor of blocks per SM fails (the CE rows kernel's floor is 2; the
-    # attention backward's 1); registers, shared memory and warps each limit it
+    # attention backward's 1 through pointer tiles); registers, shared memory and warps each limit it
     assert gate.ctas_per_sm(90, 128, 53248, 8) == 2 and gate.ctas_per_sm(90, 129, 53248, 8) == 1
     assert gate.ctas_per_sm(90, 64, 120000, 4) == 1 and gate.ctas_per_sm(80, 32, 0, 32) == 2
     assert gate.ctas_per_sm(90, 16, 0, 1) == 32  # the 32-block limit
     assert gate.failures([_row(kernel="_bwd_kernel", warps=8, registers=255, shared=65536)]) == []
+    # ... through tensor descriptors on sm_90, 2
+    assert gate.failures([_row(kernel="_bwd_kernel", warps=8, registers=128, shared=65536, descriptors=True,
+                               tma=10)]) == []
+    one = gate.failures([_row(kernel="_bwd_kernel", warps=8, registers=129, shared=65536, descriptors=True, tma=10)])
+    assert len(one) == 1 and "1 blocks per SM (129 registers, 65536 B shared, 8 warps), want at least 2" in one[0]
     ce = _ce_row(4, 4)
     assert gate.failures([Row(CompileResult(ce.result.request, registers=128, v4_loads=4, v4_stores=4), ce.uses)]) == []
     low = gate.failures([Row(CompileResult(ce.result.request, registers=200, v4_loads=4, v4_stores=4), ce.uses)])

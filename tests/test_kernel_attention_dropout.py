@@ -11,7 +11,7 @@ from blip2rt.kernels import AttentionMode, dropout_rng, launch
 from blip2rt.kernels.fused_attention import attention_keep_mask, fused_attention
 from blip2rt.kernels.qformer_attention import cross_attention_reference, self_attention_reference
 from formulas import attention64, qformer_allowed
-from test_kernel_fused_attention import ragged_mask
+from test_kernel_fused_attention import backward_form, ragged_mask
 from tolerances import assert_matches
 
 H, D = 2, 16
@@ -50,13 +50,18 @@ def transposed(fn):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("lq", [9, 40], ids=["one query tile", "several query tiles"])
+@pytest.mark.parametrize("lq, lk, form", [(9, 37, "one tile"), (40, 37, "split"), (40, 20, "all keys")],
+                         ids=["one query tile", "several query tiles", "several query tiles, one key block"])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_cross_attention_under_the_kernels_mask(lq, p, dtype):
-    seed = 1234 + lq
-    check_against_reference(lambda q, k, v: fused_attention(q, k, v, dropout_p=p, seed=seed),
-                            transposed(lambda q, k, v, m: cross_attention_reference(q, k, v, p, keep_mask=m)),
-                            3, lq, 37, dtype, p, seed)
+def test_cross_attention_under_the_kernels_mask(lq, lk, form, p, dtype):
+    """In the interpreter's 32 x 32 tiles, each of the backward's forms: one program a (batch, head) walking
+    the key blocks (9 rows) or the query tiles (20 keys), or a program per key block and per query tile."""
+    seed = 1234 + lq + lk
+    with launch.record() as launches:
+        check_against_reference(lambda q, k, v: fused_attention(q, k, v, dropout_p=p, seed=seed),
+                                transposed(lambda q, k, v, m: cross_attention_reference(q, k, v, p, keep_mask=m)),
+                                3, lq, lk, dtype, p, seed)
+    assert [backward_form(one) for one in launches if one.name == "fused_attention._bwd_kernel"] == [form]
 
 
 @pytest.mark.parametrize("mode", list(AttentionMode))

@@ -49,6 +49,13 @@ def test_cross_attention(n, b, dtype):
             lambda q, k, v: kernels.qformer_cross_attention(q, k, v, backend="torch"), b, nq, n, dtype, seed=n)
 
 
+def backward_form(one) -> str:
+    """How an attention backward launch (recorded, or planned) splits each (batch, head):
+    fused_attention._pair_form's names."""
+    meta = one.kwargs if hasattr(one, "kwargs") else one.meta
+    return "one tile" if meta["ONE_TILE"] else "all keys" if meta["ALL_KEYS"] else "split"
+
+
 def ragged_mask(b, t):
     """Right-padded text of lengths t, t-2, 1, ... (what a BERT tokenizer gives)."""
     lengths = [max(1, t - 2 * i) for i in range(b)]
@@ -287,34 +294,39 @@ def test_a_persistent_backward_only_where_the_pairs_outnumber_its_programs(monke
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["plain", "dropout"])
-def test_tensor_descriptor_backward_equals_the_pointer_backward(dropout_p):
-    """The one-tile backward reads K and V and writes their grads through tensor descriptors where the
-    pointers and strides allow (sm_90; the interpreter too), else through pointer tiles. Both give the
-    same grads bit for bit (the tests above hold the default, descriptors, to float64), here with 70 keys
-    (a peeled tail the descriptor zero-fills and clips) and head dim 24 (columns past it likewise). A K
-    whose rows are not on 16-byte steps takes the pointer launch."""
+@pytest.mark.parametrize("form", ["one tile", "all keys"])
+def test_tensor_descriptor_backward_equals_the_pointer_backward(form, dropout_p):
+    """The one-program backward reads K and V and writes their grads through tensor descriptors where the
+    pointers and strides allow (sm_90; the interpreter too), else through pointer tiles; the all-keys
+    form moves q, dO, O and dQ through them too. Both give the same grads bit for bit (the tests above
+    hold the default, descriptors, to float64), here with head dim 24 (columns past it zero-filled and
+    clipped) and, one tile, 70 keys (a peeled tail); all keys, 40 rows (two query tiles, the second
+    partial). A K (one tile) or q (all keys) whose rows are not on 16-byte steps takes the pointer launch."""
     from blip2rt.kernels import fused_attention as fa
     from blip2rt.kernels import launch
 
     g = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(3, n, H, 24, generator=g, dtype=torch.float16) for n in (9, 70, 70))
-    # the same values with rows 26 elements (52 bytes) apart: no descriptor
-    k_odd, v_odd = (torch.zeros(3, 70, H, 26, dtype=torch.float16)[..., :24].copy_(t) for t in (k, v))
-    do = torch.randn(3, 9, H, 24, generator=g, dtype=torch.float16)
+    lq, lk = (9, 70) if form == "one tile" else (40, 20)
+    q, k, v = (torch.randn(3, n, H, 24, generator=g, dtype=torch.float16) for n in (lq, lk, lk))
+    do = torch.randn(3, lq, H, 24, generator=g, dtype=torch.float16)
 
-    def grads(k, v):
+    def off_steps(t):  # the same values with rows 26 elements (52 bytes) apart: no descriptor
+        return torch.zeros(*t.shape[:3], 26, dtype=t.dtype)[..., :24].copy_(t)
+
+    def grads(q, k, v):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         with launch.record() as launches:
             out = fa.fused_attention(*leaves, dropout_p=dropout_p, seed=3)
             got = torch.autograd.grad(out, leaves, do)
         return got, next(one for one in launches if one.name == "fused_attention._bwd_kernel")
 
-    by_descriptor, one = grads(k, v)
-    by_pointer, other = grads(k_odd, v_odd)
+    by_descriptor, one = grads(q, k, v)
+    by_pointer, other = grads(*((q, off_steps(k), off_steps(v)) if form == "one tile" else (off_steps(q), k, v)))
     assert one.kwargs["TMA"] and not other.kwargs["TMA"]
+    assert backward_form(one) == backward_form(other) == form
     for a, b in zip(by_descriptor, by_pointer):
         assert torch.equal(a, b)
-    assert by_descriptor[1].abs().sum() > 0 and by_descriptor[2].abs().sum() > 0
+    assert all(x.abs().sum() > 0 for x in by_descriptor)
 
 
 def test_the_descriptor_launch_is_planned_where_hopper_and_the_strides_allow():
@@ -337,3 +349,64 @@ def test_the_descriptor_launch_is_planned_where_hopper_and_the_strides_allow():
     assert tma_ready(k, k, k, k)
     assert not tma_ready(k[:, :, :, 1:], k, k, k)  # 2 bytes off a 16-byte boundary
     assert not tma_ready(k, k, torch.empty(2, 257, 12, 63, dtype=torch.bfloat16), k)  # grad rows 126 bytes apart
+    # the all-keys form's rows: q, dO, O and dQ
+    assert tma_ready(k, k, k, k, (k, k, k, k))
+    assert not tma_ready(k, k, k, k, (k, k[:, :, :, 1:], k, k))
+    assert not tma_ready(k, k, k, k, (k, k, k, torch.empty(2, 257, 12, 63, dtype=torch.bfloat16)))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["plain", "dropout"])
+@pytest.mark.parametrize("case", ["cross, 40 rows x 20 keys", "ITM, 8 queries + 12 text", "unimodal, 8 + 12"])
+def test_all_keys_backward_equals_a_program_per_key_block_and_query_tile(case, dropout_p, monkeypatch):
+    """Where every key fits one block, one program a (batch, head) holds K and V and walks the query
+    tiles (16 rows here: two or three tiles), writing each tile's dQ whole. Its grads are those of a
+    program per key block and per query tile bit for bit (the same products in the same order), which
+    the tests above hold to float64, with text padding, a mode's mask and dropout."""
+    from blip2rt.kernels import fused_attention as fa
+    from blip2rt.kernels import launch
+
+    nq, t = (0, 0) if case.startswith("cross") else (8, 12)
+    mode = {"cross": None, "ITM": AttentionMode.BIDIRECTIONAL, "unimodal": AttentionMode.UNIMODAL}[case.split(",")[0]]
+    lq, lk = (40, 20) if mode is None else (nq + t, nq + t)
+    text = None if mode is None else ragged_mask(3, t)
+    q, k, v = qkv(3, lq, lk, torch.float16, seed=2)
+    g = torch.randn(3, lq, H, D, generator=torch.Generator().manual_seed(4), dtype=torch.float16)
+
+    def grads(per_pair):
+        monkeypatch.setattr(fa, "attention_config", lambda *a, **kw: fa.AttentionConfig(
+            16, 32, 32, 4, 1, "ieee", per_pair=per_pair))
+        launch.forget_plans()
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        with launch.record() as launches:
+            out = fa.fused_attention(*leaves, mode=mode, num_queries=nq, text_mask=text, dropout_p=dropout_p, seed=9)
+            got = torch.autograd.grad(out, leaves, g)
+        launch.forget_plans()
+        return got, [backward_form(one) for one in launches if one.name == "fused_attention._bwd_kernel"]
+
+    walked, form = grads(True)
+    separate, other = grads(False)
+    assert form == ["all keys"] and other == ["split"]
+    for a, b in zip(walked, separate):
+        assert torch.equal(a, b)
+    assert all(x.abs().sum() > 0 for x in walked)
+
+
+def test_the_all_keys_backward_is_planned_for_itm_and_unimodal_on_hopper():
+    """Planned on meta tensors for the paper's ITM self-attention (32 queries + 32 text, 64 keys): on the
+    H100, one program a (batch, head) over 32-row tiles, through tensor descriptors (a pointer launch
+    after it); on the A100, and at a batch under one wave, a program per key block and query tile."""
+    from blip2rt.kernels import launch
+    from blip2rt.kernels.fused_attention import _backward_plan
+
+    def plan(target, batch):
+        q = torch.empty(batch, 64, 12, 64, dtype=torch.bfloat16, device="meta")
+        text = torch.empty(batch, 32, dtype=torch.int8, device="meta")
+        with launch.plan_for(target):
+            return _backward_plan(torch.empty_like(q), q, q, q, 1, 32, 0, text, 0.1).launches
+
+    hopper = plan(launch.H100, 128)
+    assert [(backward_form(one), one.meta["TMA"], one.grid[:2]) for one in hopper] == [
+        ("all keys", True, (128 * 12, 1)), ("all keys", False, (128 * 12, 1))]
+    assert hopper[0].meta["BLOCK_M"] == 32 and hopper[0].meta["BLOCK_N"] == 64
+    assert [backward_form(one) for one in plan(launch.A100, 128)] == ["split"]
+    assert [backward_form(one) for one in plan(launch.H100, 2)] == ["split"]

@@ -58,7 +58,9 @@ def test_qformer_under_bf16_autocast_gives_torchs_dtypes_and_values():
     assert {one.name for one in ran} >= {"fused_attention._fwd_kernel", "fused_attention._bwd_kernel",
                                          "post_ln_residual._bwd_kernel"}
     backward = [one for one in ran if one.name == "fused_attention._bwd_kernel"]
-    assert {one.kwargs["ONE_TILE"] for one in backward} == {True, False}  # 8 query rows, and 38 rows in two tiles
+    # cross-attention's 17 image tokens fit one key block (one program a pair); ITM's 38 rows and 38 keys do
+    # not, and get a program per key block and per query tile
+    assert {(one.kwargs["ONE_TILE"], one.kwargs["ALL_KEYS"]) for one in backward} == {(False, True), (False, False)}
     attention = [one for one in ran if one.name == "fused_attention._fwd_kernel"]
     assert all(one.arg_dtypes()[0] == BF16 for one in attention)  # q, k, v from bf16 Linears
     out_e, grads_e, ran_e = run(m, "torch", torch.float32, amp=True)

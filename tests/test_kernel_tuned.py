@@ -33,14 +33,14 @@ def test_layer_norm_backward_takes_the_tuned_rows_warps_and_grid():
 
 
 def test_attention_and_ce_rows_take_the_tuned_configuration_on_its_architecture_only():
-    key = tuned.attention_key(True, 32, 64, "bfloat16", True, False)
+    key = tuned.attention_key(True, 32, 257, 64, "bfloat16", True, False)
     config = dict(block_m=32, block_n=128, block_d=64, warps=4, stages=3, maxnreg=None)
     with tuned.trying(key, config):
         with launch.plan_for(launch.H100):
-            got = fa.attention_config(32, 64, torch.bfloat16, torch.device("meta"), backward=True, dropout=True)
+            got = fa.attention_config(32, 257, 64, torch.bfloat16, torch.device("meta"), backward=True, dropout=True)
         assert (got.block_n, got.warps, got.stages) == (128, 4, 3)
         with launch.plan_for(launch.H100):  # another key: untouched
-            other = fa.attention_config(32, 64, torch.bfloat16, torch.device("meta"), backward=True, dropout=False)
+            other = fa.attention_config(32, 257, 64, torch.bfloat16, torch.device("meta"), backward=True, dropout=False)
         assert other.block_n == 64 and other.warps == 8
     with tuned.trying(tuned.ce_rows_key(50272, "bfloat16"), dict(BLOCK_V=8192, num_warps=16)):
         with launch.plan_for(launch.H100):

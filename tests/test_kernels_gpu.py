@@ -107,38 +107,54 @@ def test_cross_attention_on_gpu(b, n, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["plain", "dropout"])
-def test_descriptor_backward_and_its_pointer_fallback_on_gpu(dropout_p, dtype):
-    """B*H past the SM count: the one-tile backward, through tensor descriptors on sm_90; K/V whose rows
-    are off 16-byte steps (a padded buffer's view) take the pointer launch. One seed, so one dropout
-    mask: both give the same grads, within the dtype's tolerance of each other and, without dropout,
-    of float64 (the reference)."""
+@pytest.mark.parametrize("form", ["one tile", "all keys"])
+def test_descriptor_backward_and_its_pointer_fallback_on_gpu(form, dropout_p, dtype):
+    """B*H past the SM count: one program a (batch, head), through tensor descriptors on sm_90. One tile:
+    cross-attention, 32 rows walking 257 keys, whose K/V rows off 16-byte steps (a padded buffer's view)
+    take the pointer launch. All keys: ITM's self-attention (32 queries + 32 padded text), 64 keys
+    walking two 32-row tiles, whose q off 16-byte steps takes the pointer launch. One seed, so one
+    dropout mask: both give the same grads, within the dtype's tolerance of each other and, without
+    dropout, of float64 (the reference)."""
     from blip2rt import kernels
-    from blip2rt.kernels import launch
+    from blip2rt.kernels import AttentionMode, launch
     from blip2rt.kernels.fused_attention import fused_attention
 
-    b, n = 32, 257
+    b, lq, lk = (32, 32, 257) if form == "one tile" else (32, 64, 64)
+    text = None
+    if form == "all keys":
+        lengths = torch.arange(b, device="cuda") % 32 + 1
+        text = (torch.arange(32, device="cuda")[None] < lengths[:, None]).long()
+    args = {} if text is None else dict(mode=AttentionMode.BIDIRECTIONAL, num_queries=32, text_mask=text)
 
     def padded(t):  # the same values in rows 68 elements apart
         return F.pad(t, (0, 4))[..., :64]
 
     def fused(pad):
         def call(q, k, v):
-            k, v = (padded(k), padded(v)) if pad else (k, v)
-            return fused_attention(q, k, v, dropout_p=dropout_p, seed=11)
+            if pad and form == "one tile":
+                k, v = padded(k), padded(v)
+            elif pad:
+                q = padded(q)
+            return fused_attention(q, k, v, dropout_p=dropout_p, seed=11, **args)
         return call
 
-    base = [torch.randn(*s, device="cuda") for s in ((b, 32, 12, 64), (b, n, 12, 64), (b, n, 12, 64))]
-    g = torch.randn(b, 32, 12, 64, device="cuda").to(dtype)
+    base = [torch.randn(b, n, 12, 64, device="cuda") for n in (lq, lk, lk)]
+    g = torch.randn(b, lq, 12, 64, device="cuda").to(dtype)
     hopper = torch.cuda.get_device_capability()[0] >= 9
     got = []
     for pad in (False, True):
         with launch.record() as launches:
             got.append(grads_of(fused(pad), leaves_like(base, dtype), g))
         backward = [one for one in launches if one.name == "fused_attention._bwd_kernel"]
-        assert backward and backward[0].kwargs["ONE_TILE"] and backward[0].kwargs["TMA"] == (hopper and not pad)
+        assert backward and backward[0].kwargs["TMA"] == (hopper and not pad)
+        if hopper:
+            assert backward[0].kwargs["ONE_TILE" if form == "one tile" else "ALL_KEYS"]
     (o, gr), (o_pad, gr_pad) = got
     if dropout_p == 0:
-        ref = lambda q, k, v: kernels.qformer_cross_attention(q, k, v, backend="torch")
+        if text is None:
+            ref = lambda q, k, v: kernels.qformer_cross_attention(q, k, v, backend="torch")
+        else:
+            ref = lambda q, k, v: kernels.qformer_self_attention(q, k, v, backend="torch", **args)
         oe, ge = grads_of(ref, leaves_like(base, dtype), g)
         o64, g64 = grads_of(ref, leaves_like(base, torch.float64), g.double())
         for a, e, r, name in zip((o, *gr), (oe, *ge), (o64, *g64), ("out", "dq", "dk", "dv")):
