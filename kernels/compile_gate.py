@@ -570,7 +570,17 @@ def _config(req: CompileRequest) -> str:
     opts = dict(req.options)
     blocks = "x".join(f"{meta[k]}" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_I", "BLOCK_T", "BLOCK_R", "BLOCK_V", "BLOCK_D")
                       if k in meta)
-    return f"{blocks} w{opts.get('num_warps')} s{opts.get('num_stages')}"
+    off = _off_sixteen_bytes(req)
+    return f"{blocks} w{opts.get('num_warps')} s{opts.get('num_stages')}" + (f", {', '.join(off)} off 16 B" if off else "")
+
+
+def _off_sixteen_bytes(req: CompileRequest) -> list[str]:
+    """The pointer arguments Triton's binder did not find on a 16-byte boundary (so compiled for narrower
+    accesses): what tells apart two compiles of one configuration, e.g. a strided view of shifted labels."""
+    names = getattr(importlib.import_module(req.module), req.kernel).arg_names
+    aligned = {path[0] for path, attrs in req.attrs if ("tt.divisibility", 16) in attrs}
+    return [name for name, kind in req.signature if isinstance(kind, str) and kind.startswith("*")
+            and names.index(name) not in aligned]
 
 
 def _dtypes(req: CompileRequest) -> str:

@@ -279,3 +279,18 @@ def test_the_layer_norm_backward_grid_is_one_wave_at_its_occupancy_floor():
     assert gate.MIN_CTAS_PER_SM["post_ln_residual._bwd_kernel"] == post_ln_residual.BLOCKS_PER_SM
     with launch.plan_for(launch.H100):
         assert launch.backward_programs(10**6, "cuda", post_ln_residual.BLOCKS_PER_SM) == 2 * launch.H100.sm_count
+
+
+def test_the_table_names_pointers_off_a_16_byte_boundary():
+    """Two compiles of one configuration can differ only in which pointers Triton's binder found on a 16-byte
+    boundary (a strided view, e.g. ITG's shifted labels): the table's tiles column names those pointers, so
+    its rows read apart."""
+    row = _row()
+    names = [name for name, _ in row.result.request.signature]
+    assert gate._config(row.result.request) == f"64x64x64 w4 s2, {', '.join(names)} off 16 B"
+    from blip2rt.kernels.fused_attention import _fwd_kernel
+
+    aligned = tuple(((_fwd_kernel.arg_names.index(n),), (("tt.divisibility", 16),)) for n in names)
+    req = row.result.request
+    req = CompileRequest(req.module, req.kernel, req.arch, req.signature, req.constexprs, aligned, req.options)
+    assert gate._config(req) == "64x64x64 w4 s2"
