@@ -539,10 +539,11 @@ def _attention_config(lq: int, lk: int, d: int, dtype: torch.dtype, target: GpuT
     wide = d >= 32
     if not backward:
         keys = 64 if wide or target.arch >= 90 else 32
-        if dropout:  # the Philox draws spilled on 4 warps: 8, which fit 128 registers at 32 rows and head dim
-            # 64 (two blocks an SM; 131-152 without the budget); elsewhere 128 spilled 4-24 bytes (head dims
-            # 16 and 32), and 64-row tiles take 159: the full budget
-            fits = block_m == 32 and d >= 64
+        if dropout:  # the Philox draws spilled on 4 warps: 8, which fit 128 registers at head dim 64 (two
+            # blocks an SM; 131-159 without the budget), at 32 rows, and at 64 on sm_90 (wgmma: 123-128 in
+            # Triton 3.6 and 3.8; sm_80's mma.sync spilled 396-404 bytes); at head dims 16 and 32, 128 spilled 4-24
+            # bytes: the full budget
+            fits = d >= 64 and (block_m == 32 or target.arch >= 90)
             return AttentionConfig(block_m, keys, block_d, 8, 2, precision, 128 if fits else register_budget(8))
         return AttentionConfig(block_m, keys, block_d, 4, 2, precision)
     # the backward, key-major (keys are every product's rows). sm_90: 64-key blocks make all five
