@@ -274,7 +274,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP,
 
     One program per (batch, head) pair, in one pass that reads K/V once and needs no atomics, where the
     pair fits it:
-    - ONE_TILE (every query row in one tile: the Q-Former's 32 queries, or its 32 text rows): the
+    - ONE_TILE (every query row in one tile: the Q-Former's 32 queries against the image): the
       program holds q, dO and O, walks the key blocks, writes each block's dK and dV as it finishes it,
       and accumulates dQ^T = K^T dS^T. The full key blocks run unmasked; the last, partial one is peeled
       off and masked.
@@ -282,9 +282,9 @@ def _bwd_kernel(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP,
       and V, walks the query tiles, accumulates dK and dV, and writes each tile's dQ, which is complete
       as this block holds every key.
     PERSISTENT: a grid of a few programs an SM, each walking the (batch, head) pairs pid, pid + grid, ...
-    of the BH. TMA (Hopper): K and V come in, and dK and dV go out, through tensor descriptors made once
-    per pair, so no address or bound is computed per element (the tensor-memory unit zero-fills and
-    clips at the key bound).
+    of the BH. TMA (Hopper): K and V come in, and dK and dV go out (and, ALL_KEYS, q, dO and O in and dQ
+    out, a query tile at a time), through tensor descriptors made once per pair, so no address or bound
+    is computed per element (the tensor-memory unit zero-fills and clips at the bounds).
     Otherwise, grid (B*H, key blocks + query tiles): the first programs make dK/dV of their key block
     over every query tile, the rest dQ of their query tile over every key block."""
     pid_bh = tl.program_id(0)
