@@ -367,7 +367,7 @@ def _key_block(Q, K, V, DO, LSE, O, DQ, DK, DV, TM, KEEP, start_n, b, h, pid_bh,
         if WITH_DQ:
             dqt = dot(tl.trans(k), dst.to(k.dtype), tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32), PRECISION)
             if TMA:
-                DQ.store([start_m, 0], tl.trans(dqt * sm_scale).to(k.dtype))
+                DQ.store([start_m, 0], tl.trans(dqt * sm_scale).to(DQ.dtype))
             else:
                 _store_tile_t(DQ, b, offs_m, h, s_dqb, s_dqm, s_dqh, offs_d, mm, md, dqt * sm_scale)
     dk = dk * sm_scale
