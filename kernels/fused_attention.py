@@ -666,6 +666,11 @@ def _pair_form(per_pair: bool, lq: int, lk: int, cfg: AttentionConfig) -> str:
     return "split"
 
 
+def launch_form(meta: dict) -> str:
+    """The `_pair_form` a backward launch was planned with, read back from its constexprs."""
+    return "one tile" if meta["ONE_TILE"] else "all keys" if meta.get("ALL_KEYS") else "split"
+
+
 def _backward_launch(cfg: AttentionConfig, tma: bool, form: str, mode, text_mask, dropout_p, pairs: int, lq: int,
                      lk: int, d: int, target: GpuTarget | None) -> Planned:
     # persistent (a tuned choice): a few programs an SM walk the pairs, where there are more pairs than that

@@ -52,8 +52,9 @@ def test_cross_attention(n, b, dtype):
 def backward_form(one) -> str:
     """How an attention backward launch (recorded, or planned) splits each (batch, head):
     fused_attention._pair_form's names."""
-    meta = one.kwargs if hasattr(one, "kwargs") else one.meta
-    return "one tile" if meta["ONE_TILE"] else "all keys" if meta["ALL_KEYS"] else "split"
+    from blip2rt.kernels.fused_attention import launch_form
+
+    return launch_form(one.kwargs if hasattr(one, "kwargs") else one.meta)
 
 
 def ragged_mask(b, t):
