@@ -52,7 +52,7 @@ class TuneCase:
 
     name: str
     key: str
-    kernel: str  # module._kernel: the launches of this case that the gate must pass
+    kernels: tuple[str, ...]  # module._kernel: the launches of this case that the gate must pass
     candidates: list[dict]
     plan: Callable[[torch.device], None]  # the launcher's call, on tensors of `device` (meta to plan)
     timed: Callable[[torch.device], Callable[[], None]]  # inputs made once; the call to time
@@ -134,7 +134,7 @@ def _attention_case(name: str, backward: bool, lq: int, lk: int, mode: int, num_
         candidates = [dict(block_m=lq, block_n=n, block_d=HEAD_DIM, warps=w, stages=s)
                       for n, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]
     kernel = "fused_attention._bwd_kernel" if backward else "fused_attention._fwd_kernel"
-    return TuneCase(name, key, kernel, candidates, plan, timed)
+    return TuneCase(name, key, (kernel,), candidates, plan, timed)
 
 
 def _layer_norm_case() -> TuneCase:
@@ -151,18 +151,22 @@ def _layer_norm_case() -> TuneCase:
 
     def plan(device):
         h, r, w, b, seed = inputs(device)
-        y, stats = ln.launch_forward(h, r, w, b, 1e-12, 0.1, seed)
-        ln.launch_backward(torch.empty_like(y), h, r, w, stats, 0.1, seed)
+        y, stats, bits = ln.launch_forward(h, r, w, b, 1e-12, 0.1, seed)
+        ln.launch_backward(torch.empty_like(y), h, r, w, stats, bits, 0.1, seed)
 
-    def timed(device):
+    def timed(device):  # forward and backward: a saved mask costs the forward its store
         h, r, w, b, seed = inputs(device)
-        y, stats = ln.launch_forward(h, r, w, b, 1e-12, 0.1, seed)
-        dy = torch.randn_like(y)
-        return lambda: ln.launch_backward(dy, h, r, w, stats, 0.1, seed)
+        dy = torch.randn_like(h)
 
-    candidates = _grid(block_r=[1, 2, 4, 8], warps=[4, 8], blocks_per_sm=[2, 4])
-    return TuneCase("residual LayerNorm backward", tuned.layer_norm_key(LN_DIM, "bfloat16", True),
-                    "post_ln_residual._bwd_kernel", candidates, plan, timed)
+        def call():
+            y, stats, bits = ln.launch_forward(h, r, w, b, 1e-12, 0.1, seed)
+            ln.launch_backward(dy, h, r, w, stats, bits, 0.1, seed)
+        return call
+
+    # saved_mask: the backward reads the forward's mask bits instead of drawing them again
+    candidates = _grid(block_r=[1, 2, 4, 8], warps=[4, 8], blocks_per_sm=[2, 4], saved_mask=[False, True])
+    return TuneCase("residual LayerNorm forward+backward", tuned.layer_norm_key(LN_DIM, "bfloat16", True),
+                    ("post_ln_residual._fwd_kernel", "post_ln_residual._bwd_kernel"), candidates, plan, timed)
 
 
 def _ce_rows_case() -> TuneCase:
@@ -187,7 +191,7 @@ def _ce_rows_case() -> TuneCase:
         return lambda: ce.launch_rows(*args, 0.1, -100)
 
     candidates = _grid(BLOCK_V=[2048, 4096, 8192], num_warps=[4, 8, 16])
-    return TuneCase("linear+CE rows", tuned.ce_rows_key(CE_VOCAB, "bfloat16"), "chunked_cross_entropy._ce_rows_kernel",
+    return TuneCase("linear+CE rows", tuned.ce_rows_key(CE_VOCAB, "bfloat16"), ("chunked_cross_entropy._ce_rows_kernel",),
                     candidates, plan, timed)
 
 
@@ -221,7 +225,7 @@ def gate_verdicts(case: TuneCase, target, jobs: int | None = None) -> list[Outco
             outcome.verdict = f"not planned: {type(e).__name__}: {str(e)[:200]}"
             planned.append((outcome, []))
             continue
-        ours = [one for one in launches if one.name == case.kernel]
+        ours = [one for one in launches if one.name in case.kernels]
         planned.append((outcome, [(gate.bind(one, target.arch), one) for one in ours]))
     requests = list({req for _, reqs in planned for req, _ in reqs})
     results = {r.request: r for r in gate.compile_all(requests, jobs)}

@@ -185,8 +185,8 @@ def _workloads(s: Shapes, dtype: torch.dtype) -> list[tuple[str, Callable[[], No
             hh, r = _meta(b * nq, d, dtype=h_dtype), _meta(b * nq, d, dtype=r_dtype)
             w, bias = _meta(d, dtype=r_dtype), _meta(d, dtype=r_dtype)
             seed = _meta(1, dtype=torch.int64)
-            y, stats = ln.launch_forward(hh, r, w, bias, 1e-12, p, seed)
-            ln.launch_backward(torch.empty_like(y), hh, r, w, stats, p, seed)
+            y, stats, bits = ln.launch_forward(hh, r, w, bias, 1e-12, p, seed)
+            ln.launch_backward(torch.empty_like(y), hh, r, w, stats, bits, p, seed)
         return run
 
     def itc_loss():

@@ -40,7 +40,7 @@ tuned.TABLE_PATH = __import__("pathlib").Path(table)
 tuned._TABLE = None
 with launch.plan_for(launch.H100) as launches:
     case.plan(__import__("torch").device("meta"))
-bwd = next(one for one in launches if one.name == case.kernel)
+bwd = next(one for one in launches if one.name in case.kernels)
 print(json.dumps(dict(verdicts=[o.verdict for o in r.outcomes], timed=timed, best=r.best.config,
                       planned=dict(warps=bwd.kwargs["num_warps"], stages=bwd.kwargs["num_stages"],
                                    block_n=bwd.kwargs["BLOCK_N"]),
@@ -71,3 +71,36 @@ def test_the_tuned_table_checked_in_loads():
 
     table = tuned.load(tuned.TABLE_PATH)
     assert table["version"] == tuned.VERSION
+
+
+LAYER_NORM_SCRIPT = """
+import json, sys, time
+sys.path.insert(0, "benchmarks")
+import gpu_tune
+from blip2rt.kernels import launch, compile_gate as gate
+
+case = next(c for c in gpu_tune.cases() if c.name.startswith("residual LayerNorm"))
+case.candidates = [dict(block_r=2, warps=8, blocks_per_sm=2, saved_mask=False),   # the launcher's own
+                   dict(block_r=2, warps=8, blocks_per_sm=2, saved_mask=True),    # the same, the mask saved
+                   dict(block_r=8, warps=4, blocks_per_sm=2, saved_mask=True)]    # spills
+compiled = []
+compile_all = gate.compile_all
+def spy(requests, jobs=None):
+    compiled.extend((r.kernel, dict(r.constexprs)) for r in requests)
+    return compile_all(requests, jobs)
+gate.compile_all = spy
+outcomes = gpu_tune.gate_verdicts(case, launch.H100, jobs=2)
+print(json.dumps(dict(verdicts=[o.verdict for o in outcomes],
+                      saving=sorted({k for k, c in compiled if c.get("SAVE_MASK") or c.get("SAVED_MASK")}))))
+"""
+
+
+def test_a_saved_layer_norm_mask_is_gated_in_both_kernels_before_it_is_timed():
+    """The LayerNorm case times forward and backward together (a saved mask moves work into the forward),
+    so the gate compiles both kernels of every candidate: the forward that stores the bits too."""
+    proc = subprocess.run([sys.executable, "-c", LAYER_NORM_SCRIPT], cwd=ROOT, env=compiler_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["verdicts"][:2] == ["ok", "ok"] and "spills" in out["verdicts"][2], out["verdicts"]
+    assert out["saving"] == ["_bwd_kernel", "_fwd_kernel"], out["saving"]

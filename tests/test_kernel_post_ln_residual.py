@@ -8,7 +8,7 @@ from blip2rt.kernels.references import residual_layer_norm_reference
 from formulas import residual_layer_norm64
 from tolerances import assert_matches
 
-SHAPES = [(1, 1, 7), (3, 5, 37), (17, 768), (2, 3, 1023)]
+SHAPES = [(1, 1, 7), (5, 2), (3, 5, 37), (17, 768), (2, 3, 1023)]  # (5, 2): rows narrower than a Philox call
 
 
 def make(shape, dtype, seed=0):
@@ -77,12 +77,73 @@ def test_non_finite_input_poisons_only_its_row():
     assert torch.isfinite(y[[1, 3]]).all()
 
 
-def test_eager_path_equals_the_custom_op_that_torch_compile_traces():
+@pytest.fixture
+def saved_mask(monkeypatch):
+    """The launchers planned as gpu-tune's table may have them on a GPU: the forward saves its dropout
+    mask as bits, and the backward reads them instead of drawing the mask again."""
+    from blip2rt.kernels import launch, post_ln_residual as ln
+
+    choice = ln.backward_config
+    monkeypatch.setattr(ln, "backward_config", lambda *args: dict(choice(*args), saved_mask=True))
+    launch.forget_plans()
+    yield
+    monkeypatch.setattr(ln, "backward_config", choice)
+    launch.forget_plans()
+
+
+def _forward_backward(shape, dtype, p, seed):
+    from blip2rt.kernels import launch
+
+    h, r, w, b = make(shape, dtype)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with launch.record() as launches:
+        y = residual_layer_norm_triton(h, r, w, b, 1e-12, p, seed=seed)
+        grads = torch.autograd.grad(y, (h, r, w, b), g)
+    return y, grads, {one.name.rsplit(".", 1)[1]: one.kwargs for one in launches}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(5, 1), (3, 5, 37), (17, 768), (2, 3, 1023)], ids=lambda s: "x".join(map(str, s)))
+def test_a_saved_mask_gives_what_drawing_it_again_gives_bit_for_bit(shape, dtype, request):
+    """The same mask whether the backward reads the forward's bits or draws them again: every output
+    equal, and the bits themselves are the mask `dropout_keep_mask` draws, 8 columns a byte, lowest first."""
+    from blip2rt.kernels import dropout_rng, post_ln_residual as ln
+
+    y, grads, kinds = _forward_backward(shape, dtype, 0.3, 11)
+    assert not kinds["_fwd_kernel"]["SAVE_MASK"] and not kinds["_bwd_kernel"]["SAVED_MASK"]
+    request.getfixturevalue("saved_mask")
+    y_saved, grads_saved, kinds = _forward_backward(shape, dtype, 0.3, 11)
+    assert kinds["_fwd_kernel"]["SAVE_MASK"] and kinds["_bwd_kernel"]["SAVED_MASK"]
+    assert torch.equal(y, y_saved)
+    for a, c in zip(grads, grads_saved):
+        assert torch.equal(a, c)
+
+    d = shape[-1]
+    h, r, w, b = (t.detach() for t in make(shape, dtype))
+    _, _, bits = ln.launch_forward(h, r, w, b, 1e-12, 0.3, dropout_rng.fixed(11, "cpu"))
+    assert bits.shape == (h.numel() // d, -(-d // 8)) and bits.dtype == torch.uint8
+    unpacked = (bits.int()[:, :, None] >> torch.arange(8)) & 1  # (rows, bytes, 8): bit i of byte j is column 8j + i
+    keep = dropout_keep_mask(shape, 0.3, 11, "cpu").reshape(-1, d)
+    assert torch.equal(unpacked.reshape(len(bits), -1)[:, :d].bool(), keep)
+
+
+def test_without_dropout_nothing_is_saved(saved_mask):
+    from blip2rt.kernels import post_ln_residual as ln
+
+    h, r, w, b = (t.detach() for t in make((3, 37), torch.float32))
+    assert ln.launch_forward(h, r, w, b, 1e-12, 0.0, None)[2] is None
+
+
+@pytest.mark.parametrize("mode", ["drawn again", "saved"])
+def test_eager_path_equals_the_custom_op_that_torch_compile_traces(mode, request):
     """Eager calls go through an autograd.Function (less host time); torch.compile sees the custom
-    op. Both run the same launches: the same output and grads, bit for bit, dropout included."""
+    op. Both run the same launches: the same output and grads, bit for bit, dropout included, with the
+    mask drawn again by the backward or saved by the forward."""
     from blip2rt.kernels import dropout_rng, launch
     from blip2rt.kernels.post_ln_residual import residual_layer_norm_forward_op
 
+    if mode == "saved":
+        request.getfixturevalue("saved_mask")
     h, r, w, b = make((3, 5, 37), torch.float32)
     g = torch.randn(3, 5, 37, generator=torch.Generator().manual_seed(1))
     with launch.record() as eager_launches:
@@ -93,6 +154,7 @@ def test_eager_path_equals_the_custom_op_that_torch_compile_traces():
         grads_op = torch.autograd.grad(y_op, (h, r, w, b), g)
     assert [one.name for one in eager_launches] == [one.name for one in op_launches] == \
         ["post_ln_residual._fwd_kernel", "post_ln_residual._bwd_kernel"]
+    assert op_launches[1].kwargs["SAVED_MASK"] is (mode == "saved")
     assert torch.equal(y, y_op)
     for a, c in zip(grads, grads_op):
         assert torch.equal(a, c)

@@ -14,13 +14,19 @@ def meta(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def plan_layer_norm():
+def plan_layer_norm_both(p=0.1):
+    """The (forward, backward) launches of one residual LayerNorm step on an H100, planned on meta tensors."""
     h, w = meta(8192, 768), meta(768)
     seed = meta(1, dtype=torch.int64)
     with launch.plan_for(launch.H100) as launches:
-        y, stats = ln.launch_forward(h, h, w, w, 1e-12, 0.1, seed)
-        ln.launch_backward(y, h, h, w, stats, 0.1, seed)
-    return next(one for one in launches if one.name == "post_ln_residual._bwd_kernel")
+        y, stats, bits = ln.launch_forward(h, h, w, w, 1e-12, p, seed)
+        ln.launch_backward(y, h, h, w, stats, bits, p, seed)
+    assert [one.name for one in launches] == ["post_ln_residual._fwd_kernel", "post_ln_residual._bwd_kernel"]
+    return launches
+
+
+def plan_layer_norm():
+    return plan_layer_norm_both()[1]
 
 
 def test_layer_norm_backward_takes_the_tuned_rows_warps_and_grid():
@@ -30,6 +36,23 @@ def test_layer_norm_backward_takes_the_tuned_rows_warps_and_grid():
         bwd = plan_layer_norm()
     assert (bwd.kwargs["BLOCK_R"], bwd.kwargs["num_warps"], bwd.grid[0]) == (4, 4, 3 * launch.H100.sm_count)
     assert plan_layer_norm().kwargs == default.kwargs  # the trial is over: the launcher's own choice again
+
+
+def test_a_tuned_saved_mask_makes_the_forward_store_it_and_the_backward_read_it():
+    fwd, bwd = plan_layer_norm_both()
+    assert not fwd.kwargs["SAVE_MASK"] and not bwd.kwargs["SAVED_MASK"]  # untuned: drawn again
+    with tuned.trying(tuned.layer_norm_key(768, "bfloat16", True),
+                      dict(block_r=2, warps=8, blocks_per_sm=2, saved_mask=True)):
+        fwd, bwd = plan_layer_norm_both()
+        assert fwd.kwargs["SAVE_MASK"] and bwd.kwargs["SAVED_MASK"]
+        bits = fwd.args[6]  # BITS: (rows, ceil(768 / 8)) uint8, handed to the backward
+        assert bits.shape == (8192, 96) and bits.dtype == torch.uint8 and bwd.args[5] is bits
+    with tuned.trying(tuned.layer_norm_key(768, "bfloat16", False),
+                      dict(block_r=2, warps=8, blocks_per_sm=2, saved_mask=True)):
+        assert not plan_layer_norm_both(p=0.0)[0].kwargs["SAVE_MASK"]  # no dropout, no mask
+    # a table entry written before saved_mask existed reads as drawing the mask again
+    with tuned.trying(tuned.layer_norm_key(768, "bfloat16", True), dict(block_r=2, warps=8, blocks_per_sm=2)):
+        assert not plan_layer_norm().kwargs["SAVED_MASK"]
 
 
 def test_attention_and_ce_rows_take_the_tuned_configuration_on_its_architecture_only():

@@ -36,8 +36,8 @@ def _planned_launches() -> list[launch.Launch]:
         fa.launch_forward(q, k, k, fa.MODE_NONE, 0, 0, None, store_lse=False)
         h = torch.empty(64, 768, dtype=torch.bfloat16, **meta)
         w = torch.empty(768, dtype=torch.float32, **meta)
-        y, stats = ln.launch_forward(h, h.float(), w, w, 1e-12, 0.1, seed)
-        ln.launch_backward(torch.empty_like(y), h, h.float(), w, stats, 0.1, seed)
+        y, stats, bits = ln.launch_forward(h, h.float(), w, w, 1e-12, 0.1, seed)
+        ln.launch_backward(torch.empty_like(y), h, h.float(), w, stats, bits, 0.1, seed)
     return launches
 
 
