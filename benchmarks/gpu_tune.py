@@ -130,6 +130,9 @@ def _attention_case(name: str, backward: bool, lq: int, lk: int, mode: int, num_
         # and a persistent grid (1 or 2 programs an SM walking the pairs) at the launcher's own tiles
         candidates += [dict(block_m=32, block_n=64, block_d=HEAD_DIM, warps=w, stages=2, maxnreg=r, persistent=p)
                        for w, r, p in itertools.product((4, 8), (None, 128), (1, 2))]
+    elif lq > 32:  # ITM's 64 rows: one 64-row tile (wgmma on sm_90) or two 32-row ones (mma.sync, more programs)
+        candidates = [dict(block_m=m, block_n=n, block_d=HEAD_DIM, warps=w, stages=s, maxnreg=r)
+                      for m, n, w, s, r in itertools.product((32, lq), (32, lk), (4, 8), (1, 2), (None, 128))]
     else:
         candidates = [dict(block_m=lq, block_n=n, block_d=HEAD_DIM, warps=w, stages=s)
                       for n, w, s in itertools.product((32, 64, 128), (4, 8), (1, 2, 3))]
@@ -207,6 +210,8 @@ def cases() -> list[TuneCase]:
         _attention_case("attention.forward cross", False, QUERIES, IMAGE_TOKENS, MODE_NONE, 0, False, 0.1),
         _attention_case("attention.forward cross, inference", False, QUERIES, IMAGE_TOKENS, MODE_NONE, 0, False, 0.0),
         _ce_rows_case(),
+        _attention_case("attention.forward ITM", False, QUERIES + TEXT, QUERIES + TEXT, MODE_BIDIRECTIONAL, QUERIES,
+                        True, 0.1),
     ]
 
 

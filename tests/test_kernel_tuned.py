@@ -83,3 +83,23 @@ def test_a_table_entry_applies_to_its_architecture(monkeypatch, tmp_path):
     path.write_text('{"version": 1, "archs": {"90": {"configs": {}}}}')
     with pytest.raises(ValueError, match="needs machine, date and configs"):
         tuned.load(path)
+
+
+def test_itm_forward_takes_a_tuned_row_tile():
+    """gpu-tune's ITM forward offers two 32-row programs against the launcher's one 64-row tile: the launch
+    plan follows the table."""
+    from blip2rt.kernels.qformer_attention import MODE_BIDIRECTIONAL
+
+    q = meta(128, 64, 12, 64)
+    mask, seed = meta(128, 32, dtype=torch.int8), meta(1, dtype=torch.int64)
+
+    def forward():
+        with launch.plan_for(launch.H100) as launches:
+            fa.launch_forward(q, q, q, MODE_BIDIRECTIONAL, 32, 0, mask, 1, 0.1, seed)
+        (one,) = launches
+        return one.grid, one.kwargs["BLOCK_M"], one.kwargs["num_warps"]
+
+    assert forward() == ((128 * 12, 1, 1), 64, 8)
+    key = tuned.attention_key(False, 64, 64, 64, "bfloat16", True, False)
+    with tuned.trying(key, dict(block_m=32, block_n=32, block_d=64, warps=4, stages=1, maxnreg=None)):
+        assert forward() == ((128 * 12, 2, 1), 32, 4)
