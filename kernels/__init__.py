@@ -11,10 +11,13 @@ from __future__ import annotations
 import torch
 
 from .backend import BACKENDS, ENV_VAR, resolve_backend
+from .compile_cache import tag_compile_caches
 from .dispatch import OPS, implementation
 from .itc_loss import itc_loss
 from .packed_grads import split_packed
 from .qformer_attention import AttentionMode, qformer_attention_bias
+
+tag_compile_caches()  # torch.compile's disk caches keyed on this package's code (compile_cache)
 
 __all__ = ["AttentionMode", "BACKENDS", "ENV_VAR", "OPS", "implementation", "resolve_backend",
            "qformer_self_attention", "qformer_cross_attention", "qformer_attention_bias", "residual_layer_norm",
