@@ -291,7 +291,7 @@ def launch_backward(dy, h, residual, weight, stats, bits: torch.Tensor | None, p
     """(dh, dresidual, dweight_dbias): the last (2, D), dW then dB, in the weight's dtype. bits: the
     forward's saved dropout mask, or None to draw it again from `seed`."""
     device = h.device
-    key = _key("bwd", h, residual, weight, p, device) + (bits is not None,)
+    key = _key("bwd" if bits is None else "bwd, saved mask", h, residual, weight, p, device)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _backward_plan(h, residual, weight, p, bits is not None)
